@@ -39,16 +39,9 @@ from tqdm.auto import tqdm
 from pipeline import viewer
 from pipeline.config import CollateConfig
 from pipeline.errors import UserError
+from pipeline.paths import records_dir, sae_dir  # noqa: F401 (re-exported for stages)
 from pipeline.sae import TopKSAE
 from pipeline.store import ActivationStore, from_storage
-
-
-def records_dir(run_dir, layer: int, hook: str) -> Path:
-    return Path(run_dir) / "records" / str(layer) / hook
-
-
-def sae_dir(run_dir, layer: int, hook: str) -> Path:
-    return Path(run_dir) / "saes" / str(layer) / hook
 
 
 # ---------------------------------------------------------------------------

@@ -42,6 +42,11 @@ def resolve_device(device: str, key: str = "model.device") -> torch.device:
         raise UserError(f"{key} = {device!r} is not a torch device; use auto, cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{key} = {device!r} but no CUDA device is visible; use {key}: auto or cpu")
+    if dev.type != "cpu":
+        try:  # mps, xpu, a cuda index past the last GPU, ...: ask torch whether it is really there
+            torch.empty(1, device=dev)
+        except (RuntimeError, AssertionError, AttributeError):
+            raise UserError(f"{key} = {device!r}: this machine has no such device; use {key}: auto or cpu") from None
     return dev
 
 

@@ -36,6 +36,7 @@ from pipeline.errors import UserError
 from pipeline.model import resolve_device
 from pipeline.loader import (BatchLoader, Cursor, RowFilter, count_nonfinite, derive_seed, eval_rows,
                              split_chunks, trainable_rows)
+from pipeline.paths import sae_dir
 from pipeline.sae import TopKSAE
 from pipeline.store import ActivationStore
 
@@ -45,10 +46,6 @@ OUTPUTS = ("sae.safetensors", "cfg.json", "metrics.jsonl", "loss.svg", "density.
 # a run may resume with different values of these.
 _LOGISTICS = ("layers", "hooks", "device", "backend", "eval_every", "eval_tokens", "log_every",
               "checkpoint_every", "reader_threads", "check_finite")
-
-
-def sae_dir(run_dir, layer: int, hook: str) -> Path:
-    return Path(run_dir) / "saes" / str(layer) / hook
 
 
 @dataclass

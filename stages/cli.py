@@ -25,19 +25,47 @@ _SET = click.option(
 _FORCE = click.option("--force", is_flag=True, help="Redo layers that are already finished.")
 
 
+def _fail(message: str, code: int = 2):
+    click.echo(f"saepipe: error: {message}", err=True)
+    sys.exit(code)
+
+
 def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from pipeline.fsio import disk_error_message
+
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            click.echo(f"saepipe: error: {e}", err=True)
-            sys.exit(e.exit_code)
+            _fail(str(e), e.exit_code)
+        except OSError as e:  # disk full, read-only run_dir, ...: the user's to fix, not a bug
+            message = disk_error_message(e)
+            if message is None:
+                raise
+            _fail(message)
         except KeyboardInterrupt:
             click.echo("saepipe: interrupted; rerun the same command to resume", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+class _Group(click.Group):
+    """click's own usage errors (a folder as CONFIG, an unknown option) as our one line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as e:
+            cmd = e.ctx.command_path if e.ctx else "saepipe"
+            _fail(f"{e.format_message()} (see `{cmd} --help`)")
+        except click.exceptions.ClickException as e:
+            _fail(e.format_message())
+        except click.exceptions.Abort:
+            click.echo("saepipe: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def _load(config, overrides):
@@ -46,7 +74,7 @@ def _load(config, overrides):
     return load_config(config, overrides)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="saepipe")
 def main():
     """saepipe: harvest activations, train TopK SAEs, collate latent records.

@@ -1,0 +1,20 @@
+"""Where each stage keeps its results under run_dir: the one owner of the layout.
+
+    <run_dir>/activations.zarr            harvest (pipeline.store)
+    <run_dir>/saes/<layer>/<hook>/        train: one SAE, `done` marker last
+    <run_dir>/records/<layer>/<hook>/     collate: records and viewer, `done` marker last
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DONE = "done"  # the marker a stage writes last into a finished folder
+
+
+def sae_dir(run_dir, layer: int, hook: str) -> Path:
+    return Path(run_dir) / "saes" / str(layer) / hook
+
+
+def records_dir(run_dir, layer: int, hook: str) -> Path:
+    return Path(run_dir) / "records" / str(layer) / hook
