@@ -8,7 +8,11 @@
     windows  re-read only the sequences that were picked, encode them again, and cut
              out each record's tokens and this latent's acts around the picked token
     write    features/<i>.json (sae-viewer FeatureInfo), index.json, summary.json,
-             the static viewer, and last a `done` marker
+             the static viewer, and last a `done` marker holding the fingerprint of
+             what the records were made from (SAE weights, output-deciding settings)
+
+Positions left out of the statistics (BOS/[CLS] with exclude_bos) are left out of
+the records too: their acts are 0, and summary.json lists them.
 
 Memory is O(n_latents * (N + M + bins)) plus one batch: never the dense
 [tokens, latents] matrix, never all nonzeros. Batches hold whole sequences, so a
@@ -24,7 +28,6 @@ is the same for any batch size or device.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -36,12 +39,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import viewer
+from pipeline import fsio, viewer
 from pipeline.config import CollateConfig
 from pipeline.errors import UserError
-from pipeline.paths import records_dir, sae_dir  # noqa: F401 (re-exported for stages)
-from pipeline.sae import TopKSAE
-from pipeline.store import ActivationStore, from_storage
+from pipeline.paths import DONE, records_dir, sae_dir  # noqa: F401 (re-exported for stages)
+from pipeline.sae import TopKSAE, saved_marker
+from pipeline.store import ActivationStore
 
 
 # ---------------------------------------------------------------------------
@@ -303,25 +306,28 @@ def batch_rows_for(cfg: CollateConfig, context_size: int) -> int:
     return max(1, cfg.batch_size // context_size) * context_size
 
 
+def excludes_bos(store: ActivationStore, cfg: CollateConfig) -> bool:
+    """Position 0 holds BOS/[CLS] in every stored sequence and the config leaves it out."""
+    return cfg.exclude_bos and bool(store.attrs.get("prepend_bos", False))
+
+
 def scan(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, cfg: CollateConfig, device) -> Collator:
     """Pass 1: stream every row of the layer through the SAE into a Collator."""
-    arr = store.array(layer, hook)
-    dtype, chunk, n_rows = arr.attrs["logical_dtype"], arr.chunks[0], arr.shape[0]
-    ctx = store.context_size
-    skip_first = cfg.exclude_bos and bool(store.attrs.get("prepend_bos", False))
-    col = Collator(sae.n_latents, ctx, cfg, device, skip_first)
+    device = torch.device(device)
+    n_rows, ctx = store.n_rows(layer, hook), store.context_size
+    col = Collator(sae.n_latents, ctx, cfg, device, excludes_bos(store, cfg))
 
     def read(c):
-        return from_storage(arr[c * chunk: min(n_rows, (c + 1) * chunk)], dtype)
+        return store.read_chunk(layer, hook, c)
 
-    chunks = _read_ahead(read, range(-(-n_rows // chunk)), cfg.reader_threads)
+    chunks = _read_ahead(read, range(store.n_chunks(layer, hook)), cfg.reader_threads)
     with tqdm(total=n_rows, unit="tok", unit_scale=True, desc=f"collate {layer}/{hook}", smoothing=0.1) as bar:
         for start, x in _row_batches(chunks, batch_rows_for(cfg, ctx)):
             idx, vals = sae.encode(x.to(device))
             with _one_cpu_thread(idx.device):
                 col.update(start, idx, vals)
             bar.update(len(x))
-    with _one_cpu_thread(torch.device(device)):
+    with _one_cpu_thread(device):
         return col.finish()
 
 
@@ -404,20 +410,20 @@ def cut_windows(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, rec
     sequence once and encodes only the picked sequences, each once."""
     if len(recs.row) == 0:
         return
-    arr = store.array(layer, hook)
-    dtype, chunk = arr.attrs["logical_dtype"], arr.chunks[0]
+    device = torch.device(device)
     ctx = store.context_size
-    tokens = store.tokens
-    seq_per_chunk = max(1, chunk // ctx)
+    seq_per_chunk = store.chunk_rows(layer, hook) // ctx  # harvest keeps chunks to whole sequences
+    skip_first = excludes_bos(store, cfg)
     order = np.argsort(recs.row, kind="stable")  # records in row order; they get slots in this order
     needed = np.unique(recs.row // ctx)
     by_chunk = np.split(needed, np.flatnonzero(np.diff(needed // seq_per_chunk)) + 1)
 
     def read(seqs):
-        first = int(seqs[0]) // seq_per_chunk * seq_per_chunk
-        x = from_storage(arr[first * ctx: (first + seq_per_chunk) * ctx], dtype)
+        c = int(seqs[0]) // seq_per_chunk
+        first = c * seq_per_chunk
+        x = store.read_chunk(layer, hook, c)
         x = x.view(-1, ctx, x.shape[-1])[torch.from_numpy(seqs - first)]
-        return seqs, x, tokens[first: first + seq_per_chunk][seqs - first]
+        return seqs, x, store.read_tokens(first, first + seq_per_chunk)[seqs - first]
 
     step = batch_rows_for(cfg, ctx)
     lo = 0
@@ -426,6 +432,10 @@ def cut_windows(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, rec
             flat = x.reshape(len(seqs) * ctx, -1)
             enc = [sae.encode(flat[i: i + step].to(device)) for i in range(0, len(flat), step)]
             idx, vals = torch.cat([e[0] for e in enc]), torch.cat([e[1] for e in enc]).float()
+            if skip_first:
+                # Excluded from the statistics, so excluded from the records too: a BOS
+                # act of 0 is drawn unshaded instead of as the record's brightest token.
+                vals.view(len(seqs), ctx, -1)[:, 0] = 0
             hi = lo + int(np.searchsorted(recs.row[order[lo:]] // ctx, seqs[-1], side="right"))
             with _one_cpu_thread(idx.device):
                 _fill_windows(recs, order, lo, hi, seqs, idx, vals, tok, sae.n_latents, ctx)
@@ -534,23 +544,15 @@ class TokenText:
 
 
 def load_tokenizer(store: ActivationStore):
-    from transformers import AutoTokenizer
+    """The tokenizer the store was harvested with (pipeline.model owns how to load one)."""
+    from pipeline.model import load_tokenizer as load
 
     attrs = store.attrs
     name = attrs.get("tokenizer")
     if not name:
         raise UserError(f"{store.path} does not name its tokenizer (attribute `tokenizer`); rerun `make harvest`")
-    kwargs = {}
-    if name == attrs.get("model") and attrs.get("revision") not in (None, "none"):
-        kwargs["revision"] = attrs["revision"]
-    try:
-        from pipeline.model import resolve_model_name
-
-        return AutoTokenizer.from_pretrained(resolve_model_name(name), **kwargs)
-    except UserError:
-        raise
-    except Exception as e:  # hub, network and format errors all mean the same to the user
-        raise UserError(f"cannot load tokenizer {name!r} named by {store.path}: {str(e).splitlines()[0]}") from None
+    same = name == attrs.get("model") and attrs.get("revision") not in (None, "none")
+    return load(name, attrs["revision"] if same else "main")
 
 
 # ---------------------------------------------------------------------------
@@ -558,10 +560,10 @@ def load_tokenizer(store: ActivationStore):
 
 
 def write_atomic(path: Path, text: str):
-    """Write to a temp name, then rename: a killed run never leaves a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Temp name, then rename: a killed run never leaves a torn file. No fsync per file
+    (100k latents would take minutes): everything here is written inside `.partial/`,
+    which swap_dir syncs once before it takes the final name."""
+    fsio.write_atomic(path, text, durable=False)
 
 
 def _dumps(obj) -> str:
@@ -659,6 +661,8 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
         "n_latents": n,
         "n_tokens": col.n_tokens,
         "exclude_bos": col.skip_first,
+        # Sequence positions left out of the statistics; their acts in the records are 0.
+        "excluded_positions": [0] if col.skip_first else [],
         "dead": dead,
         "ultra_rare": int(((density > 0) & (density < cfg.ultra_rare_density)).sum()),
         "ultra_rare_below": cfg.ultra_rare_density,
@@ -680,18 +684,42 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
 # One SAE, start to finish
 
 
-def sae_fingerprint(folder: Path) -> dict:
-    """Size and mtime of the weights: a retrained SAE makes old records stale."""
-    st = (Path(folder) / "sae.safetensors").stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+# Collate settings that decide the bytes of the records. batch_size, reader_threads
+# and device change only how fast they are made, so changing them redoes nothing.
+OUTPUT_KEYS = ("n_top", "n_random", "seed", "window", "hist_bin_width", "hist_max_bins", "ultra_rare_density",
+               "exclude_bos")
 
 
-def finished(out: Path, sae_folder: Path) -> bool:
+def fingerprint(cfg: CollateConfig, sae_folder: Path) -> dict:
+    """What the records were made from, as flat `key: value` pairs named like the config."""
+    marker = saved_marker(sae_folder) or {}
+    return {**{f"collate.{k}": getattr(cfg, k) for k in OUTPUT_KEYS}, "sae.sha256": marker.get("sha256")}
+
+
+def changed_settings(out: Path, want: dict) -> list[str] | None:
+    """None when `out` holds no finished records; else what differs from `want`
+    (an empty list: finished, and made from exactly `want`)."""
     try:
-        done = json.loads((Path(out) / "done").read_text())
-        return done.get("sae") == sae_fingerprint(sae_folder)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
+        done = json.loads((Path(out) / DONE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    have = done.get("fingerprint") if isinstance(done, dict) else None
+    if not isinstance(have, dict):
+        return ["the records predate settings fingerprints"]
+    changes = []
+    for key, value in want.items():
+        if key == "sae.sha256":
+            if have.get(key) != value:
+                changes.append("the SAE was retrained (its weights' sha256 differs)")
+        elif key not in have:
+            changes.append(f"{key} (not recorded; now {value!r})")
+        elif have[key] != value:
+            changes.append(f"{key} {have[key]!r} -> {value!r}")
+    return changes
+
+
+def finished(out: Path, want: dict) -> bool:
+    return changed_settings(out, want) == []
 
 
 def collate_sae(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, sae_folder: Path, tokenizer,
@@ -699,28 +727,32 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, sae
     """Scan, cut windows and write into `<out>.partial/`, then swap it in.
 
     The folder only takes the final name with its `done` marker inside, so an
-    interrupted run never looks finished and a rerun simply starts over.
-    Returns the viewer's path.
+    interrupted run never looks finished and a rerun simply starts over; the
+    old records keep the name until then. The caller holds this (layer, hook)'s
+    lock. Returns the viewer's path.
     """
     out = Path(out)
+    want = fingerprint(cfg, sae_folder)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     meta = {"layer": layer, "hook": hook, "d_in": sae.d_in, "k": sae.k}
 
-    col = scan(store, layer, hook, sae, cfg, device)
-    recs = pick(col, cfg, store.context_size, partial / "_scratch")
-    cut_windows(store, layer, hook, sae, recs, cfg, device)
+    try:
+        col = scan(store, layer, hook, sae, cfg, device)
+        recs = pick(col, cfg, store.context_size, partial / "_scratch")
+        cut_windows(store, layer, hook, sae, recs, cfg, device)
+    except UserError:
+        # A missing or corrupt store chunk: nothing of this run is worth keeping.
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     summary = write_records(partial, col, recs, TokenText(tokenizer), cfg, meta)
     del recs  # closes the memory maps before their files go
     shutil.rmtree(partial / "_scratch")
 
-    write_atomic(partial / "done", _dumps({"layer": layer, "hook": hook, "n_latents": sae.n_latents,
-                                          "n_tokens": col.n_tokens, "sae": sae_fingerprint(sae_folder)}))
-    if out.exists():
-        (out / "done").unlink(missing_ok=True)  # first stop it counting as finished
-        shutil.rmtree(out)
-    partial.rename(out)
+    write_atomic(partial / DONE, _dumps({"layer": layer, "hook": hook, "n_latents": sae.n_latents,
+                                         "n_tokens": col.n_tokens, "fingerprint": want}))
+    fsio.swap_dir(partial, out)
     print(f"collate {layer}/{hook}: {summary['n_latents']} latents, {summary['dead']} dead, "
           f"{summary['ultra_rare']} ultra-rare (density < {cfg.ultra_rare_density:g}), "
           f"{col.n_tokens} tokens")

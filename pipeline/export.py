@@ -22,10 +22,11 @@ import os
 import shutil
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import save_file
 
 import pipeline
+from pipeline import fsio
 from pipeline.errors import UserError
 from pipeline.sae import TopKSAE
 
@@ -40,18 +41,22 @@ def export(sae_dir, fmt: str, out) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new folder or remove it")
-    sae = TopKSAE.load(sae_dir)
+    sae = TopKSAE.load(sae_dir)  # a finished, intact SAE or one line saying how to retrain it
     tensors, cfg, weights = (saelens if fmt == "saelens" else sparsify)(sae)
-    # Build beside the target, then rename: a killed export leaves no half-written --out.
+    # Build beside the target, then swap it in: a killed or failed export leaves no half-written --out.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, tmp / weights)
-    (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2))
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    try:
+        tmp.mkdir()
+        blob = safetensors.torch.save({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()})
+        fsio.write_atomic(tmp / weights, blob)
+        fsio.write_atomic(tmp / "cfg.json", json.dumps(cfg, indent=2))
+        with fsio.no_interrupt():
+            fsio.swap_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

@@ -113,7 +113,7 @@ def run_lock(run_dir, stage: str, what: str | None = None):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise UserError(f"another `saepipe {stage}` is working on {what or run_dir} right now; wait for it to "
+        raise UserError(f"another `saepipe {stage.split('.')[0]}` is working on {what or run_dir} right now; wait for it to "
                         "finish (or stop it) and rerun") from None
     try:
         yield

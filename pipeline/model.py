@@ -14,6 +14,7 @@ without a table of architectures. Hook points:
 from __future__ import annotations
 
 import importlib.util
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,20 +73,81 @@ def quiet_hf():
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
+    # datasets logs at error level what it then raises; we report that ourselves, in one line.
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+
+
+def hub_unreachable(seconds: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot answer now (None when a TCP connection opens).
+
+    A quick probe, so an offline machine fails in seconds instead of sitting
+    through the hub client's retries."""
+    import threading
+    import urllib.request
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme) or urllib.request.getproxies().get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        purl = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = purl.hostname, purl.port or 80
+    opened = []
+
+    def probe():  # in a thread: name resolution ignores socket timeouts
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(seconds)
+    return None if opened else f"cannot connect to {host}:{port}"
+
+
+def _from_pretrained(cls, name: str, revision: str, what: str, **kwargs):
+    """`cls.from_pretrained` on a local folder, else the local HF cache, and only
+    then the network, and that only when the hub is reachable."""
+    path = resolve_model_name(name)
+    if Path(path).exists():
+        return _load_or_fail(cls, path, what, name, revision, kwargs)
+    if path.count("/") > 1 or path.startswith((".", "/", "~")):
+        raise UserError(f"model.name {name!r}: no such folder (and not a hub id such as org/model); "
+                        "point model.name at a model folder or a hub id")
+    try:
+        return cls.from_pretrained(path, revision=revision, local_files_only=True, **kwargs)
+    except OSError:
+        pass  # not (completely) in the local cache
+    down = hub_unreachable()
+    if down:
+        from huggingface_hub import constants
+
+        raise UserError(f"model.name {name!r} is not (fully) in the local Hugging Face cache "
+                        f"({constants.HF_HUB_CACHE}) and the hub is unreachable ({down}); download it once with "
+                        "network access, or set model.name to a local model folder (or pkg:PACKAGE/dir for one "
+                        "inside a Python package)")
+    return _load_or_fail(cls, path, what, name, revision, {"revision": revision, **kwargs})
+
+
+def _load_or_fail(cls, path: str, what: str, name: str, revision: str, kwargs: dict):
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the {what} of {name!r} (revision {revision}): {first}") from None
 
 
 def load_tokenizer(name: str, revision: str = "main"):
     from transformers import AutoTokenizer
 
     quiet_hf()
-    path = resolve_model_name(name)
-    kwargs = {} if Path(path).exists() else {"revision": revision}
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load the tokenizer of {name!r}: {first}") from None
+    tok = _from_pretrained(AutoTokenizer, name, revision, "tokenizer")
     tok.model_max_length = 1 << 30  # windows are cut by us; silence length warnings
     return tok
 
@@ -94,15 +156,37 @@ def load_model(name: str, revision: str, dtype: str, device: str):
     """(model, tokenizer) in eval mode; AutoModel so no LM head is ever run."""
     from transformers import AutoModel
 
-    path = resolve_model_name(name)
-    kwargs = {} if Path(path).exists() else {"revision": revision}
+    dev = resolve_device(device)  # before the slow load
     tokenizer = load_tokenizer(name, revision)
-    try:
-        model = AutoModel.from_pretrained(path, dtype=_DTYPES[dtype], **kwargs)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model {name!r} (revision {revision}): {first}") from None
-    return model.to(resolve_device(device)).eval(), tokenizer
+    model = _from_pretrained(AutoModel, name, revision, "model", dtype=_DTYPES[dtype])
+    return model.to(dev).eval(), tokenizer
+
+
+# Where configs keep the longest input the model takes; the smallest one present wins.
+_MAX_POSITIONS = ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len", "max_sequence_length",
+                  "seq_length")
+
+
+def max_positions(model: nn.Module) -> tuple[int, str] | None:
+    """(longest input, where that number comes from), or None when the model names no limit."""
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    limits = [(v, f"config {attr}") for attr in _MAX_POSITIONS
+              if isinstance(v := getattr(cfg, attr, None), int) and not isinstance(v, bool) and v > 0]
+    # RoBERTa-style tables number positions from padding_idx + 1: fewer usable rows than their size.
+    for mod_name, mod in model.named_modules():
+        if mod_name.endswith("position_embeddings") and isinstance(mod, nn.Embedding) and mod.padding_idx is not None:
+            limits.append((mod.num_embeddings - mod.padding_idx - 1, f"{mod_name} after its padding_idx"))
+    return min(limits, key=lambda lim: lim[0]) if limits else None
+
+
+def check_context_size(model: nn.Module, context_size: int, key: str = "harvest.context_size"):
+    """Refuse windows longer than the model's positions: learned tables index past their
+    end, and rotary models run outside what they were trained on."""
+    limit = max_positions(model)
+    if limit is not None and context_size > limit[0]:
+        raise UserError(f"{key} = {context_size} exceeds {type(model).__name__}'s {limit[0]} positions "
+                        f"({limit[1]}); lower it to {limit[0]} or less")
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:

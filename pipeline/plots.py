@@ -7,9 +7,10 @@ or a file viewer; not a general plotting tool.
 from __future__ import annotations
 
 import math
-import os
 from html import escape
 from pathlib import Path
+
+from pipeline import fsio
 
 W, H = 640, 400
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 40, 50
@@ -118,7 +119,4 @@ def _axes(x0, x1, y0, y1, x_fmt=_fmt, y_fmt=_fmt, ticks=5):
 
 
 def _write(path, parts):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(parts + ["</svg>"]) + "\n")
-    os.replace(tmp, path)
+    fsio.write_atomic(Path(path), "\n".join(parts + ["</svg>"]) + "\n")

@@ -10,24 +10,31 @@ tensors and the sparse kernels in `pipeline.kernels` do every backward product.
 AuxK does the same with the top `k_aux` dead latents.
 
 A saved SAE folder holds `sae.safetensors` (W_enc [n, d], b_lat [n],
-W_dec [n, d], b_pre [d]) and `cfg.json`. Scalar input normalisation is folded
+W_dec [n, d], b_pre [d]), `cfg.json`, and last the marker `done` (the
+weights' size and sha256): without it the folder is not a finished SAE. Scalar input normalisation is folded
 into the weights at save time, so a saved SAE takes raw activations; per-token
 layer norm cannot be folded and is applied by `encode` when cfg says so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import NamedTuple
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 from torch import nn
 
+from pipeline import fsio
 from pipeline.errors import UserError
+from pipeline.fsio import no_interrupt
+from pipeline.paths import DONE
+
+WEIGHTS = "sae.safetensors"
 
 LN_EPS = 1e-5  # OpenAI's GPT-2 SAEs and SAELens both use (x - mean) / (std + 1e-5)
 
@@ -169,7 +176,11 @@ class TopKSAE(nn.Module):
 
     # ---- disk
     def save(self, folder, extra_cfg: dict | None = None):
-        """Write sae.safetensors + cfg.json atomically (temp files, then rename)."""
+        """Write sae.safetensors and cfg.json durably, then LAST the `done` marker.
+
+        The marker records the weights' size and sha256, so a folder without
+        it is unfinished and a torn or overwritten weights file is caught on load.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = {
@@ -182,30 +193,95 @@ class TopKSAE(nn.Module):
             **(extra_cfg or {}),
         }
         tensors = {name: p.detach().float().contiguous().cpu() for name, p in self.named_parameters()}
-        save_file(tensors, folder / "sae.safetensors.tmp")
-        _write_text(folder / "cfg.json.tmp", json.dumps(cfg, indent=2))
-        # Weights first: a folder whose cfg.json is new always has matching weights.
-        os.replace(folder / "sae.safetensors.tmp", folder / "sae.safetensors")
-        os.replace(folder / "cfg.json.tmp", folder / "cfg.json")
+        blob = safetensors.torch.save(tensors)
+        # The old marker goes first, so a kill mid-save leaves a folder that is not done;
+        # Ctrl-C waits until the marker is written.
+        with no_interrupt():
+            (folder / DONE).unlink(missing_ok=True)
+            fsio.write_atomic(folder / WEIGHTS, blob)
+            fsio.write_atomic(folder / "cfg.json", json.dumps(cfg, indent=2))
+            marker = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob), "format": 1}
+            fsio.write_atomic(folder / DONE, json.dumps(marker))
         self.cfg = cfg
 
     @classmethod
     def load(cls, folder, device="cpu", backend: str = "auto") -> "TopKSAE":
+        """The SAE in a finished folder; UserError (one line, how to fix) for anything less."""
         folder = Path(folder)
-        if not (folder / "sae.safetensors").exists() or not (folder / "cfg.json").exists():
-            raise UserError(f"no trained SAE in {folder} (need sae.safetensors and cfg.json); run `make train` first")
+        blob, cfg = _read_checked(folder)
         try:
-            cfg = json.loads((folder / "cfg.json").read_text())
             sae = cls(cfg["d_in"], cfg["n_latents"], cfg["k"], cfg.get("normalize", "none"), backend=backend)
-            sae.load_state_dict(load_file(folder / "sae.safetensors"))
-        except (json.JSONDecodeError, KeyError, RuntimeError) as e:
-            raise UserError(f"{folder} does not hold a saepipe SAE ({str(e).splitlines()[0]})") from None
+            sae.load_state_dict(safetensors.torch.load(blob))
+        except (KeyError, TypeError, RuntimeError, SafetensorError) as e:
+            raise UserError(f"{folder} does not hold a saepipe SAE ({str(e).splitlines()[0]}); "
+                            f"{_retrain(cfg)}") from None
         sae.cfg = cfg
         return sae.to(device)
 
 
-def _write_text(path: Path, text: str):
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+def saved_marker(folder) -> dict | None:
+    """The `done` marker of a saved SAE folder ({"sha256", "bytes", ...}), None when absent or unreadable."""
+    try:
+        marker = json.loads((Path(folder) / DONE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(marker, dict) and isinstance(marker.get("sha256"), str) and isinstance(marker.get("bytes"), int)
+    return marker if ok else None
+
+
+def saved_cfg(folder) -> dict | None:
+    """cfg.json of a finished folder (marker present, weights of the recorded size), else None.
+    Cheap: no hashing, for deciding what is done; load() and verify_saved() check the bytes."""
+    folder = Path(folder)
+    marker, cfg = saved_marker(folder), _read_cfg(folder)
+    try:
+        size = (folder / WEIGHTS).stat().st_size
+    except OSError:
+        return None
+    return cfg if marker is not None and cfg is not None and size == marker["bytes"] else None
+
+
+def verify_saved(folder) -> str | None:
+    """None when `folder` holds a finished SAE whose weights match their recorded sha256;
+    else one line saying what is wrong and how to fix it (for `saepipe verify`)."""
+    try:
+        _read_checked(Path(folder))
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def _read_checked(folder: Path) -> tuple[bytes, dict]:
+    """The weights' bytes and the cfg of a finished folder, checked against the marker."""
+    weights = folder / WEIGHTS
+    cfg = _read_cfg(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise UserError(f"no trained SAE in {folder}; train it first: saepipe train CONFIG --layers L")
+    marker = saved_marker(folder)
+    if marker is None:
+        raise UserError(f"{folder} holds no finished SAE (its `{DONE}` marker is missing or unreadable); "
+                        f"{_retrain(cfg)}")
+    if cfg is None:
+        raise UserError(f"{folder / 'cfg.json'} is missing or unreadable; {_retrain(cfg)}")
+    try:
+        blob = weights.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{weights} is missing; {_retrain(cfg)}") from None
+    if len(blob) != marker["bytes"]:
+        raise UserError(f"{weights} is truncated or damaged ({len(blob)} bytes, {marker['bytes']} were saved); "
+                        f"{_retrain(cfg)}")
+    if hashlib.sha256(blob).hexdigest() != marker["sha256"]:
+        raise UserError(f"{weights} is corrupt (its sha256 differs from the one saved with it); {_retrain(cfg)}")
+    return blob, cfg
+
+
+def _read_cfg(folder: Path) -> dict | None:
+    try:
+        cfg = json.loads((folder / "cfg.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _retrain(cfg: dict | None) -> str:
+    return f"retrain it: saepipe train CONFIG --layers {(cfg or {}).get('layer', 'L')} --force"

@@ -12,8 +12,20 @@ is written. `train()` then runs the recipe of DESIGN.md:
 Everything a step depends on (weights, Adam state, EMA, dead counters, the
 loader cursor) is checkpointed atomically, and batches are a pure function of
 (seed, step), so a killed run resumes to the same weights as an unbroken one.
-Output folder: sae.safetensors + cfg.json (the saved SAE takes raw
-activations), metrics.jsonl, loss.svg, density.svg; checkpoint.pt while running.
+
+The folders of one SAE (`pipeline.paths.sae_dir`, called `out` here):
+
+    <out>.partial/   the work: checkpoint.pt, metrics.jsonl; at the end loss.svg,
+                     density.svg, then sae.save() (sae.safetensors, cfg.json, and
+                     LAST the `done` marker); then the checkpoint is dropped and
+    <out>/           the finished SAE takes the name by fsio.swap_dir, which keeps
+                     the old one until the new one holds the name.
+
+So `<out>` is always a complete SAE or absent, --force never loses the old one
+before the new exists, and state is read from the markers alone:
+`.partial` with `done` = finished, only the swap remains; `.partial` with a
+checkpoint of this config = resume; anything else = start over. The caller
+holds the SAE's lock (`lock`) while training.
 """
 
 from __future__ import annotations
@@ -22,7 +34,9 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,18 +44,19 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline import plots
+from pipeline import fsio, plots
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.model import resolve_device
 from pipeline.loader import (BatchLoader, Cursor, RowFilter, count_nonfinite, derive_seed, eval_rows,
                              split_chunks, trainable_rows)
-from pipeline.paths import sae_dir
-from pipeline.sae import TopKSAE
+from pipeline.paths import DONE, sae_dir
+from pipeline.sae import TopKSAE, saved_cfg
 from pipeline.store import ActivationStore
 
 CHECKPOINT = "checkpoint.pt"
-OUTPUTS = ("sae.safetensors", "cfg.json", "metrics.jsonl", "loss.svg", "density.svg", CHECKPOINT)
+# A finished SAE folder holds exactly these (DONE written last, by TopKSAE.save).
+OUTPUTS = ("metrics.jsonl", "loss.svg", "density.svg", "sae.safetensors", "cfg.json", DONE)
 # Keys of the train config that change how or where a run executes, not what it computes:
 # a run may resume with different values of these.
 _LOGISTICS = ("layers", "hooks", "device", "backend", "eval_every", "eval_tokens", "log_every",
@@ -53,7 +68,8 @@ class Plan:
     layer: int
     hook: str
     out: Path
-    status: str  # done | resume | fresh
+    status: str  # done | finish (only the swap remains) | resume | fresh
+    force: bool
     hparams: dict  # the train config with every default resolved (n_latents, lr, k_aux, dead_tokens, ...)
     fingerprint: dict  # what must match for a resume
     device: torch.device
@@ -66,6 +82,20 @@ class Plan:
     @property
     def name(self) -> str:
         return f"layer {self.layer} {self.hook}"
+
+    @property
+    def work(self) -> Path:
+        return partial_dir(self.out)
+
+
+def partial_dir(out: Path) -> Path:
+    """Where the SAE of `out` is trained until it is finished and swapped in."""
+    return out.with_name(out.name + ".partial")
+
+
+def lock(run_dir, layer: int, hook: str):
+    """The lock of one SAE: a second `saepipe train` of it is refused with one line."""
+    return fsio.run_lock(run_dir, f"train.{layer}.{hook}", f"layer {layer} {hook} of {run_dir}")
 
 
 # --------------------------------------------------------------------------- planning
@@ -92,47 +122,73 @@ def plan(cfg: Config, store: ActivationStore, layer: int, hook: str, force: bool
     attrs = store.attrs
     fingerprint = {"d_in": d, "model": attrs.get("model"), "n_rows": store.n_rows(layer, hook),
                    **{k: v for k, v in hp.items() if k not in _LOGISTICS}}
+    fingerprint = json.loads(json.dumps(fingerprint))  # as cfg.json will hold it (tuples become lists)
 
     train_chunks, eval_chunks = split_chunks(store.n_chunks(layer, hook), tc.eval_fraction)
     rf = RowFilter(store, layer, hook, tc.exclude_bos, tc.skip_nonfinite)
     rows_per_epoch = trainable_rows(store, layer, hook, train_chunks, rf)
     if rows_per_epoch == 0:
         raise UserError(f"{name}: no rows left to train on (store too small, or only BOS positions)")
+    if tc.batch_size > rows_per_epoch:
+        raise UserError(f"train.batch_size = {tc.batch_size} exceeds the {rows_per_epoch} trainable rows of "
+                        f"{name}; lower it or harvest more tokens")
     chunk_rows = store.chunk_rows(layer, hook)
     window_chunks = max(tc.shuffle_chunks, -(-4 * tc.batch_size // chunk_rows))
 
     out = sae_dir(cfg.run_dir, layer, hook)
-    status = "fresh" if force else _existing(out, d, fingerprint, name)
-    if status == "fresh" and tc.check_finite:
-        bad = count_nonfinite(store, layer, hook, tc.reader_threads)
-        if bad and not tc.skip_nonfinite:
-            raise UserError(f"{name}: {bad} of {store.n_rows(layer, hook)} stored rows hold NaN/Inf; refusing to "
-                            "train on them (set train.skip_nonfinite=true to drop those rows, or re-harvest)")
-        if bad:
-            print(f"train: {name}: dropping {bad} stored rows that hold NaN/Inf (train.skip_nonfinite)")
-    return Plan(layer, hook, out, status, hp, fingerprint, device, _matmul_dtype(tc.autocast, device),
-                train_chunks, eval_chunks, window_chunks, rows_per_epoch)
+    p = Plan(layer, hook, out, "", force, hp, fingerprint, device, _matmul_dtype(tc.autocast, device),
+             train_chunks, eval_chunks, window_chunks, rows_per_epoch)
+    # Planning writes nothing: a swap a kill interrupted is only undone under the lock, in train(),
+    # and until then the old folder aside is what recover_swap will give back the name.
+    shown = out if out.exists() or not fsio.old_name(out).exists() else fsio.old_name(out)
+    p.status = _status(p, shown)
+    if p.status == "fresh" and shown.exists() and not force:
+        print(f"train: {name}: {out} holds no finished SAE (no intact `{DONE}` marker); training a new one, "
+              "which replaces it once finished")
+    if p.status == "fresh":
+        _check_finite(store, p)
+    return p
 
 
-def _existing(out: Path, d: int, fingerprint: dict, name: str) -> str:
-    """done / resume / fresh for the folder, refusing one left by a different config."""
-    if (out / "cfg.json").exists() and (out / "sae.safetensors").exists():
-        try:
-            cfg = json.loads((out / "cfg.json").read_text())
-        except json.JSONDecodeError:
-            cfg = {}
-        if "tokens_trained" in cfg:
-            _same_config(out, d, cfg.get("d_in"), cfg.get("fingerprint", {}), fingerprint, name)
+def _status(p: Plan, out: Path) -> str:
+    """done / finish / resume / fresh, refusing work left by a different config (unless --force)."""
+    d, work = p.fingerprint["d_in"], p.work
+    ours = p.fingerprint
+    theirs = saved_cfg(work)
+    if theirs is not None and theirs.get("d_in") == d and theirs.get("fingerprint") == ours:
+        return "finish"  # trained and saved; a kill came before the swap
+    if not p.force:
+        final = saved_cfg(out)
+        if final is not None:
+            _same_config(out, d, final.get("d_in"), final.get("fingerprint", {}), ours, p.name)
             return "done"
-    if (out / CHECKPOINT).exists():
+        if theirs is not None:
+            _same_config(work, d, theirs.get("d_in"), theirs.get("fingerprint", {}), ours, p.name)
+    if (work / CHECKPOINT).exists():
         try:
-            ck = _load_checkpoint(out / CHECKPOINT, mmap=True)
+            ck = _load_checkpoint(work / CHECKPOINT, mmap=True)["fingerprint"]
         except Exception as e:
-            raise UserError(f"{out / CHECKPOINT} is unreadable ({type(e).__name__}); rerun with --force "
+            if p.force:
+                return "fresh"
+            raise UserError(f"{work / CHECKPOINT} is unreadable ({type(e).__name__}); rerun with --force "
                             "to start this SAE over") from None
-        _same_config(out, d, ck["fingerprint"].get("d_in"), ck["fingerprint"], fingerprint, name)
-        return "resume"
+        if ck == ours:
+            return "resume"
+        if not p.force:
+            _same_config(work, d, ck.get("d_in"), ck, ours, p.name)
     return "fresh"
+
+
+def _check_finite(store: ActivationStore, p: Plan):
+    hp = p.hparams
+    if not hp["check_finite"]:
+        return
+    bad = count_nonfinite(store, p.layer, p.hook, hp["reader_threads"])
+    if bad and not hp["skip_nonfinite"]:
+        raise UserError(f"{p.name}: {bad} of {store.n_rows(p.layer, p.hook)} stored rows hold NaN/Inf; refusing "
+                        "to train on them (set train.skip_nonfinite=true to drop those rows, or re-harvest)")
+    if bad:
+        print(f"train: {p.name}: dropping {bad} stored rows that hold NaN/Inf (train.skip_nonfinite)")
 
 
 def _same_config(out: Path, d: int, their_d, theirs: dict, ours: dict, name: str):
@@ -168,12 +224,25 @@ def _matmul_dtype(autocast: str, device: torch.device) -> torch.dtype | None:
 
 # --------------------------------------------------------------------------- training
 def train(store: ActivationStore, p: Plan, progress: bool = True) -> dict:
-    hp, out, dev = p.hparams, p.out, p.device
+    """Train (or resume, or finish) the SAE of a plan; the caller holds its lock."""
+    hp, dev = p.hparams, p.device
     B, n_steps, n = hp["batch_size"], hp["n_steps"], hp["n_latents"]
-    if p.status == "fresh":
-        for f in OUTPUTS:
-            (out / f).unlink(missing_ok=True)
-            (out / (f + ".tmp")).unlink(missing_ok=True)
+    # Under the lock, the folders are ours: finish a swap a kill cut short, and look again,
+    # since another process may have moved things on since plan().
+    fsio.recover_swap(p.out)
+    planned, p.status = p.status, _status(p, p.out)
+    if p.status == "fresh" and planned != "fresh":
+        _check_finite(store, p)
+    if p.status == "done":
+        print(f"train: {p.name}: already trained in {p.out}; skipping (--force retrains it)")
+        return saved_cfg(p.out)
+    if p.status == "finish":
+        _publish(p.work, p.out)
+        print(f"train: {p.name}: finished the interrupted save -> {p.out}")
+        return saved_cfg(p.out)
+    out = p.work
+    if p.status == "fresh" and out.exists():
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     d = p.fingerprint["d_in"]
     rf = RowFilter(store, p.layer, p.hook, hp["exclude_bos"], hp["skip_nonfinite"])
@@ -200,6 +269,8 @@ def train(store: ActivationStore, p: Plan, progress: bool = True) -> dict:
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
     elapsed0 = ck["elapsed"] if ck else 0.0
+    # The log row averages the steps since the previous row, whichever process ran them.
+    log = (ck or {}).get("log") or {"sums": torch.zeros(4), "from": step}
     del ck
 
     x_eval = eval_rows(store, p.layer, p.hook, p.eval_chunks or p.train_chunks, hp["eval_tokens"],
@@ -217,8 +288,8 @@ def train(store: ActivationStore, p: Plan, progress: bool = True) -> dict:
 
     bar = tqdm(total=n_steps * B, initial=step * B, unit="tok", unit_scale=True, desc=f"train L{p.layer} {p.hook}",
                disable=not progress, dynamic_ncols=True)
-    sums = torch.zeros(4, device=dev)  # loss, fvu, nmse, aux since the last log row
-    t_log, s_log, t0 = time.time(), step, time.time()
+    sums = log["sums"].to(dev)  # loss, fvu, nmse, aux since the last log row
+    t_log, s_log, t0 = time.time(), log["from"], time.time()
     metrics = open(out / "metrics.jsonl", "a")
     batches = iter(loader)
     try:
@@ -273,7 +344,7 @@ def train(store: ActivationStore, p: Plan, progress: bool = True) -> dict:
             if step % hp["checkpoint_every"] == 0 and step < n_steps:
                 metrics.flush()
                 _checkpoint(out, p, sae, opt, ema, step, cursor, scale, since_fired, rf,
-                            elapsed0 + time.time() - t0)
+                            elapsed0 + time.time() - t0, {"sums": sums.cpu(), "from": s_log})
     finally:
         bar.close()
         batches.close()
@@ -286,10 +357,11 @@ def train(store: ActivationStore, p: Plan, progress: bool = True) -> dict:
         _append(f, {"split": "eval", "step": step, "tokens": step * B, **ev})
     saved = final.folded(scale) if scale != 1.0 else final
     info = _saved_cfg(store, p, scale, ev, n_steps * B, elapsed0 + time.time() - t0, rf.dropped_nonfinite)
-    saved.save(out, info)
+    # Pictures first, then the SAE with its marker last: a folder marked done holds everything.
     _plots(out, p, density, x_eval.shape[0])
-    (out / CHECKPOINT).unlink(missing_ok=True)
-    print(f"train: {p.name}: done; eval fvu {ev['fvu']:.4f}, dead {ev['dead_frac_eval']:.1%} -> {out}")
+    saved.save(out, info)
+    _publish(out, p.out)
+    print(f"train: {p.name}: done; eval fvu {ev['fvu']:.4f}, dead {ev['dead_frac_eval']:.1%} -> {p.out}")
     return saved.cfg
 
 
@@ -379,21 +451,38 @@ def evaluate(sae: TopKSAE, x_raw: torch.Tensor, scale: float, batch: int,
 
 
 # --------------------------------------------------------------------------- files
-def _checkpoint(out: Path, p: Plan, sae, opt, ema, step, cursor, scale, since_fired, rf, elapsed):
+def _publish(work: Path, out: Path):
+    """A saved work folder replaces `out`: the checkpoint (and any temp file) goes first,
+    so the finished folder holds OUTPUTS only; the old SAE keeps the name until then."""
+    with fsio.no_interrupt():
+        for f in [work / CHECKPOINT, *work.glob("*.tmp")]:
+            f.unlink(missing_ok=True)
+        fsio.swap_dir(work, out)
+
+
+def _checkpoint(out: Path, p: Plan, sae, opt, ema, step, cursor, scale, since_fired, rf, elapsed, log):
     state = {
         "format": 1, "fingerprint": p.fingerprint, "step": step, "cursor": cursor.as_list(), "scale": scale,
         "model": {k: v.detach().cpu() for k, v in sae.state_dict().items()},
         "optimizer": opt.state_dict(),
         "ema": None if ema is None else {k: v.detach().cpu() for k, v in ema.state_dict().items()},
         "since_fired": since_fired.cpu(), "rng": torch.get_rng_state(),
-        "nonfinite": dict(rf.nonfinite), "elapsed": elapsed,
+        "nonfinite": dict(rf.nonfinite), "elapsed": elapsed, "log": log,
     }
     tmp = out / (CHECKPOINT + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / CHECKPOINT)  # a kill leaves either the old checkpoint or the new one, never half
+    # Ctrl-C inside torch.save surfaces as a RuntimeError: hold it until the write is whole.
+    with fsio.no_interrupt():
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+        except (OSError, RuntimeError) as e:
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)  # a torn temp file only takes the space a full disk lacks
+            cause = e if isinstance(e, OSError) else e.__context__
+            if isinstance(cause, OSError):  # torch wraps the failed write (disk full, EFBIG, read-only)
+                raise cause from None
+            raise
+        fsio.publish(tmp, out / CHECKPOINT)  # a kill leaves either the old checkpoint or the new one
 
 
 def _load_checkpoint(path: Path, mmap: bool = False) -> dict:
@@ -423,9 +512,7 @@ def _rewrite_metrics(out: Path, last_step: int):
                 continue  # torn by the kill
             if row.get("step", math.inf) <= last_step:
                 keep.append(line + "\n")
-    tmp = path.with_name("metrics.jsonl.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    fsio.write_atomic(path, "".join(keep))
 
 
 def _saved_cfg(store, p: Plan, scale, ev, tokens, seconds, dropped) -> dict:

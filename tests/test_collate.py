@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,12 +18,14 @@ from click.testing import CliRunner
 
 from helpers import CORPUS, make_tokenizer
 from pipeline import collate as C
+from pipeline import fsio
 from pipeline.config import CollateConfig, config_from_dict
 from pipeline.sae import TopKSAE
 from pipeline.store import write_synthetic
 from stages import collate as stage
 from stages.cli import main
 
+SAEPIPE = str(Path(sys.executable).with_name("saepipe"))
 CTX, N_SEQ, D, N_LAT, K = 16, 24, 16, 48, 4
 DEAD, ALWAYS, LOUD = 1, 0, 2  # latents rigged below
 
@@ -188,10 +192,10 @@ def _strict(text: str):
     return json.loads(text, parse_constant=no_constants)
 
 
-@pytest.mark.parametrize("window", [None, 2])
-def test_files_match_schema_and_brute_force(tmp_path, tokenizer_dir, tokenizer, window):
-    store, acts, tokens = make_run(tmp_path, tokenizer_dir)
-    cfg = config_from_dict(make_cfg(tmp_path, window=window))
+@pytest.mark.parametrize("window, exclude_bos", [(None, True), (2, True), (None, False)])
+def test_files_match_schema_and_brute_force(tmp_path, tokenizer_dir, tokenizer, window, exclude_bos):
+    store, acts, tokens = make_run(tmp_path, tokenizer_dir)  # BOS at position 0 of every sequence
+    cfg = config_from_dict(make_cfg(tmp_path, window=window, exclude_bos=exclude_bos))
     [page] = stage.run(cfg)
     out = tmp_path / "records/0/resid_post"
     assert page == out / "viewer.html" and page.exists()
@@ -199,23 +203,28 @@ def test_files_match_schema_and_brute_force(tmp_path, tokenizer_dir, tokenizer, 
 
     sae = TopKSAE.load(tmp_path / "saes/0/resid_post")
     Z = sae.encode_dense(acts)  # one big batch: equal to the scan's up to float rounding
-    Z_stats = Z.clone()
-    Z_stats[::CTX] = 0
+    Z_ref = Z.clone()  # what every statistic and every record's acts must show
+    if exclude_bos:
+        Z_ref[::CTX] = 0
+    n_tok = N_SEQ * (CTX - 1) if exclude_bos else N_SEQ * CTX
     index = _strict((out / "index.json").read_text())
     summary = _strict((out / "summary.json").read_text())
-    assert len(index["latents"]) == N_LAT and index["n_tokens"] == N_SEQ * (CTX - 1)
-    assert summary["dead"] == int(((Z_stats > 0).sum(0) == 0).sum()) >= 1
+    assert len(index["latents"]) == N_LAT and index["n_tokens"] == n_tok
+    assert summary["dead"] == int(((Z_ref > 0).sum(0) == 0).sum()) >= 1
+    assert summary["exclude_bos"] is exclude_bos
+    assert summary["excluded_positions"] == ([0] if exclude_bos else [])
 
     files = sorted(int(p.stem) for p in (out / "features").glob("*.json"))
     assert files == list(range(N_LAT))
+    bos_fired = 0  # records whose window shows a BOS position where the dense encode fires
     for latent in range(N_LAT):
         f = _strict((out / "features" / f"{latent}.json").read_text())
         for key in ("density", "mean_act", "mean_act_squared", "skew", "kurtosis", "hist", "top", "random",
                     "hist_bin_width"):
             assert key in f
-        a = Z_stats[:, latent]
-        assert f["density"] == pytest.approx(float((a > 0).sum()) / (N_SEQ * (CTX - 1)))
-        assert f["mean_act"] == pytest.approx(float(a.double().sum()) / (N_SEQ * (CTX - 1)), rel=1e-5)
+        a = Z_ref[:, latent]
+        assert f["density"] == pytest.approx(float((a > 0).sum()) / n_tok)
+        assert f["mean_act"] == pytest.approx(float(a.double().sum()) / n_tok, rel=1e-5)
         if latent == DEAD:
             assert f["top"] == [] and f["random"] == [] and f["hist"] == {} and f["skew"] is None
             continue
@@ -233,8 +242,13 @@ def test_files_match_schema_and_brute_force(tmp_path, tokenizer_dir, tokenizer, 
             assert s["token_ints"] == tokens[s["doc_id"], start: start + n].tolist()
             assert "".join(s["tokens"]) == tokenizer.decode(s["token_ints"], clean_up_tokenization_spaces=False)
             rows = slice(s["doc_id"] * CTX + start, s["doc_id"] * CTX + start + n)
-            assert s["acts"] == pytest.approx(Z[rows, latent].tolist(), abs=1e-5)
+            assert s["acts"] == pytest.approx(Z_ref[rows, latent].tolist(), abs=1e-5)
             assert s["acts"][s["idx"]] == pytest.approx(s["act"], abs=1e-5) and s["act"] > 0
+            if start == 0:  # the window shows the sequence's BOS
+                dense_bos = float(Z[s["doc_id"] * CTX, latent])
+                bos_fired += dense_bos > 0
+                assert s["acts"][0] == (0.0 if exclude_bos else pytest.approx(dense_bos, abs=1e-5))
+    assert bos_fired > 0  # the BOS check above saw a latent firing on BOS (ALWAYS does)
 
     js = (out / "viewer_data/features_0.js").read_text()
     assert js.startswith("saeViewer.shard(0, [") and (out / "viewer_data/index.js").exists()
@@ -269,7 +283,7 @@ def test_killed_run_leaves_nothing_finished_and_rerun_is_identical(tmp_path, tok
         stage.run(cfg)
     monkeypatch.undo()
     assert not out.exists() and (out.parent / "resid_post.partial").exists()
-    assert not C.finished(out, tmp_path / "saes/0/resid_post")
+    assert not C.finished(out, C.fingerprint(cfg.collate, tmp_path / "saes/0/resid_post"))
     assert not list((out.parent / "resid_post.partial").rglob("*.tmp"))  # no torn file under a final name
 
     stage.run(cfg)
@@ -291,14 +305,109 @@ def test_killed_run_leaves_nothing_finished_and_rerun_is_identical(tmp_path, tok
     with torch.no_grad():
         sae.b_lat[DEAD] = 0.0
     sae.save(tmp_path / "saes/0/resid_post")
-    assert not C.finished(out, tmp_path / "saes/0/resid_post")
+    assert not C.finished(out, C.fingerprint(cfg.collate, tmp_path / "saes/0/resid_post"))
     stage.run(cfg)
     assert _snapshot(out) != first
 
 
-def _cli(root: Path, *extra):
+def test_changed_settings_or_sae_redo_stale_records(tmp_path, tokenizer_dir, capsys):
+    make_run(tmp_path, tokenizer_dir)
+    out = tmp_path / "records/0/resid_post"
+    stage.run(config_from_dict(make_cfg(tmp_path)))
+    top_count = len(_strict((out / f"features/{ALWAYS}.json").read_text())["top"])
+    assert top_count == 5
+    stamp = (out / "features/3.json").stat().st_mtime_ns
+
+    # Killed inside the folder swap, with the old records set aside: they get their name back.
+    out.rename(out.with_name("resid_post.old"))
+    capsys.readouterr()
+    stage.run(config_from_dict(make_cfg(tmp_path)))
+    assert "already done" in capsys.readouterr().out
+    assert (out / "features/3.json").stat().st_mtime_ns == stamp and not out.with_name("resid_post.old").exists()
+
+    # Speed settings do not change the records: nothing is redone.
+    capsys.readouterr()
+    stage.run(config_from_dict(make_cfg(tmp_path, batch_size=64, reader_threads=1, device="cpu")))
+    assert "already done" in capsys.readouterr().out
+    assert (out / "features/3.json").stat().st_mtime_ns == stamp
+
+    # A changed n_top is redone, and the line says which key changed.
+    stage.run(config_from_dict(make_cfg(tmp_path, n_top=3)))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "redoing" in line]
+    assert len(lines) == 1 and "collate.n_top 5 -> 3" in lines[0]
+    assert len(_strict((out / f"features/{ALWAYS}.json").read_text())["top"]) == 3
+    assert _strict((out / "summary.json").read_text())["n_top"] == 3
+    stage.run(config_from_dict(make_cfg(tmp_path, n_top=3)))
+    assert "already done" in capsys.readouterr().out
+
+    # A retrained SAE (a different one saved in its folder) is redone too.
+    sae = make_sae()
+    with torch.no_grad():
+        sae.b_lat[DEAD] = 10.0  # the dead latent now fires everywhere
+    sae.save(tmp_path / "saes/0/resid_post")
+    stage.run(config_from_dict(make_cfg(tmp_path, n_top=3)))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "redoing" in line]
+    assert len(lines) == 1 and "SAE was retrained" in lines[0] and "n_top" not in lines[0]
+    assert len(_strict((out / f"features/{DEAD}.json").read_text())["top"]) == 3
+
+    # Records from before fingerprints (a done marker without one) are redone.
+    (out / "done").write_text(json.dumps({"sae": {"size": 1, "mtime_ns": 2}}))
+    stage.run(config_from_dict(make_cfg(tmp_path, n_top=3)))
+    assert "predate" in capsys.readouterr().out
+    assert "fingerprint" in json.loads((out / "done").read_text())
+
+
+def test_collate_holds_a_lock_per_layer_and_hook(tmp_path, tokenizer_dir, monkeypatch):
+    make_run(tmp_path, tokenizer_dir)
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(make_cfg(tmp_path)))
+
+    # Another collate holds the lock: a second one, a real process, refuses at once.
+    with fsio.run_lock(tmp_path, "collate.0.resid_post"):
+        res = subprocess.run([SAEPIPE, "collate", str(cfg_path)], capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("saepipe: error: another") and "layer 0 hook resid_post" in lines[0]
+    assert not (tmp_path / "records/0/resid_post").exists()
+    assert not (tmp_path / "records/0/resid_post.partial").exists()
+
+    # And collate itself holds it while it works.
+    refused = []
+    real = stage.collate_sae
+
+    def probe(*args, **kwargs):
+        with pytest.raises(C.UserError, match="another"):
+            with fsio.run_lock(tmp_path, "collate.0.resid_post"):
+                pass
+        refused.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "collate_sae", probe)
+    stage.run(config_from_dict(make_cfg(tmp_path)))
+    assert refused == [True] and (tmp_path / "records/0/resid_post/done").exists()
+
+
+def test_cli_device_not_present(tmp_path, tokenizer_dir):
+    make_run(tmp_path, tokenizer_dir)
+    _assert_one_line_error(_cli(tmp_path, device="mps"), tmp_path, "collate.device", "mps")
+
+
+def test_cli_truncated_sae_weights(tmp_path, tokenizer_dir):
+    make_run(tmp_path, tokenizer_dir)
+    weights = tmp_path / "saes/0/resid_post/sae.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    _assert_one_line_error(_cli(tmp_path), tmp_path, "sae.safetensors")
+
+
+def test_cli_sae_without_done_marker(tmp_path, tokenizer_dir):
+    make_run(tmp_path, tokenizer_dir)
+    (tmp_path / "saes/0/resid_post/done").unlink()
+    _assert_one_line_error(_cli(tmp_path), tmp_path, "saes/0/resid_post")
+
+
+def _cli(root: Path, *extra, **collate):
     cfg_path = root / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(make_cfg(root)))
+    cfg_path.write_text(yaml.safe_dump(make_cfg(root, **collate)))
     return CliRunner().invoke(main, ["collate", str(cfg_path), *extra])
 
 
@@ -346,3 +455,20 @@ def test_token_strings_concatenate_to_text(tokenizer):
     assert "😀" in strings  # the emoji's bytes span tokens; it lands, whole, on the last one
     plain = C.TokenText(tokenizer).strings(tokenizer.encode(" the lazy dog", add_special_tokens=False))
     assert "".join(plain) == " the lazy dog" and plain[0].startswith(" ")
+
+
+@pytest.mark.parametrize("array", ["layers/0/resid_post", "tokens"])
+def test_cli_missing_store_chunk(tmp_path, tokenizer_dir, array):
+    """A deleted chunk must not read as zeros: one line naming it, nothing written."""
+    make_run(tmp_path, tokenizer_dir)
+    chunk = tmp_path / "activations.zarr" / array / "c" / "1" / "0"
+    assert chunk.is_file()
+    chunk.unlink()
+    result = _cli(tmp_path)
+    assert result.exit_code == 2, result.output
+    # The scan's progress bar may come first; then one line, and no traceback.
+    errors = [line for line in result.output.splitlines() if "saepipe: error: " in line]
+    assert len(errors) == 1 and result.output.strip().splitlines()[-1] == errors[0], result.output
+    assert f"array {array} chunk 1 is missing" in errors[0] and "Traceback" not in result.output
+    assert not (tmp_path / "records/0/resid_post").exists()
+    assert not (tmp_path / "records/0/resid_post.partial").exists()

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from pipeline.sae import TopKSAE
+from pipeline import fsio
+from pipeline.errors import UserError
+from pipeline.sae import TopKSAE, saved_marker, verify_saved
 from stages.cli import main
 
 D, N, K = 24, 96, 6
@@ -131,3 +138,72 @@ def test_export_round_trips_decoder_exactly(tmp_path, fmt):
     assert export(tmp_path / "sae", fmt, tmp_path / "out")[0] == 0
     w = load_file(tmp_path / "out" / ("sae_weights.safetensors" if fmt == "saelens" else "sae.safetensors"))
     assert torch.equal(w["W_dec"], sae.W_dec.detach()) and torch.equal(w["b_dec"], sae.b_pre.detach())
+
+
+def _flip_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # a weight's last bit: still parses, only the sha256 tells
+    path.write_bytes(bytes(data))
+
+
+BROKEN = {
+    "truncated": ("sae.safetensors", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "truncated"),
+    "garbage of the same size": ("sae.safetensors", lambda p: p.write_bytes(os.urandom(p.stat().st_size)), "corrupt"),
+    "one bit flipped": ("sae.safetensors", _flip_one_byte, "corrupt"),
+    "weights missing": ("sae.safetensors", lambda p: p.unlink(), "missing"),
+    "no done marker": ("done", lambda p: p.unlink(), "no finished SAE"),
+    "done marker garbage": ("done", lambda p: p.write_text("{\"sha"), "no finished SAE"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_damaged_sae_is_one_line_naming_the_file_and_how_to_retrain(tmp_path, case):
+    name, damage, what = BROKEN[case]
+    saved_sae(tmp_path / "sae")
+    assert verify_saved(tmp_path / "sae") is None and saved_marker(tmp_path / "sae")["bytes"] > 0
+    damage(tmp_path / "sae" / name)
+
+    with pytest.raises(UserError) as e:
+        TopKSAE.load(tmp_path / "sae")
+    message = str(e.value)
+    assert what in message and "saepipe train CONFIG --layers 3 --force" in message, message
+    assert str(tmp_path / "sae" / ("sae.safetensors" if name == "sae.safetensors" else "")) in message
+    assert verify_saved(tmp_path / "sae") == message
+
+    code, out = export(tmp_path / "sae", "saelens", tmp_path / "out")
+    assert code == 2 and out == f"saepipe: error: {message}\n"
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["sae"]
+
+
+def test_save_writes_the_marker_last_with_size_and_sha256(tmp_path, monkeypatch):
+    saved_sae(tmp_path / "sae")
+    blob = (tmp_path / "sae" / "sae.safetensors").read_bytes()
+    assert saved_marker(tmp_path / "sae") == {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
+                                              "format": 1}
+    # A save over an old folder that dies half-way leaves no marker: not a finished SAE any more.
+    real = fsio.write_atomic
+
+    def dies_at_cfg(path, data, durable=True):
+        if path.name == "cfg.json":
+            raise KeyboardInterrupt
+        real(path, data, durable)
+
+    monkeypatch.setattr(fsio, "write_atomic", dies_at_cfg)
+    with pytest.raises(KeyboardInterrupt):
+        TopKSAE(D, N, K).save(tmp_path / "sae")
+    assert saved_marker(tmp_path / "sae") is None and "no finished SAE" in verify_saved(tmp_path / "sae")
+
+
+def test_read_only_out_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    saved_sae(tmp_path / "sae")
+    real_open = builtins.open
+
+    def refusing_open(file, mode="r", *args, **kwargs):
+        if any(m in mode for m in "wax+") and Path(file).parent.name.startswith(".out.tmp"):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    code, out = export(tmp_path / "sae", "sparsify", tmp_path / "out")
+    assert code == 2 and out.count("\n") == 1 and "the file system is read-only" in out, out
+    assert [p.name for p in tmp_path.iterdir()] == ["sae"]  # no --out, no temp folder

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from pipeline.config import config_from_dict
 from pipeline.sae import TopKSAE
 from pipeline.store import ActivationStore, write_synthetic
-from pipeline.train import geometric_median, plan
+from pipeline.train import OUTPUTS, geometric_median, plan
 from stages import train as stage
 from stages.cli import main
 
@@ -77,6 +77,11 @@ def snapshot(root):
 
 def sae_folder(run_dir, layer=1, hook="resid_post"):
     return Path(run_dir) / "saes" / str(layer) / hook
+
+
+def work_folder(run_dir, layer=1, hook="resid_post"):
+    """Where an unfinished SAE is trained until it replaces sae_folder."""
+    return Path(run_dir) / "saes" / str(layer) / f"{hook}.partial"
 
 
 # --------------------------------------------------------------------------- the step itself
@@ -172,7 +177,8 @@ def test_recovers_planted_dictionary_with_few_dead_latents(tmp_path):
     assert [r["step"] for r in rows if r["split"] == "eval"] == [400, 800, 1171]
     for svg in ("loss.svg", "density.svg"):
         assert ET.parse(out / svg).getroot().tag.endswith("svg")
-    assert not (out / "checkpoint.pt").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no checkpoint or temp file left
+    assert not work_folder(tmp_path / "run", layer=0).exists()
 
 
 def test_without_auxk_the_same_run_leaves_more_dead_latents(tmp_path):
@@ -238,14 +244,14 @@ def test_sigkilled_run_resumes_to_identical_weights(tmp_path):
     raw = config(tmp_path / "killed", n_tokens=256 * 400, checkpoint_every=50, log_every=25, eval_every=150,
                  ema_decay=0.99, dead_tokens=2048)  # dead latents and AuxK before the kill, EMA state carried
     cfg = write_config(tmp_path / "c.yaml", raw)
-    out = sae_folder(tmp_path / "killed")
+    out, work = sae_folder(tmp_path / "killed"), work_folder(tmp_path / "killed")
     proc = subprocess.Popen([SAEPIPE, "train", cfg], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+    while not (work / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (out / "checkpoint.pt").exists() and not (out / "sae.safetensors").exists(), proc.stderr.read()
+    assert (work / "checkpoint.pt").exists() and not out.exists(), proc.stderr.read()
 
     done = subprocess.run([SAEPIPE, "train", cfg], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -271,7 +277,7 @@ def _foreign_sae(run_dir, d):
 
 def _foreign_checkpoint(run_dir):
     """A checkpoint left by a run with k = 4 (the config says 8)."""
-    folder = sae_folder(run_dir)
+    folder = work_folder(run_dir)
     folder.mkdir(parents=True)
     theirs = plan(config_from_dict(config(run_dir, k=4)), ActivationStore(run_dir), 1, "resid_post")
     torch.save({"fingerprint": theirs.fingerprint, "step": 20}, folder / "checkpoint.pt")
@@ -287,6 +293,9 @@ BAD = {
     "layer missing": (["--layers", "7"], None, "layer 7 hook resid_post is not in"),
     "hook missing": (["--set", "train.hooks=[mlp_out]"], None, "layer 1 hook mlp_out is not in"),
     "nan rows": ([], "nan", "3 of 32768 stored rows hold NaN/Inf"),
+    "batch above the store": (["--set", "train.batch_size=40000", "--set", "train.n_tokens=80000"], None,
+                               "train.batch_size = 40000 exceeds the 30744 trainable rows of layer 1 resid_post; "
+                               "lower it or harvest more tokens"),
     "sae of another d": ([], lambda run: _foreign_sae(run, 64), "d_in 64 but the store's layer 1 resid_post has d_model 32"),
     "checkpoint of another config": ([], _foreign_checkpoint, "was started with a different train config (k 4 there vs 8 now)"),
 }

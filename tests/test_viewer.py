@@ -59,6 +59,30 @@ def records(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def bos_records(tmp_path_factory):
+    """A collated run whose sequences open with BOS, excluded (the default)."""
+    root = tmp_path_factory.mktemp("bos")
+    tok = make_tokenizer(root / "tok")
+    ids = tok.encode(" ".join(CORPUS * 4), add_special_tokens=False)[: N_SEQ * CTX]
+    tokens = np.array(ids, dtype=np.int32).reshape(N_SEQ, CTX)
+    tokens[:, 0] = tok.bos_token_id
+    acts = torch.randn(N_SEQ * CTX, D, generator=torch.Generator().manual_seed(0))
+    write_synthetic(root, acts, tokens, attrs={"tokenizer": str(root / "tok"), "prepend_bos": True})
+    torch.manual_seed(0)
+    sae = TopKSAE(D, 32, 4)
+    with torch.no_grad():
+        sae.b_lat[0] = 6.0  # fires on every token, BOS included
+    sae.save(root / "saes/0/resid_post")
+    cfg = config_from_dict({
+        "run_dir": str(root), "model": {"name": "synthetic"}, "data": {"path": "synthetic"},
+        "harvest": {"layers": [0], "n_tokens": N_SEQ * CTX, "context_size": CTX},
+        "collate": {"n_top": 4, "n_random": 3, "batch_size": 64},
+    })
+    [page] = stage.run(cfg)
+    return page
+
+
+@pytest.fixture(scope="module")
 def browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -163,3 +187,32 @@ def test_list_search_sort_and_navigation(records, browser):
     browser.find_element(By.CSS_SELECTOR, "#list li[data-id='17']").click()
     WebDriverWait(browser, 20).until(lambda d: d.execute_script("return document.body.dataset.shown") == "17")
     assert browser.find_element(By.ID, "feature-title").text.startswith("Latent 17")
+
+
+def test_excluded_bos_is_unshaded_and_left_out_of_the_colour_scale(bos_records, browser):
+    from selenium.webdriver.common.by import By
+
+    folder = bos_records.parent
+    assert json.loads((folder / "summary.json").read_text())["excluded_positions"] == [0]
+    feature = json.loads((folder / "features/0.json").read_text())
+    first = feature["top"][0]
+    assert first["window_start"] == 0 and first["acts"][0] == 0.0 and first["acts"][first["idx"]] == first["act"]
+
+    # Even a record that carries a value there (records from an older saepipe) must not
+    # shade BOS or scale the other tokens by it: plant a huge one in the shard file.
+    shard = folder / "viewer_data/features_0.js"
+    prefix = "saeViewer.shard(0, ["
+    text = shard.read_text()
+    body = json.loads("[" + text[len(prefix): text.rindex("]")] + "]")
+    body[0]["top"][0]["acts"][0] = 1000.0
+    shard.write_text(prefix + "\n" + ",\n".join(json.dumps(f) for f in body) + "\n]);\n")
+
+    _open(browser, bos_records, "#0", "0")
+    spans = browser.find_element(By.ID, "top").find_element(By.CLASS_NAME, "record").find_elements(By.CLASS_NAME, "tok")
+    colour = "return getComputedStyle(arguments[0]).backgroundColor"
+    bos = spans[0]
+    assert browser.execute_script(colour, bos) == "rgba(0, 0, 0, 0)"  # unshaded
+    assert bos.get_attribute("data-excluded") == "1" and float(bos.get_attribute("data-act")) == 0
+    assert "excluded" in bos.get_attribute("title")
+    # The picked token holds the latent's largest act shown: full colour, not scaled by 1000.
+    assert browser.execute_script(colour, spans[first["idx"]]) == "rgb(234, 88, 12)"
