@@ -10,7 +10,7 @@ ARGS ?=
 DEMO_DATA := data/stdlib_docstrings.jsonl
 LAYER_FLAG = $(if $(strip $(LAYERS)),--layers "$(LAYERS)")
 
-.PHONY: setup harvest train collate demo test bench browser clean
+.PHONY: setup harvest verify train collate demo test bench browser clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ $(DEMO_DATA): pipeline/demo_corpus.py | setup
 
 harvest: setup $(DEMO_DATA)
 	$(BIN)/saepipe harvest $(CONFIG) $(LAYER_FLAG) $(ARGS)
+
+# Check the run's store: every chunk present and its checksum intact (RUN_DIR defaults to CONFIG's run_dir).
+verify: setup
+	$(BIN)/saepipe verify "$(or $(RUN_DIR),$$($(BIN)/python -c 'from pipeline.config import load_config; print(load_config("$(CONFIG)").run_dir)'))"
 
 train: setup
 	$(BIN)/saepipe train $(CONFIG) $(LAYER_FLAG) $(ARGS)

@@ -62,7 +62,8 @@ def main():
 
         last, middle = args.layers - 1, args.layers // 2 - 1
         warm = harvest.run(cfg(last, "warmup"), progress=False)  # also gives the token windows
-        tokens = torch.as_tensor(ActivationStore(tmp / "warmup").tokens[:]).long()
+        store = ActivationStore(tmp / "warmup")
+        tokens = torch.as_tensor(store.read_tokens(0, store.tokens_shape[0])).long()
         n_tokens = tokens.numel()
 
         model, _ = load_model(str(tmp / "model"), "main", args.dtype, str(device))

@@ -7,10 +7,22 @@ Row r of a layer array is sequence r // context_size, position r % context_size.
 bfloat16 has no zarr dtype, so its bits are stored as uint16 with the array
 attribute `logical_dtype: bfloat16`; the round trip is bit-exact.
 
-Completion is tracked outside the arrays: each writer appends the ids of the
-chunks it has finished to a log under `<run_dir>/progress/`, after the chunk's
-bytes are in the store. A chunk file torn by a kill therefore never counts as
-done, and the array attribute `complete` is set once every chunk is logged.
+Integrity guarantees:
+- Every chunk of every array is written (`write_empty_chunks=True`) and ends
+  in a crc32c of its encoded bytes (zarr's Crc32cCodec, after the compressor).
+- Every read goes through `read_rows` / `read_chunk` / `read_tokens`, which
+  refuse, in one UserError naming the array, the chunk and its file, a chunk
+  that is missing (zarr alone would return zeros) or whose checksum or
+  decoding fails. `saepipe verify RUN_DIR` checks a whole store;
+  `saepipe harvest CONFIG --repair` rewrites exactly the bad chunks.
+  Stores made before checksums (no crc32c codec) still read; for them only
+  presence and decoding can be checked. An array whose zarr.json cannot be
+  read raises MetadataError (one line, same repair).
+- Completion is tracked outside the arrays: a writer fsyncs a chunk's file and
+  directories, then appends the chunk id to a log under `<run_dir>/progress/`
+  and fsyncs the log. A chunk lost or torn by a kill or a power cut is
+  therefore never counted as done, and the array attribute `complete` (its
+  zarr.json fsynced) is set only once every chunk is logged.
 """
 
 from __future__ import annotations
@@ -18,13 +30,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from pipeline.errors import UserError
+from pipeline.fsio import fsync_dir, fsync_file
 
 STORE_NAME = "activations.zarr"
+REPAIR_HINT = "rewrite the bad chunks with `saepipe harvest CONFIG --repair` (CONFIG: this run's config)"
 _NUMPY_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,15 +56,14 @@ def array_name(layer: int, hook: str) -> str:
     return f"layers/{layer}/{hook}"
 
 
-def compressors_for(codec: str):
-    from zarr.codecs import BloscCodec, ZstdCodec
-
+def compressors_for(codec: str) -> list:
+    """The bytes-to-bytes codecs of a new array: the compressor, then a crc32c of its output."""
     if codec == "none":
-        return None
+        return [Crc32cCodec()]
     if codec == "lz4":
-        return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
     if codec == "zstd":
-        return ZstdCodec(level=3)
+        return [ZstdCodec(level=3), Crc32cCodec()]
     raise ValueError(codec)
 
 
@@ -70,6 +88,143 @@ def from_storage(a: np.ndarray, logical_dtype: str) -> torch.Tensor:
     return t
 
 
+# ---- chunks as the store sees them (arrays are chunked along rows only)
+
+def n_chunks_of(arr: zarr.Array) -> int:
+    return -(-arr.shape[0] // arr.chunks[0])
+
+
+def chunk_key(arr: zarr.Array, c: int) -> str:
+    coords = (c,) + (0,) * (arr.ndim - 1)
+    return f"{arr.store_path.path}/{arr.metadata.encode_chunk_key(coords)}"
+
+
+def chunk_file(arr: zarr.Array, c: int) -> Path | None:
+    """The chunk's file on local disk; None for other stores."""
+    store = arr.store_path.store
+    return Path(store.root) / chunk_key(arr, c) if isinstance(store, LocalStore) else None
+
+
+def chunk_location(arr: zarr.Array, c: int) -> str:
+    path = chunk_file(arr, c)
+    return str(path) if path is not None else f"{arr.store_path.store}/{chunk_key(arr, c)}"
+
+
+def has_crc(arr: zarr.Array) -> bool:
+    """Whether every chunk ends in a crc32c of the bytes before it (arrays made before checksums do not)."""
+    return isinstance(arr.metadata.codecs[-1], Crc32cCodec)
+
+
+def chunk_exists(arr: zarr.Array, c: int) -> bool:
+    path = chunk_file(arr, c)
+    if path is not None:
+        return path.is_file()  # one stat; the store API costs ~0.1 ms a call
+    return sync(arr.store_path.store.exists(chunk_key(arr, c)))
+
+
+def read_raw_chunk(arr: zarr.Array, c: int) -> bytes | None:
+    """The chunk's encoded bytes as stored, or None when it is missing."""
+    path = chunk_file(arr, c)
+    if path is not None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+    buf = sync(arr.store_path.store.get(chunk_key(arr, c), prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def crc_ok(raw: bytes) -> bool:
+    """Crc32cCodec's check without decoding: the last 4 bytes are the little-endian
+    crc32c of all the bytes before them."""
+    if len(raw) < 4:
+        return False
+    body = np.frombuffer(raw, dtype=np.uint8)[:-4]  # a view: no copy of a large chunk
+    return google_crc32c.value(body) == int.from_bytes(raw[-4:], "little")
+
+
+def chunk_problem(arr: zarr.Array, c: int, decode: bool = False) -> str | None:
+    """What is wrong with chunk c, from its raw bytes; None when it is sound. Arrays without
+    checksums can only be checked for presence, or (`decode`) by decoding the chunk."""
+    raw = read_raw_chunk(arr, c)
+    if raw is None:
+        return "missing"
+    if has_crc(arr):
+        return None if crc_ok(raw) else f"corrupt (checksum mismatch, {len(raw)} bytes)"
+    if decode:
+        rows = arr.chunks[0]
+        try:
+            arr[c * rows:(c + 1) * rows]
+        except Exception as e:  # noqa: BLE001 - any decoder's complaint means a bad chunk
+            return f"corrupt (cannot decode: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
+def sync_chunk(arr: zarr.Array, c: int) -> None:
+    """fsync a written chunk's file and the folders below the array's that name it (local
+    stores only; zarr's LocalStore renames a temp file into place but never fsyncs). The
+    array's own folder was made durable, `c/` in it, when the array was created."""
+    path = chunk_file(arr, c)
+    if path is None:
+        return
+    fsync_file(path)
+    root = Path(arr.store_path.store.root) / arr.store_path.path
+    d = path.parent
+    while d != root:
+        fsync_dir(d)
+        d = d.parent
+
+
+def _make_chunk_root(arr: zarr.Array) -> None:
+    """Create the folder chunk keys start with (`c/` for zarr's default keys), so that
+    syncing the new array's folder once covers it."""
+    path = chunk_file(arr, 0)
+    root = Path(arr.store_path.store.root) / arr.store_path.path if path is not None else None
+    if path is not None and path.parent != root:
+        (root / path.relative_to(root).parts[0]).mkdir(exist_ok=True)
+
+
+def sync_node(node) -> None:
+    """fsync a group's or array's zarr.json and the directories above it up to the run dir."""
+    store = node.store_path.store
+    if not isinstance(store, LocalStore):
+        return
+    root = Path(store.root)
+    d = root / node.store_path.path if node.store_path.path else root
+    fsync_file(d / "zarr.json")
+    while True:
+        fsync_dir(d)
+        if d == root.parent:
+            break
+        d = d.parent
+
+
+def set_complete(arr: zarr.Array, complete: bool) -> None:
+    arr.attrs["complete"] = complete
+    sync_node(arr)
+
+
+class ChunkError(UserError):
+    """A chunk that is missing or corrupt: the store is damaged."""
+
+    def __init__(self, store_dir: Path, arr: zarr.Array, c: int, problem: str):
+        self.array, self.chunk, self.problem = arr.store_path.path, c, problem
+        super().__init__(
+            f"{store_dir}: array {self.array} chunk {c} is {problem} ({chunk_location(arr, c)}); "
+            f"{REPAIR_HINT}, and check the whole store with `saepipe verify {store_dir.parent}`"
+        )
+
+
+class MetadataError(UserError):
+    """An array whose zarr.json cannot be read."""
+
+    def __init__(self, store_dir: Path, name: str, err: Exception):
+        self.name = name
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        super().__init__(f"{store_dir}: the metadata of {name} ({store_dir / name / 'zarr.json'}) cannot be read "
+                         f"({why}); {REPAIR_HINT}")
+
+
 class ProgressLog:
     """Append-only log of finished chunk ids for one array and one writer rank."""
 
@@ -88,17 +243,26 @@ class ProgressLog:
         return out
 
     def add(self, chunk: int):
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Log a chunk whose file is already durable; the line itself is fsynced too."""
+        new = not self.path.exists()
+        if new and not self.dir.exists():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.dir.parent)
         # One small O_APPEND write per line: concurrent writers never interleave.
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, f"{chunk};\n".encode())
+            os.fsync(fd)
         finally:
             os.close(fd)
+        if new:
+            fsync_dir(self.dir)
 
     def clear(self):
         for p in self.dir.glob(f"{self.layer}.{self.hook}.rank*.log"):
             p.unlink()
+        if self.dir.exists():
+            fsync_dir(self.dir)
 
 
 class ActivationStore:
@@ -109,7 +273,11 @@ class ActivationStore:
         self.path = store_path(run_dir)
         if mode == "r" and not (self.path / "zarr.json").exists():
             raise UserError(f"no activation store at {self.path}; run `make harvest` first")
-        self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
+        except Exception as e:  # noqa: BLE001 - a damaged zarr.json, whatever the parser says
+            raise UserError(f"{self.path}/zarr.json cannot be read ({str(e).splitlines()[0] if str(e) else e!r}); "
+                            "the run's store is damaged beyond chunk repair: harvest into a new run_dir") from None
 
     # ---- metadata
     @property
@@ -120,11 +288,20 @@ class ActivationStore:
     def context_size(self) -> int:
         return int(self.group.attrs["context_size"])
 
+    def node(self, name: str) -> zarr.Array | None:
+        """The array at `name`, None when there is none; MetadataError when its zarr.json is damaged."""
+        try:
+            return self.group[name] if name in self.group else None
+        except Exception as e:  # noqa: BLE001 - a damaged zarr.json, whatever the parser says
+            raise MetadataError(self.path, name, e) from None
+
     def has_tokens(self) -> bool:
-        return "tokens" in self.group and bool(self.group["tokens"].attrs.get("complete", False))
+        arr = self.node("tokens")
+        return arr is not None and bool(arr.attrs.get("complete", False))
 
     @property
     def tokens(self) -> zarr.Array:
+        """The tokens array, for its shape and chunks; read its values with `read_tokens`."""
         if not self.has_tokens():
             raise UserError(f"{self.path} has no complete `tokens` array; rerun `make harvest`")
         return self.group["tokens"]
@@ -141,17 +318,16 @@ class ActivationStore:
         return sorted(out)
 
     def has(self, layer: int, hook: str) -> bool:
-        return array_name(layer, hook) in self.group
+        return self.node(array_name(layer, hook)) is not None
 
     def array(self, layer: int, hook: str, require_complete: bool = True) -> zarr.Array:
-        name = array_name(layer, hook)
-        if name not in self.group:
+        arr = self.node(array_name(layer, hook))
+        if arr is None:
             have = ", ".join(f"{l}/{h}" for l, h in self.entries(False)) or "nothing"
             raise UserError(
                 f"layer {layer} hook {hook} is not in {self.path} (it holds: {have}); "
                 f"harvest it first: make harvest LAYERS={layer}"
             )
-        arr = self.group[name]
         if require_complete and not arr.attrs.get("complete", False):
             raise UserError(
                 f"layer {layer} hook {hook} in {self.path} is only partly harvested; "
@@ -172,57 +348,93 @@ class ActivationStore:
         return int(self.array(layer, hook, False).chunks[0])
 
     def n_chunks(self, layer: int, hook: str) -> int:
-        return -(-self.n_rows(layer, hook) // self.chunk_rows(layer, hook))
+        return n_chunks_of(self.array(layer, hook, False))
 
-    # ---- reads
+    # ---- reads: the only way stages read the store, so every chunk is checked
     def read_rows(self, layer: int, hook: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) as a CPU tensor of the logical dtype."""
         arr = self.array(layer, hook)
-        return from_storage(arr[start:stop], arr.attrs["logical_dtype"])
+        return from_storage(self.read_checked(arr, start, stop), arr.attrs["logical_dtype"])
 
     def read_chunk(self, layer: int, hook: str, chunk: int) -> torch.Tensor:
         rows = self.chunk_rows(layer, hook)
         return self.read_rows(layer, hook, chunk * rows, (chunk + 1) * rows)
 
     def read_tokens(self, start_seq: int, stop_seq: int) -> np.ndarray:
-        return self.tokens[start_seq:stop_seq]
+        return self.read_checked(self.tokens, start_seq, stop_seq)
+
+    def read_checked(self, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+        """arr[start:stop], refusing a missing or corrupt chunk with a ChunkError."""
+        rows, n = arr.chunks[0], arr.shape[0]
+        start, stop = max(0, start), min(stop, n)
+        chunks = range(start // rows, -(-stop // rows)) if stop > start else range(0)
+        for c in chunks:
+            if not chunk_exists(arr, c):
+                raise ChunkError(self.path, arr, c, "missing")
+        try:
+            return arr[start:stop]
+        except Exception:
+            # Find the chunk to blame: its checksum, or (without one) whether it decodes alone.
+            for c in chunks:
+                problem = chunk_problem(arr, c, decode=True)
+                if problem is not None:
+                    raise ChunkError(self.path, arr, c, problem) from None
+            raise  # the bytes are as written: not damage, a bug
 
     # ---- writes (harvest, and tests that synthesize stores)
-    def create_tokens(self, n_sequences: int, chunk_sequences: int) -> zarr.Array:
+    def create_tokens(self, n_sequences: int, chunk_sequences: int, overwrite: bool = False) -> zarr.Array:
         ctx = self.context_size
-        if "tokens" in self.group:
-            arr = self.group["tokens"]
+        arr = None if overwrite else self.node("tokens")
+        if arr is not None:
             if tuple(arr.shape) != (n_sequences, ctx):
                 raise UserError(
                     f"{self.path} holds tokens of shape {tuple(arr.shape)}, this config makes "
                     f"{(n_sequences, ctx)}; use a new run_dir or the original config"
                 )
             return arr
-        return self.group.create_array(
+        arr = self.group.create_array(
             "tokens", shape=(n_sequences, ctx), chunks=(chunk_sequences, ctx), dtype="int32",
-            compressors=compressors_for("zstd"), config={"write_empty_chunks": True},
+            compressors=compressors_for("zstd"), config={"write_empty_chunks": True}, overwrite=overwrite,
         )
+        _make_chunk_root(arr)
+        sync_node(arr)
+        return arr
 
     def create_layer(self, layer: int, hook: str, d_model: int, logical_dtype: str, codec: str,
                      chunk_rows: int, attrs: dict) -> zarr.Array:
         """Preallocate the full [N, d] array (never appended to, so writers can't race)."""
         n_rows = self.tokens_shape[0] * self.context_size
-        return self.group.create_array(
+        arr = self.group.create_array(
             array_name(layer, hook), shape=(n_rows, d_model), chunks=(chunk_rows, d_model),
             dtype=_NUMPY_DTYPE[logical_dtype], compressors=compressors_for(codec),
             config={"write_empty_chunks": True}, overwrite=True,
             attributes={"layer": layer, "hook": hook, "logical_dtype": logical_dtype, "codec": codec,
                         "d_model": d_model, "complete": False, **attrs},
         )
+        _make_chunk_root(arr)
+        sync_node(arr)
+        return arr
 
     @property
     def tokens_shape(self) -> tuple[int, int]:
         return tuple(self.group["tokens"].shape)
 
-    def delete_layer(self, layer: int, hook: str):
-        name = array_name(layer, hook)
-        if name in self.group:
-            del self.group[name]
+
+def write_chunk(arr: zarr.Array, c: int, data: np.ndarray) -> None:
+    """Write the whole chunk c (the last one may be short) and make it durable."""
+    path = chunk_file(arr, c)
+    if path is not None and path.parent.is_dir():
+        # zarr writes `<name>.<uuid>.partial` and renames it; a kill mid-write leaves one behind.
+        for stray in path.parent.glob(f"{path.name}.*.partial"):
+            stray.unlink()
+    start = c * arr.chunks[0]
+    try:
+        arr[start:start + data.shape[0]] = data
+    except OSError as e:  # a full disk: say where (a failed write() names no file)
+        if e.filename is None:
+            e.filename = chunk_location(arr, c)
+        raise
+    sync_chunk(arr, c)
 
 
 def create_store(run_dir, attrs: dict) -> ActivationStore:
@@ -232,13 +444,14 @@ def create_store(run_dir, attrs: dict) -> ActivationStore:
     group = zarr.open_group(str(path), mode="a")
     if not group.attrs.get("context_size"):
         group.attrs.update(attrs)
+        sync_node(group)
     return ActivationStore(run_dir, mode="a")
 
 
 def write_synthetic(run_dir, acts: torch.Tensor, tokens: np.ndarray, layer: int = 0, hook: str = "resid_post",
                     storage_dtype: str = "float32", chunk_rows: int | None = None, codec: str = "lz4",
                     attrs: dict | None = None) -> ActivationStore:
-    """A complete store from in-memory arrays, for tests and benchmarks.
+    """A complete store from in-memory arrays, for tests and benchmarks (progress logged as harvest does).
 
     acts [n_sequences * ctx, d]; tokens int [n_sequences, ctx].
     """
@@ -255,5 +468,8 @@ def write_synthetic(run_dir, acts: torch.Tensor, tokens: np.ndarray, layer: int 
     tok.attrs["complete"] = True
     arr = store.create_layer(layer, hook, acts.shape[1], storage_dtype, codec, chunk_rows, {})
     arr[:] = to_storage(acts, storage_dtype)
+    log = ProgressLog(run_dir, layer, hook)
+    for c in range(n_chunks_of(arr)):
+        log.add(c)
     arr.attrs["complete"] = True
     return store

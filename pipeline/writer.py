@@ -3,8 +3,12 @@
 A bounded queue keeps memory flat; the forward thread only waits when the
 disk falls `queue_size` chunks behind. Each item is one chunk of every array
 being harvested. A writer casts to the storage dtype, checks float16 for
-overflow, writes the chunk, and only then logs it as done, so a kill at any
-moment leaves either a logged, complete chunk or one that will be redone.
+overflow, writes the chunk, fsyncs its file and directories, and only then
+logs it as done (the log line fsynced too), so a kill or a power cut at any
+moment leaves either a logged, durable chunk or one that will be redone.
+
+A writer's exception (an OSError for a full disk included) is re-raised as
+itself in the forward thread, and nothing more is written after it.
 """
 
 from __future__ import annotations
@@ -17,13 +21,12 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.store import ProgressLog, to_storage
+from pipeline.store import ProgressLog, to_storage, write_chunk
 
 
 @dataclass
 class ChunkJob:
     chunk: int
-    row_start: int
     arrays: dict  # (layer, hook) -> CPU tensor [rows, d] (or a CUDA tensor awaiting `event`)
     event: object = None  # torch.cuda.Event recorded after the device->host copies
 
@@ -34,9 +37,8 @@ class Float16Overflow(UserError):
 
 class ChunkWriter:
     def __init__(self, targets: dict, logs: dict[tuple, ProgressLog], dtypes: dict[tuple, str],
-                 n_threads: int, queue_size: int, on_done=None):
+                 n_threads: int, queue_size: int):
         self.targets, self.logs, self.dtypes = targets, logs, dtypes
-        self.on_done = on_done
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.errors: list[BaseException] = []
         self.bytes_written = 0
@@ -75,7 +77,7 @@ class ChunkWriter:
                 continue  # drain: a failed harvest writes nothing more
             try:
                 self._write(job)
-            except BaseException as e:  # noqa: BLE001 - handed to the forward thread
+            except BaseException as e:  # noqa: BLE001 - handed to the forward thread as it is
                 self.errors.append(e)
 
     def _write(self, job: ChunkJob):
@@ -89,12 +91,11 @@ class ChunkWriter:
                 raise Float16Overflow(
                     f"float16 overflow: layer {layer} {hook} has activations beyond ±65504 "
                     f"(chunk {job.chunk}); set harvest.storage_dtype: bfloat16 (same size, no overflow) "
-                    "or float32, and rerun"
+                    "or float32, then start this array over: `saepipe harvest CONFIG --force` "
+                    "(make harvest ARGS=--force)"
                 )
-            self.targets[key][job.row_start:job.row_start + data.shape[0]] = data
+            write_chunk(self.targets[key], job.chunk, data)
             self.logs[key].add(job.chunk)
             nbytes += data.nbytes
         with self._lock:
             self.bytes_written += nbytes
-        if self.on_done is not None:
-            self.on_done(job)

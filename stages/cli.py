@@ -88,17 +88,39 @@ def main():
 @_CONFIG
 @_LAYERS
 @_SET
+@click.option("--repair", is_flag=True,
+              help="Find the missing or corrupt chunks of the config's arrays and of the tokens, "
+                   "and rewrite exactly those.")
+@click.option("--force", is_flag=True,
+              help="Start the config's arrays over with the current settings (e.g. a new storage_dtype).")
 @_user_errors
-def harvest(config, layers, overrides):
+def harvest(config, layers, overrides, repair, force):
     """Run the model over the dataset and store the chosen layers' activations.
 
     Writes <run_dir>/activations.zarr. Rerunning resumes an interrupted harvest,
-    adds new layers aligned with the stored tokens, and skips finished layers.
+    adds new layers aligned with the stored tokens, and skips finished layers;
+    a config whose settings differ from the store's is refused.
     """
     from pipeline.config import parse_layers
     from stages import harvest as stage
 
-    stage.run(_load(config, overrides), layers=parse_layers(layers))
+    stage.run(_load(config, overrides), layers=parse_layers(layers), repair=repair, force=force)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--threads", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Chunk files read at once.")
+@_user_errors
+def verify(run_dir, threads):
+    """Check every chunk of <run_dir>/activations.zarr: present, checksum intact, logged as written.
+
+    Exit 0 when the store is sound; 2 with one line naming the bad arrays and
+    chunks, which `saepipe harvest CONFIG --repair` rewrites.
+    """
+    from stages import verify as stage
+
+    stage.run(run_dir, threads)
 
 
 @main.command()

@@ -1,49 +1,77 @@
 """Stage 1: run the model over the dataset and store layer activations.
 
     saepipe harvest configs/demo.yaml --layers 3,4
+    saepipe harvest CONFIG --repair   rewrite exactly the missing or corrupt chunks
+    saepipe harvest CONFIG --force    start the config's arrays over with its current settings
 
-Order of work, so bad input fails before anything is written: check run_dir,
-load model and hooks (layer/hook errors), tokenize (dataset errors), then
-lock the run, reconcile with what the store already holds, and forward only
-the chunks still missing. Rank r of W (torchrun's RANK/WORLD_SIZE) handles
+Order of work, so bad input fails before anything is written: check run_dir and
+the config's fingerprint against the store's, load model and hooks (layer/hook
+errors), tokenize (dataset errors), then lock the run, reconcile with what the
+store already holds, and forward only the chunks still missing (with --repair,
+also those found damaged). Rank r of W (torchrun's RANK/WORLD_SIZE) handles
 chunks r, r+W, ... of every array: whole chunks, never a shared shard.
+
+What a finished harvest promises (see pipeline/store.py for the chunk-level part):
+- The store holds data made by one config. Every setting that decides its bytes
+  is recorded: the run-wide ones (model name and revision, every data.* key but
+  streaming, a sha256 of local data files, n_tokens, context_size, prepend_bos)
+  in the group attribute `fingerprint`, the per-array ones (storage_dtype, codec,
+  model.dtype; chunk_rows is the array's own chunking) in each array's. A rerun
+  whose settings differ is refused in one line listing the keys (there vs now),
+  the "nothing to do" path included; per-array settings can be changed for the
+  config's arrays with --force, which marks each array incomplete before
+  rewriting it. Hub datasets cannot be hashed: their windows are compared with
+  the stored tokens whenever the model runs.
+- Chunk c always holds the same sequences, forwarded in the same batches, so a
+  resumed or repaired store equals an uninterrupted run's byte for byte (same
+  device and batch_size).
 """
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline.config import Config
+from pipeline import verify
+from pipeline.config import Config, DataConfig
 from pipeline.data import load_texts, make_windows
 from pipeline.errors import UserError
-from pipeline.model import ActivationCapture, load_model
-from pipeline.store import ActivationStore, ProgressLog, create_store, default_chunk_rows, store_path
+from pipeline.fsio import run_lock
+from pipeline.model import ActivationCapture, check_context_size, load_model
+from pipeline.store import (REPAIR_HINT, ActivationStore, MetadataError, ProgressLog, chunk_exists, create_store,
+                            default_chunk_rows, n_chunks_of, set_complete, store_path, write_chunk)
 from pipeline.writer import ChunkJob, ChunkWriter
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_FORCE_HINT = "`saepipe harvest CONFIG --force` (make harvest ARGS=--force)"
 
 
-def run(cfg: Config, layers: list[int] | None = None, progress: bool = True) -> dict:
+def run(cfg: Config, layers: list[int] | None = None, progress: bool = True,
+        repair: bool = False, force: bool = False) -> dict:
     hc = cfg.harvest
     layers = layers or hc.layers
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and (repair or force):
+        raise UserError("--repair and --force rewrite arrays all ranks share: run them as one process, "
+                        "not under torchrun")
     run_dir = Path(cfg.run_dir)
     _check_writable(run_dir)
     wanted = [(layer, hook) for layer in layers for hook in hc.hooks]
-    if _all_complete(cfg, run_dir, wanted):
+    fingerprint = run_fingerprint(cfg)
+    if _nothing_to_do(cfg, run_dir, wanted, fingerprint, quick=not (repair or force)):
         print(f"harvest: {', '.join(f'layer {l} {h}' for l, h in wanted)} already harvested in "
               f"{store_path(run_dir)}; nothing to do")
         return {"harvested": []}
 
     model, tokenizer = load_model(cfg.model.name, cfg.model.revision, cfg.model.dtype, cfg.model.device)
+    check_context_size(model, hc.context_size)
     ActivationCapture(model, wanted)  # layer range and hook paths, before any write
 
     n_sequences = hc.n_tokens // hc.context_size
@@ -53,43 +81,143 @@ def run(cfg: Config, layers: list[int] | None = None, progress: bool = True) -> 
         raise UserError(f"dataset {cfg.data.path!r} gave no text: not one window of "
                         f"{hc.context_size} tokens; check data.path, data.split and data.text_column")
     if len(tokens) < n_sequences:
-        print(f"harvest: the dataset holds only {len(tokens)} windows of {hc.context_size} tokens "
-              f"({len(tokens) * hc.context_size} tokens < harvest.n_tokens = {hc.n_tokens}); using all of them")
+        n_tok = len(tokens) * hc.context_size
+        print(f"harvest: the corpus gave {n_tok} tokens ({len(tokens)} windows of {hc.context_size}), fewer than "
+              f"harvest.n_tokens = {hc.n_tokens}; the store holds those {n_tok} tokens")
 
-    with _lock(run_dir, rank):
-        store = create_store(run_dir, _run_attrs(cfg, len(tokens), prepend_bos))
-        _check_same_run(store, cfg, len(tokens), prepend_bos)
+    with run_lock(run_dir, f"harvest.rank{rank}"):
+        store = create_store(run_dir, _run_attrs(cfg, len(tokens), prepend_bos, fingerprint))
+        _check_same_run(store, cfg, len(tokens), prepend_bos, fingerprint)
         d_models = _probe_widths(model, wanted, tokens)
-        # One chunk height for every array of the run (>= 1 MiB for the narrowest), so a
+        # One chunk height for every new array of the run (>= 1 MiB for the narrowest), so a
         # forward batch of whole sequences fills whole chunks of each.
         chunk_rows = hc.chunk_rows or max(default_chunk_rows(d, _ITEMSIZE[hc.storage_dtype], hc.context_size)
                                           for d in d_models.values())
-        _write_tokens(store, tokens, chunk_rows // hc.context_size)
+        rewritten = _write_tokens(store, tokens, chunk_rows // hc.context_size, repair)
 
         todo = {}
         for key in wanted:
-            arr = _prepare_array(store, cfg, key, d_models[key], chunk_rows, prepend_bos)
-            if arr is not None:
-                todo[key] = arr
+            arr, pending = _plan_array(store, cfg, key, d_models[key], chunk_rows, prepend_bos, repair, force)
+            if pending:
+                todo[key] = (arr, pending)
         if not todo:
-            print(f"harvest: layers {sorted({l for l, _ in wanted})} are already harvested in "
-                  f"{store_path(run_dir)}; nothing to do")
+            what = f"rewrote {rewritten} tokens chunks; the" if rewritten else "the"
+            print(f"harvest: {what} layers {sorted({l for l, _ in wanted})} in {store_path(run_dir)} are "
+                  f"complete{' and sound' if repair else ''}; nothing to do")
             return {"harvested": []}
-        stats = _forward_chunks(cfg, model, store, todo, tokens, rank, world, progress)
-        _mark_complete(store, cfg, todo)
+        stats = _forward_chunks(cfg, model, todo, tokens, rank, world, progress)
+        _mark_complete(cfg, todo)
         done = sorted(todo)
         print(f"harvest: wrote {', '.join(f'layer {l} {h}' for l, h in done)} to {store_path(run_dir)}")
         return {"harvested": done, **stats}
 
 
-def _all_complete(cfg: Config, run_dir: Path, wanted) -> bool:
+# ---- fingerprints: what decides the bytes of the store
+
+def run_fingerprint(cfg: Config) -> dict:
+    """Run-wide settings, keyed by their config names. data.streaming is left out: same rows either way."""
+    d, hc = cfg.data, cfg.harvest
+    return {
+        "model.name": cfg.model.name, "model.revision": cfg.model.revision,
+        "data.path": d.path, "data.name": d.name, "data.data_files": d.data_files, "data.split": d.split,
+        "data.text_column": d.text_column, "data.sha256": data_sha256(d),
+        "harvest.n_tokens": hc.n_tokens, "harvest.context_size": hc.context_size,
+        "harvest.prepend_bos": hc.prepend_bos,
+    }
+
+
+def array_fingerprint(cfg: Config) -> dict:
+    hc = cfg.harvest
+    return {"harvest.storage_dtype": hc.storage_dtype, "harvest.codec": hc.codec, "model.dtype": cfg.model.dtype}
+
+
+def data_sha256(data: DataConfig) -> str | None:
+    """sha256 over the local data files (name and bytes, streamed); None for a hub dataset."""
+    files = _local_data_files(data)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for name, path in files:
+        h.update(f"{name}\0".encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _local_data_files(data: DataConfig) -> list[tuple[str, Path]]:
+    root = Path(data.path)
+    if root.is_file():
+        return [("", root)]
+    if root.is_dir():
+        return sorted((str(p.relative_to(root)), p) for p in root.rglob("*")
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = [data.data_files] if isinstance(data.data_files, str) else (data.data_files or [])
+    return [(str(f), Path(f)) for f in files if Path(f).is_file()]
+
+
+def _diffs(there: dict, now: dict) -> list[str]:
+    """`key: old there, new now` for each key both sides know and disagree on."""
+    def show(v):
+        return v[:12] if isinstance(v, str) and len(v) == 64 else repr(v)  # a sha256: its prefix is enough
+
+    return [f"{k}: {show(there[k])} there, {show(v)} now" for k, v in now.items() if k in there and there[k] != v]
+
+
+def _compare_run(store: ActivationStore, fingerprint: dict):
+    attrs = store.attrs
+    there = attrs.get("fingerprint")
+    if there is None:  # a store made before fingerprints: what its attributes recorded
+        ds = attrs.get("dataset") or {}
+        there = {"model.name": attrs.get("model"), "model.revision": attrs.get("revision"),
+                 "harvest.context_size": attrs.get("context_size"), "data.path": ds.get("path"),
+                 "data.name": ds.get("name"), "data.split": ds.get("split"), "data.text_column": ds.get("column"),
+                 "data.data_files": ds.get("data_files")}
+    diffs = _diffs(there, fingerprint)
+    if diffs:
+        raise UserError(f"{store.path} was harvested with other settings: {'; '.join(diffs)}; they decide every "
+                        "array in it, so use a new run_dir for the new settings, or restore the old ones")
+
+
+def _array_diffs(arr, cfg: Config) -> list[str]:
+    attrs = arr.attrs
+    there = attrs.get("fingerprint") or {"harvest.storage_dtype": attrs.get("logical_dtype"),
+                                         "harvest.codec": attrs.get("codec")}
+    there = {**there, "harvest.chunk_rows": arr.chunks[0]}
+    now = array_fingerprint(cfg)
+    if cfg.harvest.chunk_rows is not None:  # unset = whatever the array was made with
+        now["harvest.chunk_rows"] = cfg.harvest.chunk_rows
+    return _diffs(there, now)
+
+
+def _nothing_to_do(cfg: Config, run_dir: Path, wanted, fingerprint: dict, quick: bool) -> bool:
+    """Refuse a store made with other run-wide settings, before the model loads. Then, when
+    `quick`: True when every wanted array is complete, made with these settings and all its
+    chunks are present (one stat each; `saepipe verify` checks their contents too)."""
     if not (store_path(run_dir) / "zarr.json").exists():
         return False
     store = ActivationStore(run_dir)
-    same_run = all(store.attrs.get(k) == v for k, v in (("model", cfg.model.name), ("revision", cfg.model.revision),
-                                                         ("context_size", cfg.harvest.context_size)))
-    done = set(store.entries(complete_only=True))
-    return same_run and store.has_tokens() and all(key in done for key in wanted)
+    _compare_run(store, fingerprint)
+    if not quick or not store.has_tokens():
+        return False
+    arrays = [store.tokens]
+    for layer, hook in wanted:
+        if not store.has(layer, hook):
+            return False
+        arr = store.array(layer, hook, require_complete=False)
+        if not arr.attrs.get("complete", False):
+            return False
+        diffs = _array_diffs(arr, cfg)
+        if diffs:
+            raise UserError(f"layer {layer} {hook} in {store.path} was harvested with other settings: "
+                            f"{'; '.join(diffs)}; restore them, or re-harvest it with the new ones: {_FORCE_HINT}")
+        arrays.append(arr)
+    missing = [f"{arr.store_path.path} chunk {c}" for arr in arrays for c in range(n_chunks_of(arr))
+               if not chunk_exists(arr, c)]
+    if missing:
+        raise UserError(f"{store.path} is damaged: missing {verify.describe(missing)}; {REPAIR_HINT}")
+    return True
 
 
 def _check_writable(run_dir: Path):
@@ -100,24 +228,7 @@ def _check_writable(run_dir: Path):
         raise UserError(f"run_dir {run_dir} is not writable ({probe} denies writes); choose another run_dir")
 
 
-@contextmanager
-def _lock(run_dir: Path, rank: int):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / f".harvest.rank{rank}.lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise UserError(f"another harvest is writing {run_dir} right now; wait for it to finish "
-                        "(or stop it) and rerun") from None
-    try:
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
-
-
-def _run_attrs(cfg: Config, n_sequences: int, prepend_bos: bool) -> dict:
+def _run_attrs(cfg: Config, n_sequences: int, prepend_bos: bool, fingerprint: dict) -> dict:
     d = cfg.data
     return {
         "model": cfg.model.name, "revision": cfg.model.revision, "tokenizer": cfg.model.name,
@@ -125,18 +236,18 @@ def _run_attrs(cfg: Config, n_sequences: int, prepend_bos: bool) -> dict:
                     "data_files": d.data_files},
         "context_size": cfg.harvest.context_size, "n_sequences": n_sequences,
         "n_tokens": n_sequences * cfg.harvest.context_size, "prepend_bos": prepend_bos,
-        "package_version": pipeline.__version__,
+        "package_version": pipeline.__version__, "fingerprint": fingerprint,
     }
 
 
-def _check_same_run(store, cfg: Config, n_sequences: int, prepend_bos: bool):
-    want = _run_attrs(cfg, n_sequences, prepend_bos)
+def _check_same_run(store, cfg: Config, n_sequences: int, prepend_bos: bool, fingerprint: dict):
+    _compare_run(store, fingerprint)
     have = store.attrs
-    for key in ("model", "revision", "context_size", "dataset", "prepend_bos", "n_sequences"):
-        if have.get(key) != want[key]:
+    for key, want in (("n_sequences", n_sequences), ("prepend_bos", prepend_bos)):
+        if have.get(key) != want:
             raise UserError(
                 f"{store.path} was harvested with {key} = {have.get(key)!r} but this config gives "
-                f"{want[key]!r}; use a new run_dir, or the config the store was made with"
+                f"{want!r}; use a new run_dir, or the config the store was made with"
             )
 
 
@@ -147,82 +258,135 @@ def _probe_widths(model, wanted, tokens) -> dict:
     return {key: int(t.shape[-1]) for key, t in out.items()}
 
 
-def _write_tokens(store, tokens, chunk_seqs: int):
-    if store.has_tokens():
-        stored = store.tokens[:]
-        if stored.shape != tokens.shape or (stored != tokens).any():
-            bad = int((stored != tokens).any(axis=1).sum()) if stored.shape == tokens.shape else "all"
-            raise UserError(
-                f"re-tokenized windows differ from the tokens in {store.path} ({bad} sequences differ): "
-                "the dataset or tokenizer changed since the first harvest; use a new run_dir"
-            )
-        return
-    arr = store.create_tokens(*tokens.shape[:1], chunk_seqs)
-    arr[:] = tokens
-    arr.attrs["complete"] = True
+def _write_tokens(store: ActivationStore, tokens: np.ndarray, chunk_seqs: int, repair: bool) -> int:
+    """Write the windows once; later runs check them against the store (and, with --repair,
+    rewrite its damaged chunks from them). Returns the number of chunks repaired."""
+    try:
+        have, damaged = store.has_tokens(), False
+    except MetadataError:
+        if not repair:
+            raise
+        print("harvest: --repair: the tokens' metadata is unreadable; writing them again from the windows")
+        have, damaged = False, True
+    if not have:
+        arr = store.create_tokens(len(tokens), chunk_seqs, overwrite=damaged)
+        arr[:] = tokens
+        os.sync()  # one sync for the many small chunks, before `complete` says they are there
+        set_complete(arr, True)
+        return 0
+    arr = store.tokens
+    if tuple(arr.shape) != tokens.shape:
+        raise UserError(f"{store.path} holds {arr.shape[0]} windows of {arr.shape[1]} tokens, this config makes "
+                        f"{tokens.shape[0]} of {tokens.shape[1]}: the dataset or tokenizer changed since the first "
+                        "harvest; use a new run_dir")
+    bad = verify.bad_chunks(arr, range(n_chunks_of(arr)), decode=True) if repair else {}
+    rows = arr.chunks[0]
+    if bad:  # compare around the damage
+        differ = sum(int((store.read_checked(arr, c * rows, (c + 1) * rows) != tokens[c * rows:(c + 1) * rows])
+                         .any(axis=1).sum()) for c in range(n_chunks_of(arr)) if c not in bad)
+    else:
+        differ = int((store.read_tokens(0, len(tokens)) != tokens).any(axis=1).sum())
+    if differ:
+        raise UserError(
+            f"re-tokenized windows differ from the tokens in {store.path} ({differ} sequences differ): "
+            "the dataset or tokenizer changed since the first harvest; use a new run_dir"
+        )
+    if bad:
+        print(f"harvest: --repair: rewriting tokens {verify.describe([f'chunk {c} {p}' for c, p in sorted(bad.items())])}")
+        for c in sorted(bad):
+            write_chunk(arr, c, tokens[c * rows:(c + 1) * rows])
+    return len(bad)
 
 
-def _prepare_array(store, cfg: Config, key, d_model: int, chunk_rows: int, prepend_bos: bool):
-    """The array to (continue to) write, or None when it is already complete."""
+def _plan_array(store: ActivationStore, cfg: Config, key, d_model: int, chunk_rows: int, prepend_bos: bool,
+                repair: bool, force: bool):
+    """(array, chunks to write): a new array gets all its chunks, a partial one those not
+    logged, and with --repair any logged chunk that is missing or corrupt."""
     layer, hook = key
-    hc = cfg.harvest
     log = ProgressLog(cfg.run_dir, layer, hook)
-    if store.has(layer, hook):
+    try:
+        exists = store.has(layer, hook)
+    except MetadataError:
+        if not (repair or force):
+            raise
+        print(f"harvest: the metadata of layer {layer} {hook} is unreadable; harvesting it again")
+        exists = False
+    if exists:
         arr = store.array(layer, hook, require_complete=False)
-        if arr.attrs.get("complete"):
-            print(f"harvest: layer {layer} {hook} is already complete; skipping")
-            return None
-        same = (arr.attrs.get("logical_dtype") == hc.storage_dtype and arr.attrs.get("codec") == hc.codec
-                and arr.chunks[0] == chunk_rows and arr.shape[1] == d_model)
-        if same:
-            return arr
-        if log.done():
-            raise UserError(
-                f"layer {layer} {hook} is partly harvested with storage_dtype "
-                f"{arr.attrs.get('logical_dtype')}, codec {arr.attrs.get('codec')}, chunk_rows {arr.chunks[0]}; "
-                "rerun with those settings to finish it"
-            )
+        complete = bool(arr.attrs.get("complete", False))
+        diffs = _array_diffs(arr, cfg)
+        if arr.shape[1] != d_model:
+            diffs.append(f"width: {arr.shape[1]} there, {d_model} now")
+        if force:
+            print(f"harvest: --force: layer {layer} {hook} starts over")
+            set_complete(arr, False)  # before any rewrite, so nothing trains on half-new data
+        elif diffs and (complete or log.done()):
+            how = "was harvested" if complete else "is partly harvested"
+            raise UserError(f"layer {layer} {hook} in {store.path} {how} with other settings: {'; '.join(diffs)}; "
+                            f"restore them{'' if complete else ' to finish it'}, or start it over with the new "
+                            f"ones: {_FORCE_HINT}")
+        elif not diffs:
+            n = n_chunks_of(arr)
+            done = set(range(n)) if complete else log.done()
+            bad = verify.bad_chunks(arr, sorted(done), decode=True) if repair else {}
+            if bad:
+                print(f"harvest: --repair: rewriting layer {layer} {hook} "
+                      f"{verify.describe([f'chunk {c} {p}' for c, p in sorted(bad.items())])}")
+            elif complete:
+                print(f"harvest: layer {layer} {hook} is already complete; skipping")
+            return arr, (set(range(n)) - done) | set(bad)
     log.clear()
-    return store.create_layer(layer, hook, d_model, hc.storage_dtype, hc.codec, chunk_rows, {
-        "model": cfg.model.name, "revision": cfg.model.revision, "context_size": hc.context_size,
-        "prepend_bos": prepend_bos, "package_version": pipeline.__version__,
+    arr = store.create_layer(layer, hook, d_model, cfg.harvest.storage_dtype, cfg.harvest.codec, chunk_rows, {
+        "model": cfg.model.name, "revision": cfg.model.revision, "context_size": cfg.harvest.context_size,
+        "prepend_bos": prepend_bos, "package_version": pipeline.__version__, "fingerprint": array_fingerprint(cfg),
     })
+    return arr, set(range(n_chunks_of(arr)))
 
 
-def _forward_chunks(cfg: Config, model, store, todo: dict, tokens, rank: int, world: int, progress: bool):
+def _forward_chunks(cfg: Config, model, todo: dict, tokens, rank: int, world: int, progress: bool) -> dict:
+    """Forward the pending chunks, one pass per chunk height (arrays made at different times may differ)."""
+    groups: dict[int, dict] = {}
+    for key, (arr, pending) in todo.items():
+        groups.setdefault(arr.chunks[0], {})[key] = (arr, pending)
+    stats = {"tokens": 0, "seconds": 0.0, "bytes_written": 0}
+    for chunk_rows, group in sorted(groups.items()):
+        for k, v in _forward_group(cfg, model, group, chunk_rows, tokens, rank, world, progress).items():
+            stats[k] += v
+    return stats
+
+
+def _forward_group(cfg: Config, model, group: dict, chunk_rows: int, tokens, rank: int, world: int,
+                   progress: bool) -> dict:
     hc = cfg.harvest
     ctx = hc.context_size
-    chunk_rows = next(iter(todo.values())).chunks[0]
-    if any(a.chunks[0] != chunk_rows for a in todo.values()):
-        raise UserError("the layers to harvest together have different chunk_rows; harvest them separately")
     chunk_seqs = chunk_rows // ctx
-    n_chunks = -(-len(tokens) // chunk_seqs)
-    logs = {key: ProgressLog(cfg.run_dir, *key, rank=rank) for key in todo}
-    done = {key: logs[key].done() for key in todo}
-    mine = [c for c in range(rank, n_chunks, world) if any(c not in done[key] for key in todo)]
+    mine = sorted(c for c in set().union(*(pending for _, pending in group.values())) if c % world == rank)
+    logs = {key: ProgressLog(cfg.run_dir, *key, rank=rank) for key in group}
 
-    capture = ActivationCapture(model, list(todo))
+    capture = ActivationCapture(model, list(group))
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
     # Cast on the GPU to halve the copy, except float16, whose overflow check needs the original.
-    copy_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(hc.storage_dtype)
+    dtypes = {key: arr.attrs["logical_dtype"] for key, (arr, _) in group.items()}
+    copy_dtype = {key: {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dt) for key, dt in dtypes.items()}
 
     n_todo_tokens = sum(min(chunk_seqs, len(tokens) - c * chunk_seqs) for c in mine) * ctx
-    bar = tqdm(total=n_todo_tokens, unit="tok", unit_scale=True, desc=f"harvest L{sorted({l for l, _ in todo})}",
+    bar = tqdm(total=n_todo_tokens, unit="tok", unit_scale=True, desc=f"harvest L{sorted({l for l, _ in group})}",
                disable=not progress, smoothing=0.1)
-    writer = ChunkWriter(todo, logs, {key: hc.storage_dtype for key in todo}, hc.writer_threads, hc.queue_size)
+    writer = ChunkWriter({key: arr for key, (arr, _) in group.items()}, logs, dtypes, hc.writer_threads,
+                         hc.queue_size)
     t0 = time.perf_counter()
     try:
         for c in mine:
             s0, s1 = c * chunk_seqs, min((c + 1) * chunk_seqs, len(tokens))
-            keys = [key for key in todo if c not in done[key]]
+            keys = [key for key, (_, pending) in group.items() if c in pending]
             parts = {key: [] for key in keys}
             for b in range(s0, s1, hc.batch_size):
                 ids = torch.as_tensor(tokens[b:min(b + hc.batch_size, s1)], device=device).long()
                 out = capture.run(ids)
                 for key in keys:
                     t = out[key].reshape(-1, out[key].shape[-1])
-                    parts[key].append(t.to(copy_dtype) if (on_gpu and copy_dtype) else t)
+                    parts[key].append(t.to(copy_dtype[key]) if (on_gpu and copy_dtype[key]) else t)
                 bar.update(ids.numel())
             arrays, event = {}, None
             for key in keys:
@@ -235,19 +399,18 @@ def _forward_chunks(cfg: Config, model, store, todo: dict, tokens, rank: int, wo
             if on_gpu:
                 event = torch.cuda.Event()
                 event.record()
-            writer.put(ChunkJob(c, s0 * ctx, arrays, event))
+            writer.put(ChunkJob(c, arrays, event))
         bar.set_postfix_str("flushing writes")
     finally:
         try:
             writer.close()
         finally:
             bar.close()
-    seconds = time.perf_counter() - t0
-    return {"tokens": n_todo_tokens, "seconds": seconds, "bytes_written": writer.bytes_written}
+    return {"tokens": n_todo_tokens, "seconds": time.perf_counter() - t0, "bytes_written": writer.bytes_written}
 
 
-def _mark_complete(store, cfg: Config, todo: dict):
-    for (layer, hook), arr in todo.items():
-        n_chunks = -(-arr.shape[0] // arr.chunks[0])
-        if len(ProgressLog(cfg.run_dir, layer, hook).done()) >= n_chunks:
-            arr.attrs["complete"] = True
+def _mark_complete(cfg: Config, todo: dict):
+    for (layer, hook), (arr, _) in todo.items():
+        if not arr.attrs.get("complete", False) and set(range(n_chunks_of(arr))) <= ProgressLog(
+                cfg.run_dir, layer, hook).done():
+            set_complete(arr, True)
