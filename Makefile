@@ -43,12 +43,19 @@ demo: setup $(DEMO_DATA)
 	$(BIN)/saepipe train $(CONFIG) $(LAYER_FLAG)
 	$(BIN)/saepipe collate $(CONFIG) $(LAYER_FLAG)
 
-# The viewer test drives Debian's Chromium; install it when missing.
+# The viewer test drives Debian's Chromium; install it when missing: only the two
+# packages it needs, no recommends, apt's output in a log. The package lists are
+# refreshed only when the install fails without it. A failed install only skips
+# the viewer test.
+BROWSER_LOG ?= $${TMPDIR:-/tmp}/saepipe-browser-install.log
+APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	    ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver) \
-	    || echo "warning: could not install chromium; the viewer test will be skipped"; }
+	    if { $$SUDO env $(APT_INSTALL) || { $$SUDO apt-get update -q && $$SUDO env $(APT_INSTALL); }; } \
+	         >"$(BROWSER_LOG)" 2>&1; \
+	    then echo "installed chromium and chromium-driver (apt log: $(BROWSER_LOG))"; \
+	    else echo "warning: could not install chromium (apt log: $(BROWSER_LOG)); the viewer test will be skipped"; fi; }
 
 test: setup browser
 	$(BIN)/python -m pytest -q

@@ -79,6 +79,7 @@ def build(root: Path, args, n_latents: int):
 def measure(kind: str, root: str, args: dict, n_latents: int) -> dict:
     """One measurement, meant to run in its own process."""
     from pipeline import collate as C
+    from pipeline import scan as S
     from pipeline.config import CollateConfig
     from pipeline.sae import TopKSAE
     from pipeline.store import ActivationStore
@@ -99,11 +100,11 @@ def measure(kind: str, root: str, args: dict, n_latents: int) -> dict:
 
     t0 = time.perf_counter()
     if kind == "encode":
-        step = C.batch_rows_for(cfg, store.context_size)
+        step = S.batch_rows_for(cfg, store.context_size)
         for i in range(0, n_rows, step):
             sae.encode(x[i: i + step].to(a.device))
     elif kind == "scan":
-        C.scan(store, 0, "resid_post", sae, cfg, a.device)
+        S.scan(store, 0, "resid_post", sae, cfg, a.device)
     else:
         from transformers import AutoTokenizer
 

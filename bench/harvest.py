@@ -25,7 +25,7 @@ from helpers import make_tokenizer, write_corpus  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.model import load_model, resolve_device  # noqa: E402
 from pipeline.store import ActivationStore  # noqa: E402
-from stages import harvest  # noqa: E402
+from pipeline import harvest  # noqa: E402
 
 
 def main():

@@ -69,14 +69,14 @@ def main():
     pairs = B * k * (4 + es)  # idx + one value per pair
     cases = {
         # name: (triton fn, torch fn, bytes moved)
-        "decode": (lambda: K.decode_triton(idx, vals, W), lambda: K.decode_ref(idx, vals, W),
+        "decode": (lambda: K.decode_triton(idx, vals, W), lambda: K.decode_reference(idx, vals, W),
                    pairs + B * k * d * es + B * d * es),
-        "gather_dot": (lambda: K.gather_dot_triton(dense, W, idx), lambda: K.gather_dot_ref(dense, W, idx),
+        "gather_dot": (lambda: K.gather_dot_triton(dense, W, idx), lambda: K.gather_dot_reference(dense, W, idx),
                        pairs + B * k * d * es + B * d * es),
         # zero-fill of the fp32 [n, d] buffer, dense row per pair, touched rows written,
         # plus the fp32 -> bf16 cast when the output is bf16.
         "scatter_outer": (lambda: K.scatter_outer_triton(idx, vals, dense, n, out_dtype=dt),
-                          lambda: K.scatter_outer_ref(idx, vals, dense, n, out_dtype=dt),
+                          lambda: K.scatter_outer_reference(idx, vals, dense, n, out_dtype=dt),
                           n * d * 4 + pairs + B * k * d * es + touched * d * 4
                           + (n * d * (4 + es) if dt != torch.float32 else 0)),
     }

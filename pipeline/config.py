@@ -1,8 +1,12 @@
 """The run config: one YAML file, loaded into typed dataclasses and checked
 before any work starts.
 
-Every stage reads the same file and acts on its own section. Validation is
-generic (walks the dataclass fields), so adding a key is adding a field.
+Every stage reads the same file and acts on its own section. Type checking is
+generic (walks the dataclass fields), so adding a key is adding a field; each
+field carries its documentation (`setting(default, doc)`), from which README's
+config reference is generated:
+
+    python -m pipeline.config --markdown
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from typing import Any, Union
 
 import yaml
 
+from pipeline import dtypes
 from pipeline.errors import UserError
+from pipeline.kernels import BACKENDS
 
 NAMED_HOOKS = ("resid_post", "attn_out", "mlp_out")
 
@@ -25,40 +31,61 @@ class ConfigError(UserError):
     pass
 
 
+def setting(default: Any = dataclasses.MISSING, doc: str = "", logistics: bool = False):
+    """A config field and its documentation (README's config reference is generated from `doc`).
+
+    `logistics` marks a field that changes how a run executes, not what it computes:
+    an interrupted run may resume, or finished work stand, with another value of it.
+    """
+    meta = {"doc": doc, "logistics": logistics}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def logistics(section) -> tuple[str, ...]:
+    """The fields of a config section marked `logistics`."""
+    return tuple(f.name for f in dataclasses.fields(section) if f.metadata.get("logistics"))
+
+
 @dataclass
 class ModelConfig:
-    name: str  # hub id or local folder
-    revision: str = "main"
-    dtype: str = "float32"  # float32 | float16 | bfloat16: the dtype the model runs in
-    device: str = "auto"  # auto = cuda when present, else cpu
+    name: str = setting(doc="hub id, local folder, or `pkg:PACKAGE/sub/dir` (a folder inside an installed package)")
+    revision: str = setting("main", "hub revision")
+    dtype: str = setting("float32", "the dtype the model runs in: float32, float16 or bfloat16")
+    device: str = setting("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:1", logistics=True)
 
     def validate(self, where):
-        _choice(where, "model.dtype", self.dtype, ("float32", "float16", "bfloat16"))
+        _choice(where, "model.dtype", self.dtype, dtypes.NAMES)
 
 
 @dataclass
 class DataConfig:
-    path: str  # hub dataset, a builder such as json/parquet/text, or a local file/folder
-    name: str | None = None  # dataset config name
-    data_files: Union[str, list[str], None] = None
-    split: str = "train"
-    text_column: str = "text"
-    streaming: bool = False
+    path: str = setting(doc="hub dataset, a builder (`json`, `parquet`, `text`, `csv`) with `data_files`, "
+                            "or a local file or folder")
+    name: str | None = setting(None, "dataset config name")
+    data_files: Union[str, list[str], None] = setting(None, "file or files for a builder")
+    split: str = setting("train", "dataset split")
+    text_column: str = setting("text", "the column that holds the text")
+    streaming: bool = setting(False, "stream a hub dataset instead of downloading it (the same rows)",
+                              logistics=True)
 
 
 @dataclass
 class HarvestConfig:
-    layers: list[int]
-    n_tokens: int
-    hooks: list[str] = field(default_factory=lambda: ["resid_post"])
-    context_size: int = 128
-    batch_size: int = 16  # sequences per forward pass
-    storage_dtype: str = "bfloat16"  # float32 | float16 | bfloat16
-    codec: str = "zstd"  # none | lz4 | zstd (see README: zstd saves ~21% on bf16 at lz4-like write speed)
-    chunk_rows: int | None = None  # rows per chunk; default: >= 1 MiB, a multiple of context_size
-    prepend_bos: bool | None = None  # default: when the tokenizer has a BOS (or CLS) token
-    writer_threads: int = 2
-    queue_size: int = 4  # chunks in flight between the forward pass and the writers
+    layers: list[int] = setting(doc="block indices (0-based)")
+    n_tokens: int = setting(doc="token budget (a whole number of windows is kept)")
+    hooks: list[str] = setting(["resid_post"], "`resid_post` (block output), `attn_out`, `mlp_out`, "
+                                               "or a dotted module path inside the block (e.g. `mlp.act`)")
+    context_size: int = setting(128, "tokens per stored sequence")
+    batch_size: int = setting(16, "sequences per forward pass", logistics=True)
+    storage_dtype: str = setting("bfloat16", "float32, float16 (overflow is detected and stops the run), bfloat16")
+    codec: str = setting("zstd", "none, lz4 (blosc, byte shuffle), zstd (level 3; ~21% smaller than lz4 on "
+                                 "bf16 at a similar write speed)")
+    chunk_rows: int | None = setting(None, "rows per chunk, a multiple of context_size; null = at least 1 MiB")
+    prepend_bos: bool | None = setting(None, "BOS (or CLS) first in each window; null = when the tokenizer has one")
+    writer_threads: int = setting(2, "background threads that compress and write", logistics=True)
+    queue_size: int = setting(4, "chunks in flight between the forward pass and the writers", logistics=True)
 
     def validate(self, where):
         if not self.layers:
@@ -76,7 +103,7 @@ class HarvestConfig:
                 f"{where}: harvest.n_tokens = {self.n_tokens} is below one context "
                 f"(harvest.context_size = {self.context_size}); raise n_tokens or lower context_size"
             )
-        _choice(where, "harvest.storage_dtype", self.storage_dtype, ("float32", "float16", "bfloat16"))
+        _choice(where, "harvest.storage_dtype", self.storage_dtype, dtypes.NAMES)
         _choice(where, "harvest.codec", self.codec, ("none", "lz4", "zstd"))
         if self.chunk_rows is not None and (self.chunk_rows <= 0 or self.chunk_rows % self.context_size):
             raise ConfigError(
@@ -85,51 +112,60 @@ class HarvestConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    layers: list[int] | None = None  # default: harvest.layers
-    hooks: list[str] | None = None  # default: harvest.hooks
-    n_latents: int | None = None  # default: expansion_factor * d_model
-    expansion_factor: int = 8
-    k: int = 32
-    n_tokens: int = 10_000_000  # training budget; more than one epoch of the store is fine
-    batch_size: int = 4096  # tokens per step
-    lr: float | None = None  # default: 2e-4 / sqrt(n_latents / 2**14) (sparsify's Adam rule)
-    warmup_steps: int = 100  # capped at a tenth of the run
-    decay_start: float = 0.8  # fraction of steps after which lr decays linearly to 0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 6.25e-10
-    dead_tokens: int | None = None  # silent this many tokens = dead; default n_tokens/10, within [4 batches, 10M]
-    k_aux: int | None = None  # default: the power of two nearest d_model / 2
-    aux_alpha: float = 1 / 32
-    b_pre_init: str = "geometric_median"  # geometric_median | mean | zeros
-    init_sample: int = 16384  # rows used for b_pre and the scalar normalisation
-    normalize: str = "none"  # none | scalar | layer_norm
-    ema_decay: float | None = None  # e.g. 0.999; None = off
-    grad_clip: float | None = None  # max global grad norm; None = off
-    autocast: str = "auto"  # auto (bf16 on cuda) | bf16 | fp16 | none: dtype of the dense encoder matmul
-    device: str = "auto"
-    backend: str = "auto"  # auto | triton | torch: who runs the sparse products
-    seed: int = 0
-    eval_fraction: float = 0.05  # fraction of chunks held out for eval
-    eval_every: int = 500  # steps
-    eval_tokens: int = 65536
-    log_every: int = 20
-    checkpoint_every: int = 200
-    shuffle_chunks: int = 8  # chunks mixed at row level (at least enough for 4 batches)
-    reader_threads: int = 4
-    exclude_bos: bool = True
-    skip_nonfinite: bool = False  # drop NaN/Inf rows instead of refusing
-    check_finite: bool = True  # count NaN/Inf rows in one read pass before training (off: found mid-run)
+    layers: list[int] | None = setting(None, "null = harvest.layers", logistics=True)
+    hooks: list[str] | None = setting(None, "null = harvest.hooks", logistics=True)
+    n_latents: int | None = setting(None, "SAE width; null = expansion_factor × d_model")
+    expansion_factor: int = setting(8, "n_latents per d_model, when n_latents is null")
+    k: int = setting(32, "latents kept per token (TopK); at most n_latents")
+    n_tokens: int = setting(10_000_000, "training budget in tokens; more than one epoch of the store is fine")
+    batch_size: int = setting(4096, "tokens per step")
+    lr: float | None = setting(None, "Adam learning rate; null = 2e-4 / sqrt(n_latents / 2**14) (sparsify's rule)")
+    warmup_steps: int = setting(100, "linear lr warmup, capped at a tenth of the run")
+    decay_start: float = setting(0.8, "fraction of the steps after which lr decays linearly to 0")
+    adam_betas: list[float] = setting([0.9, 0.999], "Adam's betas")
+    adam_eps: float = setting(6.25e-10, "Adam's eps (tiny, as in OpenAI's TopK recipe)")
+    dormant_tokens: int | None = setting(None, "a latent silent for this many training tokens is dormant and "
+                                               "trained by AuxK; null = n_tokens / 10, within [4 batches, 10M]")
+    k_aux: int | None = setting(None, "dormant latents AuxK keeps per token; null = the power of two nearest "
+                                      "d_model / 2")
+    aux_alpha: float = setting(1 / 32, "weight of the AuxK loss; 0 = off")
+    b_pre_init: str = setting("geometric_median", "geometric_median, mean or zeros: the decoder bias at the start")
+    init_sample: int = setting(16384, "rows used for b_pre and the scalar normalisation")
+    normalize: str = setting("none", "none, scalar (one factor so the mean row norm is sqrt(d_model); folded "
+                                     "into the saved weights) or layer_norm (per token, applied by encode)")
+    ema_decay: float | None = setting(None, "keep and save an EMA of the weights, e.g. 0.999; null = off")
+    grad_clip: float | None = setting(None, "max global gradient norm; null = off")
+    autocast: str = setting("auto", "dtype of the dense encoder matmul: auto (bf16 on cuda, else fp32), "
+                                    "bf16, fp16, fp32, none (the weights' dtype)")
+    device: str = setting("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:1", logistics=True)
+    backend: str = setting("auto", "who runs the sparse products: auto (triton on cuda, else torch), triton, "
+                                   "torch", logistics=True)
+    seed: int = setting(0, "init, batch order and sampling")
+    eval_fraction: float = setting(0.05, "fraction of the chunks held out for eval")
+    eval_every: int = setting(500, "steps between eval rows in metrics.jsonl", logistics=True)
+    eval_tokens: int = setting(65536, "held-out tokens evaluated", logistics=True)
+    log_every: int = setting(20, "steps between train rows in metrics.jsonl", logistics=True)
+    checkpoint_every: int = setting(200, "steps between checkpoints (an interrupted run resumes from the last)",
+                                    logistics=True)
+    shuffle_chunks: int = setting(8, "chunks mixed at row level (at least enough for 4 batches)")
+    reader_threads: int = setting(4, "threads reading and decompressing chunks", logistics=True)
+    exclude_bos: bool = setting(True, "leave out position 0 when the store prepended BOS (or CLS)")
+    skip_nonfinite: bool = setting(False, "drop rows holding NaN/Inf instead of refusing to train")
+    check_finite: bool = setting(True, "count NaN/Inf rows in one read pass before training (off: found mid-run)",
+                                 logistics=True)
+
+    @property
+    def n_steps(self) -> int:
+        return max(1, self.n_tokens // self.batch_size)
 
     def validate(self, where):
         if self.n_latents is not None:
             _positive(where, "train.n_latents", self.n_latents)
         _positive(where, "train.expansion_factor", self.expansion_factor)
-        if self.k <= 0:
+        if self.k <= 0:  # k <= n_latents needs d_model: train.plan checks it
             raise ConfigError(f"{where}: train.k = {self.k} must be > 0")
-        if self.n_latents is not None and self.k > self.n_latents:
-            raise ConfigError(f"{where}: train.k = {self.k} exceeds train.n_latents = {self.n_latents}")
         _positive(where, "train.n_tokens", self.n_tokens)
         _positive(where, "train.batch_size", self.batch_size)
         if self.lr is not None and not self.lr > 0:
@@ -141,8 +177,8 @@ class TrainConfig:
             raise ConfigError(f"{where}: train.adam_betas = {self.adam_betas} must be two numbers in [0, 1)")
         if not self.adam_eps > 0:
             raise ConfigError(f"{where}: train.adam_eps = {self.adam_eps} must be > 0")
-        if self.dead_tokens is not None:
-            _positive(where, "train.dead_tokens", self.dead_tokens)
+        if self.dormant_tokens is not None:
+            _positive(where, "train.dormant_tokens", self.dormant_tokens)
         if self.k_aux is not None:
             _positive(where, "train.k_aux", self.k_aux)
         if not self.aux_alpha >= 0:
@@ -150,8 +186,8 @@ class TrainConfig:
         _positive(where, "train.init_sample", self.init_sample)
         _choice(where, "train.b_pre_init", self.b_pre_init, ("geometric_median", "mean", "zeros"))
         _choice(where, "train.normalize", self.normalize, ("none", "scalar", "layer_norm"))
-        _choice(where, "train.autocast", self.autocast, ("auto", "bf16", "fp16", "none"))
-        _choice(where, "train.backend", self.backend, ("auto", "triton", "torch"))
+        _choice(where, "train.autocast", self.autocast, ("auto", *dtypes.SHORT_NAMES, "none"))
+        _choice(where, "train.backend", self.backend, BACKENDS)
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"{where}: train.eval_fraction = {self.eval_fraction} must be in [0, 1)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -165,19 +201,19 @@ class TrainConfig:
 
 @dataclass
 class CollateConfig:
-    layers: list[int] | None = None  # default: train.layers, then harvest.layers
-    hooks: list[str] | None = None
-    n_top: int = 50  # largest activations kept per latent, at most one per sequence
-    n_random: int = 20  # uniform sample of positive activations per latent
-    seed: int = 0
-    batch_size: int = 4096  # tokens per encode batch (rounded down to whole sequences)
-    window: int | None = None  # tokens each side of the selected one; None = whole stored sequence
-    hist_bin_width: float = 0.2  # sae-viewer's convention: key = ceil(act / width)
-    hist_max_bins: int = 64  # a latent past the last bin doubles its width (recorded per latent)
-    ultra_rare_density: float = 1e-5  # summary.json counts live latents below this density
-    device: str = "auto"
-    exclude_bos: bool = True
-    reader_threads: int = 4
+    layers: list[int] | None = setting(None, "null = train.layers, then harvest.layers", logistics=True)
+    hooks: list[str] | None = setting(None, "null = train.hooks, then harvest.hooks", logistics=True)
+    n_top: int = setting(50, "largest activations kept per latent, at most one per sequence")
+    n_random: int = setting(20, "uniform sample of positive activations per latent")
+    seed: int = setting(0, "the random sample")
+    batch_size: int = setting(4096, "tokens per encode batch (rounded down to whole sequences)", logistics=True)
+    window: int | None = setting(None, "tokens each side of the selected one; null = the whole stored sequence")
+    hist_bin_width: float = setting(0.2, "activation histogram bin width (sae-viewer's: key = ceil(act / width))")
+    hist_max_bins: int = setting(64, "a latent past the last bin doubles its width (recorded per latent)")
+    ultra_rare_density: float = setting(1e-5, "summary.json counts live latents below this density")
+    device: str = setting("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:1", logistics=True)
+    exclude_bos: bool = setting(True, "leave out position 0 when the store prepended BOS (or CLS)")
+    reader_threads: int = setting(4, "threads reading and decompressing chunks", logistics=True)
 
     def validate(self, where):
         _positive(where, "collate.n_top", self.n_top, minimum=0)
@@ -196,13 +232,12 @@ class CollateConfig:
 
 @dataclass
 class Config:
-    run_dir: str
+    run_dir: str = setting(doc="where the store, SAEs and records go")
     model: ModelConfig
     data: DataConfig
     harvest: HarvestConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     collate: CollateConfig = field(default_factory=CollateConfig)
-
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir)
@@ -217,8 +252,17 @@ class Config:
                     "or a dotted module path inside the block (e.g. mlp.act)"
                 )
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def targets(self, stage: str, layers: list[int] | None = None) -> list[tuple[int, str]]:
+        """The (layer, hook) pairs a stage works on: `--layers` or the stage's own layers/hooks,
+        else those of the stage before it (collate -> train -> harvest), de-duplicated in order."""
+        chain = _FALLBACK[stage]
+        layers = layers or next(s.layers for s in (getattr(self, n) for n in chain) if s.layers)
+        hooks = next(s.hooks for s in (getattr(self, n) for n in chain) if s.hooks)
+        return [(layer, hook) for layer in dict.fromkeys(layers) for hook in dict.fromkeys(hooks)]
+
+
+# Where a stage without its own layers/hooks takes them from (harvest always has both).
+_FALLBACK = {"harvest": ("harvest",), "train": ("train", "harvest"), "collate": ("collate", "train", "harvest")}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -263,7 +307,9 @@ def _apply_override(raw: dict, item: str, where: str):
     parts = key.strip().split(".")
     node = raw
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # absent, or an empty section (`train:`)
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: {p} is not a section")
     try:
@@ -374,3 +420,56 @@ def _positive(where, key, value, minimum=1):
 
 def _is_module_path(hook: str) -> bool:
     return all(part.isidentifier() or part.isdigit() for part in hook.split("."))
+
+
+# --------------------------------------------------------------------------- the reference, generated
+def markdown() -> str:
+    """README's config reference: one table per section, from the fields' docs."""
+    out = ["Keys marked *logistics* change how a run executes, not what it computes: work interrupted or "
+           "finished under another value of them still counts (it is resumed, or kept).",
+           _table(Config, "", skip_sections=True)]
+    for f in dataclasses.fields(Config):
+        section = typing.get_type_hints(Config)[f.name]
+        if dataclasses.is_dataclass(section):
+            out += [f"### `{f.name}:`", _table(section, f.name + ".")]
+    return "\n\n".join(out) + "\n"
+
+
+def _table(cls, prefix: str, skip_sections: bool = False) -> str:
+    hints = typing.get_type_hints(cls)
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        if skip_sections and dataclasses.is_dataclass(hints[f.name]):
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f"`{_yaml(f.default)}`"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f"`{_yaml(f.default_factory())}`"
+        else:
+            default = "required"
+        doc = ("*logistics*: " if f.metadata.get("logistics") else "") + f.metadata.get("doc", "")
+        rows.append(f"| `{prefix}{f.name}` | {default} | {doc} |")
+    return "\n".join(rows)
+
+
+def _yaml(value) -> str:
+    """A default as one would write it in the YAML file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:_}" if value >= 100_000 else str(value)
+    if isinstance(value, float):
+        return f"{value:g}".replace("e-0", "e-")
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml(v) for v in value) + "]"
+    return str(value)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m pipeline.config --markdown   (prints README's config reference tables)")
+    print(markdown(), end="")

@@ -4,22 +4,26 @@ Notation: ``B`` tokens, ``d`` = d_model, ``n`` latents, ``k`` latents per token.
 ``idx`` is an integer tensor ``[B, k]`` (int32 or int64) of latent ids; a latent
 may appear in many rows but at most once per row.
 
-Three kernels, each a Triton kernel with a plain-PyTorch reference beside it
-(the reference is also the CPU production path):
+Three products, each as a raw Triton launcher ``<product>_triton`` and a plain
+PyTorch ``<product>_reference`` (also the production path off CUDA):
 
 * ``decode``        out[b]    = sum_j vals[b,j] * W[idx[b,j]]              -> [B, d]
 * ``gather_dot``    out[b,j]  = <dense[b], W[idx[b,j]]> (+ bias[idx[b,j]])  -> [B, k]
 * ``scatter_outer`` out[m]    = sum_{(b,j): idx[b,j]=m} vals[b,j] * dense[b] -> [n, d]
 
-plus ``scatter_sum`` (the bias gradient, [n]) and two autograd functions that
-wire them together: :func:`decode` and :func:`encode_gather`.
+plus ``scatter_sum`` (the bias gradient, [n]; torch only). None of these take
+part in autograd. The two autograd entry points, which sae.py calls, wire them
+together and pick the backend:
+
+* :func:`decode`        forward decode;     backward gather_dot and scatter_outer
+* :func:`encode_gather` forward gather_dot; backward decode, scatter_outer, scatter_sum
 
 Kernels accumulate in fp32 (fp64 when an input is fp64) and write the output
 dtype (the promoted input dtype, or the dtype a caller asks for).
 
-Backends: ``"torch"`` (references), ``"triton"`` (kernels; on CPU only under
-``TRITON_INTERPRET=1``, for tests), ``"auto"`` = Triton when the tensors live on
-CUDA, else torch.
+Backends (:func:`resolve_backend`, the one place that chooses): ``"torch"``
+(references), ``"triton"`` (kernels; on CPU only under ``TRITON_INTERPRET=1``,
+for tests), ``"auto"`` = Triton on a CUDA device, else torch.
 
 Triton is imported lazily: only when a kernel is first needed is it imported
 and are the kernels handed to ``triton.jit``.  So this module imports where
@@ -36,6 +40,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import UserError
+
 # Bound by _build() on first use; the kernel bodies look `tl` up at compile time.
 triton = None
 tl = None
@@ -43,20 +49,18 @@ tl = None
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # installed (not yet imported)
 
 __all__ = [
+    "BACKENDS",
     "HAS_TRITON",
+    "resolve_backend",
     "decode",
     "encode_gather",
-    "decode_raw",
-    "gather_dot",
-    "scatter_outer",
-    "scatter_sum",
-    "decode_ref",
     "decode_triton",
-    "gather_dot_ref",
+    "decode_reference",
     "gather_dot_triton",
-    "scatter_outer_ref",
+    "gather_dot_reference",
     "scatter_outer_triton",
-    "use_triton",
+    "scatter_outer_reference",
+    "scatter_sum",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -74,22 +78,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
-    """Resolve ``backend`` ("auto" | "triton" | "torch") to True (Triton) or False (torch)."""
+def resolve_backend(backend: str, device: torch.device | str, key: str = "train.backend") -> str:
+    """"torch" or "triton" for work on ``device``; ``key`` names the config entry in errors.
+
+    "auto" is Triton on a CUDA device when Triton builds, else torch. The interpreter is
+    for testing kernels, not for running them: off CUDA "auto" always means torch,
+    whatever TRITON_INTERPRET says, while an explicit "triton" runs under it.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_cuda = torch.device(device).type == "cuda"
     if backend == "torch":
-        return False
-    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+        return "torch"
     if backend == "auto":
-        # The interpreter is for testing kernels, not for running them: on CPU
-        # "auto" always means the torch path, whatever TRITON_INTERPRET says.
-        return on_cuda and _triton_ready()
+        return "triton" if on_cuda and _triton_ready() else "torch"
     if not HAS_TRITON:
-        raise RuntimeError("backend='triton' requested but triton is not installed")
+        raise UserError(f"{key} = triton but triton is not installed; use {key}=torch")
     if not (on_cuda or _interpreting()):
-        raise RuntimeError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
-    return True
+        raise UserError(f"{key} = triton needs a CUDA device (or TRITON_INTERPRET=1 for testing); "
+                        f"use {key}=torch on CPU")
+    return "triton"
 
 
 def _check_idx(idx: torch.Tensor) -> None:
@@ -269,8 +277,13 @@ def _gather_dot_kernel(
 
 @_triton_fn
 def _segmented_add(flag_a, val_a, flag_b, val_b):
-    # Segmented-sum operator for an inclusive scan: a flag marks the first
-    # element of a run, and a flagged right operand restarts the sum.
+    """Combine step of a segmented inclusive sum, for ``tl.associative_scan`` along axis 0.
+
+    Shapes: all four [BLOCK_P, BLOCK_D] (flags int32, values ACC); returns
+    (flag, value) of the same shapes. A flag marks the first element of a run,
+    and a flagged right operand restarts the sum: value = val_b if flag_b else
+    val_a + val_b, flag = flag_a | flag_b.
+    """
     return flag_a | flag_b, tl.where(flag_b != 0, val_b, val_a + val_b)
 
 
@@ -364,9 +377,12 @@ def _scatter_outer_kernel(
 # 1. decode (embedding-bag)
 # --------------------------------------------------------------------------
 
-def decode_ref(idx: torch.Tensor, vals: torch.Tensor, W: torch.Tensor,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Reference decode: out[b] = sum_j vals[b,j] * W[idx[b,j]] -> [B, d] via F.embedding_bag."""
+def decode_reference(idx: torch.Tensor, vals: torch.Tensor, W: torch.Tensor,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """idx [B, k], vals [B, k], W [n, d] -> out [B, d], out[b] = sum_j vals[b,j] * W[idx[b,j]].
+
+    F.embedding_bag in the promoted dtype of vals and W.
+    """
     _check_idx(idx)
     dt = _promote(vals.dtype, W.dtype)
     out_dtype = out_dtype or dt
@@ -379,7 +395,10 @@ def decode_ref(idx: torch.Tensor, vals: torch.Tensor, W: torch.Tensor,
 def decode_triton(idx: torch.Tensor, vals: torch.Tensor, W: torch.Tensor,
                   out_dtype: torch.dtype | None = None, *,
                   block_b: int = 16, block_d: int | None = None, num_warps: int = 8) -> torch.Tensor:
-    """Triton decode: out[b] = sum_j vals[b,j] * W[idx[b,j]] -> [B, d]."""
+    """idx [B, k], vals [B, k], W [n, d] -> out [B, d], out[b] = sum_j vals[b,j] * W[idx[b,j]].
+
+    Launches ``_decode_kernel``.
+    """
     _check_idx(idx)
     B, k = idx.shape
     n, d = W.shape
@@ -401,20 +420,15 @@ def decode_triton(idx: torch.Tensor, vals: torch.Tensor, W: torch.Tensor,
     return out
 
 
-def decode_raw(idx, vals, W, backend: str = "auto", out_dtype=None) -> torch.Tensor:
-    """Decode without autograd, on the chosen backend."""
-    fn = decode_triton if use_triton(backend, idx, vals, W) else decode_ref
-    return fn(idx, vals, W, out_dtype)
-
-
 # --------------------------------------------------------------------------
 # 2. gather_dot (SDDMM at the sparse positions)
 # --------------------------------------------------------------------------
 
-def gather_dot_ref(dense: torch.Tensor, W: torch.Tensor, idx: torch.Tensor,
-                   bias: torch.Tensor | None = None,
-                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Reference: out[b,j] = <dense[b], W[idx[b,j]]> (+ bias[idx[b,j]]) -> [B, k].
+def gather_dot_reference(dense: torch.Tensor, W: torch.Tensor, idx: torch.Tensor,
+                         bias: torch.Tensor | None = None,
+                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dense [B, d], W [n, d], idx [B, k], bias [n] or None -> out [B, k],
+    out[b,j] = <dense[b], W[idx[b,j]]> (+ bias[idx[b,j]]).
 
     Works on row chunks so the gathered [rows, k, d] block stays ~16 MB;
     accumulates in fp32 (fp64 for fp64 inputs).
@@ -440,7 +454,11 @@ def gather_dot_triton(dense: torch.Tensor, W: torch.Tensor, idx: torch.Tensor,
                       bias: torch.Tensor | None = None,
                       out_dtype: torch.dtype | None = None, *,
                       block_p: int = 16, block_d: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """Triton: out[b,j] = <dense[b], W[idx[b,j]]> (+ bias[idx[b,j]]) -> [B, k]."""
+    """dense [B, d], W [n, d], idx [B, k], bias [n] or None -> out [B, k],
+    out[b,j] = <dense[b], W[idx[b,j]]> (+ bias[idx[b,j]]).
+
+    Launches ``_gather_dot_kernel``.
+    """
     _check_idx(idx)
     B, k = idx.shape
     d = W.shape[1]
@@ -470,22 +488,17 @@ def gather_dot_triton(dense: torch.Tensor, W: torch.Tensor, idx: torch.Tensor,
     return out
 
 
-def gather_dot(dense, W, idx, bias=None, backend: str = "auto", out_dtype=None) -> torch.Tensor:
-    """gather_dot without autograd, on the chosen backend."""
-    fn = gather_dot_triton if use_triton(backend, dense, W, idx) else gather_dot_ref
-    return fn(dense, W, idx, bias, out_dtype)
-
-
 # --------------------------------------------------------------------------
 # 3. scatter_outer (sparse^T x dense, the weight gradients) and scatter_sum
 # --------------------------------------------------------------------------
 
-def scatter_outer_ref(idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor, n: int,
-                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Reference: out[m] = sum_{(b,j): idx[b,j]=m} vals[b,j] * dense[b] -> [n, d].
+def scatter_outer_reference(idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor, n: int,
+                            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """idx [B, k], vals [B, k], dense [B, d] -> out [n, d],
+    out[m] = sum_{(b,j): idx[b,j]=m} vals[b,j] * dense[b]; untouched rows are zero.
 
     index_add_ over row chunks (temporaries ~16 MB), accumulating in fp32
-    (fp64 for fp64 inputs); untouched rows are zero.
+    (fp64 for fp64 inputs).
     """
     _check_idx(idx)
     B, k = idx.shape
@@ -502,12 +515,13 @@ def scatter_outer_ref(idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor
 def scatter_outer_triton(idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor, n: int,
                          out_dtype: torch.dtype | None = None, *,
                          block_p: int = 16, block_d: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """Triton: out[m] = sum_{(b,j): idx[b,j]=m} vals[b,j] * dense[b] -> [n, d].
+    """idx [B, k], vals [B, k], dense [B, d] -> out [n, d],
+    out[m] = sum_{(b,j): idx[b,j]=m} vals[b,j] * dense[b]; untouched rows are zero.
 
-    Sorts the flattened (b, j) pairs by latent once, then runs the segment
-    kernel (see ``_scatter_outer_kernel``).  The kernel adds into a zeroed
-    fp32 (fp64) buffer; for another output dtype it is cast at the end, so
-    bf16 weight grads cost one transient fp32 [n, d] buffer.
+    Sorts the flattened (b, j) pairs by latent once, then launches
+    ``_scatter_outer_kernel``, which adds into a zeroed fp32 (fp64) buffer;
+    for another output dtype it is cast at the end, so bf16 weight grads
+    cost one transient fp32 [n, d] buffer.
     """
     _check_idx(idx)
     B, k = idx.shape
@@ -539,15 +553,12 @@ def scatter_outer_triton(idx: torch.Tensor, vals: torch.Tensor, dense: torch.Ten
     return out if out_dtype == acc_t else out.to(out_dtype)
 
 
-def scatter_outer(idx, vals, dense, n: int, backend: str = "auto", out_dtype=None) -> torch.Tensor:
-    """scatter_outer without autograd, on the chosen backend."""
-    fn = scatter_outer_triton if use_triton(backend, idx, vals, dense) else scatter_outer_ref
-    return fn(idx, vals, dense, n, out_dtype)
-
-
 def scatter_sum(idx: torch.Tensor, vals: torch.Tensor, n: int,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Bias-gradient helper: out[m] = sum_{(b,j): idx[b,j]=m} vals[b,j] -> [n] (fp32/fp64 accumulation)."""
+    """idx [B, k], vals [B, k] -> out [n], out[m] = sum_{(b,j): idx[b,j]=m} vals[b,j] (the bias gradient).
+
+    One index_add_ on every backend (it moves B*k numbers); fp32/fp64 accumulation.
+    """
     _check_idx(idx)
     acc_t = _acc_dtype(vals.dtype)
     out = torch.zeros(n, dtype=acc_t, device=vals.device)
@@ -556,48 +567,50 @@ def scatter_sum(idx: torch.Tensor, vals: torch.Tensor, n: int,
 
 
 # --------------------------------------------------------------------------
-# autograd wiring (public API)
+# autograd entry points (public API)
 # --------------------------------------------------------------------------
 
 class _DecodeFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, idx, vals, W, backend):
-        tri = use_triton(backend, idx, vals, W)
-        ctx.backend = "triton" if tri else "torch"
+        ctx.triton = resolve_backend(backend, W.device) == "triton"
         ctx.save_for_backward(idx, vals, W)
-        return (decode_triton if tri else decode_ref)(idx, vals, W)
+        return (decode_triton if ctx.triton else decode_reference)(idx, vals, W)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         idx, vals, W = ctx.saved_tensors
+        gather_dot = gather_dot_triton if ctx.triton else gather_dot_reference
+        scatter_outer = scatter_outer_triton if ctx.triton else scatter_outer_reference
         grad_vals = grad_W = None
         if ctx.needs_input_grad[1]:
-            grad_vals = gather_dot(g, W, idx, backend=ctx.backend, out_dtype=vals.dtype)
+            grad_vals = gather_dot(g, W, idx, out_dtype=vals.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W = scatter_outer(idx, vals, g, W.shape[0], backend=ctx.backend, out_dtype=W.dtype)
+            grad_W = scatter_outer(idx, vals, g, W.shape[0], out_dtype=W.dtype)
         return None, grad_vals, grad_W, None
 
 
 class _EncodeGatherFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_c, W, b, idx, backend):
-        tri = use_triton(backend, x_c, W, idx)
-        ctx.backend = "triton" if tri else "torch"
+        ctx.triton = resolve_backend(backend, W.device) == "triton"
         ctx.save_for_backward(x_c, W, idx)
         ctx.b_dtype = None if b is None else b.dtype
-        return (gather_dot_triton if tri else gather_dot_ref)(x_c, W, idx, b)
+        return (gather_dot_triton if ctx.triton else gather_dot_reference)(x_c, W, idx, b)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x_c, W, idx = ctx.saved_tensors
+        decode = decode_triton if ctx.triton else decode_reference
+        scatter_outer = scatter_outer_triton if ctx.triton else scatter_outer_reference
         n = W.shape[0]
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = decode_raw(idx, g, W, backend=ctx.backend, out_dtype=x_c.dtype)
+            grad_x = decode(idx, g, W, out_dtype=x_c.dtype)
         if ctx.needs_input_grad[1]:
-            grad_W = scatter_outer(idx, g, x_c, n, backend=ctx.backend, out_dtype=W.dtype)
+            grad_W = scatter_outer(idx, g, x_c, n, out_dtype=W.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = scatter_sum(idx, g, n, out_dtype=ctx.b_dtype)
         return grad_x, grad_W, grad_b, None, None
@@ -605,10 +618,11 @@ class _EncodeGatherFn(torch.autograd.Function):
 
 def decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor,
            backend: str = "auto") -> torch.Tensor:
-    """x_hat[b] = sum_j vals[b,j] * W_dec[idx[b,j]] -> [B, d], differentiable in vals and W_dec.
+    """idx [B, k], vals [B, k], W_dec [n, d] -> x_hat [B, d], x_hat[b] = sum_j vals[b,j] * W_dec[idx[b,j]];
+    differentiable in vals and W_dec.
 
-    Backward: grad_vals = gather_dot(grad, W_dec, idx);
-    grad_W_dec = scatter_outer(idx, vals, grad, n) (only touched rows nonzero).
+    Backward given g [B, d]: grad_vals = gather_dot(g, W_dec, idx);
+    grad_W_dec = scatter_outer(idx, vals, g, n) (only touched rows nonzero).
     """
     _check_idx(idx)
     return _DecodeFn.apply(idx, vals, W_dec, backend)
@@ -616,7 +630,9 @@ def decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor,
 
 def encode_gather(x_c: torch.Tensor, W_enc: torch.Tensor, b_lat: torch.Tensor | None,
                   idx: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """pre[b,j] = <x_c[b], W_enc[idx[b,j]]> + b_lat[idx[b,j]] -> [B, k], differentiable in x_c, W_enc, b_lat.
+    """x_c [B, d], W_enc [n, d], b_lat [n] or None, idx [B, k] -> pre [B, k],
+    pre[b,j] = <x_c[b], W_enc[idx[b,j]]> + b_lat[idx[b,j]] (gather_dot); differentiable
+    in x_c, W_enc and b_lat.
 
     The caller picks ``idx`` (e.g. top-k of a dense z computed under no_grad)
     and applies relu afterwards.  Backward given g [B, k]:

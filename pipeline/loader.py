@@ -60,13 +60,18 @@ class Cursor:
         return [self.epoch, self.window, self.offset]
 
 
+def excludes_bos(store: ActivationStore, exclude_bos: bool) -> bool:
+    """Position 0 of every stored sequence holds BOS (or [CLS]) and the config leaves it out."""
+    return exclude_bos and bool(store.attrs.get("prepend_bos", False))
+
+
 class RowFilter:
     """Which rows of a chunk may be trained on: not BOS (when excluded), finite."""
 
     def __init__(self, store: ActivationStore, layer: int, hook: str, exclude_bos: bool, skip_nonfinite: bool):
         self.ctx = store.context_size
         self.chunk_rows = store.chunk_rows(layer, hook)
-        self.drop_bos = exclude_bos and bool(store.attrs.get("prepend_bos", False))
+        self.drop_bos = excludes_bos(store, exclude_bos)
         self.skip_nonfinite = skip_nonfinite
         self.where = f"layer {layer} {hook}"
         self.nonfinite: dict[int, int] = {}  # chunk -> rows dropped (a chunk is read once per epoch)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline import dtypes
 from pipeline.errors import UserError
 
 # Tried in order inside a block; the first that exists wins. Post-LN models
@@ -30,7 +31,6 @@ _SUBLAYERS = {
     "attn_out": ("attention.output.dense", "self_attn", "attn", "attention", "self_attention", "mixer"),
     "mlp_out": ("mlp", "feed_forward", "ffn", "output.dense"),
 }
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(device: str, key: str = "model.device") -> torch.device:
@@ -158,7 +158,7 @@ def load_model(name: str, revision: str, dtype: str, device: str):
 
     dev = resolve_device(device)  # before the slow load
     tokenizer = load_tokenizer(name, revision)
-    model = _from_pretrained(AutoModel, name, revision, "model", dtype=_DTYPES[dtype])
+    model = _from_pretrained(AutoModel, name, revision, "model", dtype=dtypes.torch_dtype(dtype))
     return model.to(dev).eval(), tokenizer
 
 
@@ -217,6 +217,17 @@ def hook_module(block: nn.Module, hook: str, layer: int) -> nn.Module:
     )
 
 
+def resolve_hook_points(model: nn.Module, points: list[tuple[int, str]]) -> dict[tuple[int, str], nn.Module]:
+    """The module behind each (layer, hook); a layer out of range or a hook a block lacks is
+    refused in one line, so harvest calls this before it writes anything."""
+    blocks = find_blocks(model)
+    n = len(blocks)
+    for layer, _ in points:
+        if not 0 <= layer < n:
+            raise UserError(f"layer {layer} is out of range: {type(model).__name__} has layers 0..{n - 1}")
+    return {(layer, hook): hook_module(blocks[layer], hook, layer) for layer, hook in points}
+
+
 class _StopForward(Exception):
     """Raised in the deepest block's hook: nothing after it is needed."""
 
@@ -229,14 +240,9 @@ class ActivationCapture:
 
     def __init__(self, model: nn.Module, points: list[tuple[int, str]]):
         self.model = model
-        self.blocks = find_blocks(model)
-        n = len(self.blocks)
-        for layer, _ in points:
-            if not 0 <= layer < n:
-                raise UserError(f"layer {layer} is out of range: {type(model).__name__} has layers 0..{n - 1}")
-        self.points = list(points)
-        self.modules = {(l, h): hook_module(self.blocks[l], h, l) for l, h in self.points}
-        self.deepest = max(l for l, _ in self.points)
+        self.modules = resolve_hook_points(model, points)
+        self.points = list(self.modules)
+        self.deepest = find_blocks(model)[max(layer for layer, _ in self.points)]
 
     @contextmanager
     def _hooks(self, out: dict):
@@ -255,7 +261,7 @@ class ActivationCapture:
             raise _StopForward
 
         # Registered last so every capture on the deepest block has run first.
-        handles.append(self.blocks[self.deepest].register_forward_hook(stop))
+        handles.append(self.deepest.register_forward_hook(stop))
         try:
             yield
         finally:
@@ -276,11 +282,3 @@ class ActivationCapture:
         if missing:
             raise UserError(f"hooks {missing} did not fire; the module path may not be on the forward path")
         return out
-
-
-def model_d_model(model: nn.Module) -> int:
-    cfg = model.config
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        if getattr(cfg, attr, None):
-            return int(getattr(cfg, attr))
-    raise UserError(f"cannot tell d_model of {type(model).__name__}")

@@ -3,6 +3,7 @@
     <run_dir>/activations.zarr            harvest (pipeline.store)
     <run_dir>/saes/<layer>/<hook>/        train: one SAE, `done` marker last
     <run_dir>/records/<layer>/<hook>/     collate: records and viewer, `done` marker last
+    <run_dir>/records/index.html          collate: links every layer's viewer
 """
 
 from __future__ import annotations
@@ -17,4 +18,9 @@ def sae_dir(run_dir, layer: int, hook: str) -> Path:
 
 
 def records_dir(run_dir, layer: int, hook: str) -> Path:
-    return Path(run_dir) / "records" / str(layer) / hook
+    return records_root(run_dir) / str(layer) / hook
+
+
+def records_root(run_dir) -> Path:
+    """Every layer's records; holds the index page linking their viewers."""
+    return Path(run_dir) / "records"

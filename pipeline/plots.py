@@ -1,122 +1,142 @@
-"""Two tiny SVG charts with no plotting library: a line plot and a histogram.
+"""The pictures a finished SAE folder holds: the loss curves and the feature-density histogram.
 
-Enough to eyeball a loss curve and a feature-density histogram in a browser
-or a file viewer; not a general plotting tool.
+Drawn with matplotlib, the field's standard, as PNG (to look at) and SVG (to
+zoom into). Figures go through the Agg canvas directly, never pyplot: no
+display is needed and a caller's own matplotlib backend is left alone.
 """
 
 from __future__ import annotations
 
+import io
 import math
-from html import escape
 from pathlib import Path
+
+import numpy as np
+from matplotlib import rc_context, ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from pipeline import fsio
 
-W, H = 640, 400
-LEFT, RIGHT, TOP, BOTTOM = 70, 20, 40, 50
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+FORMATS = ("png", "svg")
+DPI = 120
 
 
-def line_plot(path, series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str,
-              ylabel: str, log_y: bool = False):
-    """One polyline per named series of (xs, ys); non-finite (or, with log_y, non-positive) points skipped."""
-    def ok(y):
-        return math.isfinite(y) and (y > 0 or not log_y)
-
-    pts = {name: [(x, math.log10(y) if log_y else y) for x, y in zip(xs, ys) if ok(y) and math.isfinite(x)]
-           for name, (xs, ys) in series.items()}
-    allp = [p for ps in pts.values() for p in ps]
-    if not allp:
-        allp = [(0.0, 0.0)]
-    x0, x1 = _span([p[0] for p in allp])
-    y0, y1 = _span([p[1] for p in allp])
-    parts = _frame(title, xlabel, ylabel + (" (log scale)" if log_y else ""))
-    parts += _axes(x0, x1, y0, y1, y_fmt=(lambda v: f"{10 ** v:.3g}") if log_y else _fmt)
-    for i, (name, ps) in enumerate(pts.items()):
-        color = COLORS[i % len(COLORS)]
-        if len(ps) == 1:
-            x, y = _sx(ps[0][0], x0, x1), _sy(ps[0][1], y0, y1)
-            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>')
-        elif ps:
-            coords = " ".join(f"{_sx(x, x0, x1):.1f},{_sy(y, y0, y1):.1f}" for x, y in ps)
-            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{coords}"/>')
-        parts.append(f'<text x="{W - RIGHT - 150}" y="{TOP + 16 + 16 * i}" fill="{color}" '
-                     f'font-size="12">{escape(name)}</text>')
-    _write(path, parts)
+def loss_figure(folder, rows: list[dict], title: str) -> list[Path]:
+    """loss.png and loss.svg from metrics.jsonl rows; returns their paths."""
+    return _save(draw_loss(rows, title), Path(folder), "loss")
 
 
-def histogram(path, values: list[float], bins: int, title: str, xlabel: str, lo: float | None = None,
-              hi: float | None = None, note: str = ""):
-    """Counts of `values` in `bins` equal bins over [lo, hi] (default: their range)."""
-    vals = [v for v in values if math.isfinite(v)]
-    lo = min(vals, default=0.0) if lo is None else lo
-    hi = max(vals, default=1.0) if hi is None else hi
-    if hi <= lo:
-        hi = lo + 1.0
-    counts = [0] * bins
-    for v in vals:
-        if lo <= v <= hi:
-            counts[min(bins - 1, int((v - lo) / (hi - lo) * bins))] += 1
-    top = max(counts, default=0) or 1
-    parts = _frame(title, xlabel, "count")
-    parts += _axes(lo, hi, 0, top)
-    bw = (W - LEFT - RIGHT) / bins
-    for i, c in enumerate(counts):
-        if c:
-            y = _sy(c, 0, top)
-            parts.append(f'<rect x="{LEFT + i * bw:.1f}" y="{y:.1f}" width="{max(bw - 1, 0.5):.1f}" '
-                         f'height="{H - BOTTOM - y:.1f}" fill="{COLORS[0]}"/>')
-    if note:
-        parts.append(f'<text x="{LEFT + 8}" y="{TOP + 16}" font-size="12">{escape(note)}</text>')
-    _write(path, parts)
+def density_figure(folder, density, n_tokens: int, title: str) -> list[Path]:
+    """density.png and density.svg: a histogram of log10 feature density; returns their paths.
+
+    density[i] is the fraction of the n_tokens tokens on which latent i fired.
+    """
+    return _save(draw_density(density, n_tokens, title), Path(folder), "density")
 
 
-# ---- drawing helpers
-def _span(vs):
-    a, b = min(vs), max(vs)
-    if b - a < 1e-12 * max(1.0, abs(a)):
-        a, b = a - 0.5, b + 0.5
-    return a, b
+def draw_loss(rows: list[dict], title: str) -> Figure:
+    """FVU (train and eval) on a log axis above; the AuxK loss on its own linear axis below.
+
+    The AuxK loss is a different quantity (often exactly 0 while no latent is
+    dormant), so it never shares the FVU axis. A series with no finite point
+    gets neither a line nor a legend entry.
+    """
+    train = [r for r in rows if r.get("split") == "train"]
+    evals = [r for r in rows if r.get("split") == "eval"]
+    fvu = [("train", _series(train, "fvu", positive=True), "-"),
+           ("eval", _series(evals, "fvu", positive=True), "o-")]
+    aux = _series(train, "aux_loss")
+
+    fig = Figure(figsize=(7, 6.5 if aux[0] else 4.5), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    if aux[0]:
+        ax, ax_aux = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    else:
+        ax, ax_aux = fig.subplots(1, 1), None
+    fig.suptitle(title)
+
+    for label, (xs, ys), style in fvu:
+        if xs:
+            ax.plot(xs, ys, style, label=label, markersize=3)
+    ax.set_yscale("log")
+    _plain_log_labels(ax)
+    ax.set_ylabel("FVU (fraction of variance unexplained)")
+    ax.grid(True, which="major", alpha=0.4)
+    ax.grid(True, which="minor", alpha=0.15)
+    if ax.lines:
+        # Down to the decade below the lowest point, so a round major tick (0.1, 0.01) is always in view.
+        low = min(min(ys) for _, (xs, ys), _ in fvu if xs)
+        ax.set_ylim(bottom=10 ** math.floor(math.log10(low)))
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no finite FVU logged", transform=ax.transAxes, ha="center", va="center")
+
+    if ax_aux is not None:
+        ax_aux.plot(*aux, "-", color="C2")
+        ax_aux.set_ylabel("AuxK loss (train)")
+        ax_aux.grid(True, alpha=0.4)
+        ax_aux.set_ylim(bottom=0)
+    bottom = ax if ax_aux is None else ax_aux
+    bottom.set_xlabel("training tokens")
+    bottom.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
+    return fig
 
 
-def _sx(x, x0, x1):
-    return LEFT + (x - x0) / (x1 - x0) * (W - LEFT - RIGHT)
+def draw_density(density, n_tokens: int, title: str) -> Figure:
+    """Histogram of log10(density) over latents that fired; the dead count written on it."""
+    d = np.asarray(density.detach().cpu() if hasattr(density, "detach") else density, dtype=np.float64)
+    live = d[d > 0]
+    dead = int((d == 0).sum())
+    # The rarest a live latent can be is one token in n_tokens: the left edge, a whole decade.
+    lo = math.floor(math.log10(1 / max(n_tokens, 1)))
+    if live.size:
+        lo = min(lo, math.floor(np.log10(live.min())))
+
+    fig = Figure(figsize=(7, 4.5), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.hist(np.log10(live), bins=np.linspace(lo, 0, 51), color="C0")
+    ax.set_xlim(lo, 0)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+    ax.set_xlabel("log10(fraction of tokens the latent fires on)")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{title}\n{dead} of {d.size} latents dead (never fired on these {n_tokens} tokens)")
+    ax.grid(True, axis="y", alpha=0.4)
+    return fig
 
 
-def _sy(y, y0, y1):
-    return H - BOTTOM - (y - y0) / (y1 - y0) * (H - TOP - BOTTOM)
+def _plain_log_labels(ax):
+    """Log-axis labels as plain decimals (0.1, 0.2, 0.5), and the in-between ones only when few decades show."""
+    def minor(v, _):
+        lo, hi = ax.get_ylim()
+        decades = math.log10(hi / lo) if lo > 0 and hi > lo else 99
+        mantissa = round(v / 10 ** math.floor(math.log10(v) + 1e-9))
+        keep = (2, 3, 4, 6) if decades <= 1.2 else (2, 5) if decades <= 2.5 else ()
+        return f"{v:g}" if mantissa in keep else ""
+
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(minor))
 
 
-def _fmt(v):
-    return f"{v:.3g}"
+def _series(rows, key, positive=False):
+    """(tokens, values) of the rows whose value is finite (and > 0 for a log axis)."""
+    pts = [(r["tokens"], r[key]) for r in rows
+           if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and (r[key] > 0 or not positive)]
+    return [x for x, _ in pts], [y for _, y in pts]
 
 
-def _frame(title, xlabel, ylabel):
-    return [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
-        'font-family="sans-serif">',
-        f'<rect width="{W}" height="{H}" fill="white"/>',
-        f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>',
-        f'<text x="{W / 2}" y="{H - 10}" text-anchor="middle" font-size="12">{escape(xlabel)}</text>',
-        f'<text x="16" y="{H / 2}" text-anchor="middle" font-size="12" '
-        f'transform="rotate(-90 16 {H / 2})">{escape(ylabel)}</text>',
-    ]
+def _save(fig: Figure, folder: Path, stem: str) -> list[Path]:
+    paths = []
+    for fmt in FORMATS:
+        buf = io.BytesIO()
+        # A fixed id salt and no date: the same figure gives the same bytes, run after run.
+        # SVG text stays text (searchable, a third the size) instead of glyph outlines.
+        with rc_context({"svg.hashsalt": "saepipe", "svg.fonttype": "none"}):
+            fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else {"Software": None})
+        path = folder / f"{stem}.{fmt}"
+        fsio.write_atomic(path, buf.getvalue())
+        paths.append(path)
+    return paths
 
-
-def _axes(x0, x1, y0, y1, x_fmt=_fmt, y_fmt=_fmt, ticks=5):
-    out = [f'<polyline fill="none" stroke="black" points="{LEFT},{TOP} {LEFT},{H - BOTTOM} '
-           f'{W - RIGHT},{H - BOTTOM}"/>']
-    for i in range(ticks + 1):
-        xv, yv = x0 + (x1 - x0) * i / ticks, y0 + (y1 - y0) * i / ticks
-        x, y = _sx(xv, x0, x1), _sy(yv, y0, y1)
-        out.append(f'<line x1="{x:.1f}" y1="{H - BOTTOM}" x2="{x:.1f}" y2="{H - BOTTOM + 4}" stroke="black"/>')
-        out.append(f'<text x="{x:.1f}" y="{H - BOTTOM + 17}" text-anchor="middle" font-size="11">'
-                   f'{escape(x_fmt(xv))}</text>')
-        out.append(f'<line x1="{LEFT - 4}" y1="{y:.1f}" x2="{W - RIGHT}" y2="{y:.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{LEFT - 7}" y="{y + 4:.1f}" text-anchor="end" font-size="11">'
-                   f'{escape(y_fmt(yv))}</text>')
-    return out
-
-
-def _write(path, parts):
-    fsio.write_atomic(Path(path), "\n".join(parts + ["</svg>"]) + "\n")

@@ -7,7 +7,7 @@
 Training picks `idx` from `z` without a graph, then recomputes the k chosen
 pre-activations with `encode_gather`, so autograd only ever sees [B, k]
 tensors and the sparse kernels in `pipeline.kernels` do every backward product.
-AuxK does the same with the top `k_aux` dead latents.
+AuxK does the same with the top `k_aux` dormant latents.
 
 A saved SAE folder holds `sae.safetensors` (W_enc [n, d], b_lat [n],
 W_dec [n, d], b_pre [d]), `cfg.json`, and last the marker `done` (the
@@ -31,7 +31,6 @@ from torch import nn
 
 from pipeline import fsio
 from pipeline.errors import UserError
-from pipeline.fsio import no_interrupt
 from pipeline.paths import DONE
 
 WEIGHTS = "sae.safetensors"
@@ -43,14 +42,12 @@ class TrainOutput(NamedTuple):
     x_hat: torch.Tensor  # [B, d] reconstruction, in the (normalised) training space
     idx: torch.Tensor  # [B, k]
     vals: torch.Tensor  # [B, k], differentiable
-    aux_hat: torch.Tensor | None  # [B, d] dead latents' reconstruction of the residual (no b_pre)
+    aux_hat: torch.Tensor | None  # [B, d] dormant latents' reconstruction of the residual (no b_pre)
 
 
 class TopKSAE(nn.Module):
     def __init__(self, d_in: int, n_latents: int, k: int, normalize: str = "none", backend: str = "auto"):
         super().__init__()
-        if not 0 < k <= n_latents:
-            raise UserError(f"k = {k} must be in 1..n_latents = {n_latents}")
         self.d_in, self.n_latents, self.k = d_in, n_latents, k
         self.normalize = normalize  # what encode() does to its input: none | layer_norm
         self.backend = backend
@@ -116,12 +113,12 @@ class TopKSAE(nn.Module):
         vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend))
         return self.decode(idx, vals), idx, vals, z
 
-    def forward_train(self, x: torch.Tensor, dead: torch.Tensor | None = None, k_aux: int = 0,
+    def forward_train(self, x: torch.Tensor, dormant: torch.Tensor | None = None, k_aux: int = 0,
                       matmul_dtype: torch.dtype | None = None) -> TrainOutput:
         """One training forward on already-normalised x [B, d].
 
-        `dead` [n] bool marks latents eligible for AuxK; `k_aux` of them (the
-        caller caps it at the number dead) are kept per token. Only the dense
+        `dormant` [n] bool marks latents eligible for AuxK; `k_aux` of them (the
+        caller caps it at the number dormant) are kept per token. Only the dense
         z matmul runs in `matmul_dtype` (bf16 on GPU): the gathers recompute
         the chosen pre-activations in full precision.
         """
@@ -135,9 +132,9 @@ class TopKSAE(nn.Module):
                 z = torch.addmm(self.b_lat, x_c, self.W_enc.T)
             idx = z.topk(self.k, dim=-1, sorted=False).indices
             aux_idx = None
-            if dead is not None and k_aux > 0:
-                # z is dead weight from here on: mask it in place rather than copy [B, n]
-                aux_idx = z.masked_fill_(~dead, -math.inf).topk(k_aux, dim=-1, sorted=False).indices
+            if dormant is not None and k_aux > 0:
+                # z is not needed past this point: mask it in place rather than copy [B, n]
+                aux_idx = z.masked_fill_(~dormant, -math.inf).topk(k_aux, dim=-1, sorted=False).indices
             del z
         vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend))
         x_hat = decode(idx, vals, self.W_dec, backend=self.backend) + self.b_pre
@@ -196,7 +193,7 @@ class TopKSAE(nn.Module):
         blob = safetensors.torch.save(tensors)
         # The old marker goes first, so a kill mid-save leaves a folder that is not done;
         # Ctrl-C waits until the marker is written.
-        with no_interrupt():
+        with fsio.no_interrupt():
             (folder / DONE).unlink(missing_ok=True)
             fsio.write_atomic(folder / WEIGHTS, blob)
             fsio.write_atomic(folder / "cfg.json", json.dumps(cfg, indent=2))
@@ -207,8 +204,11 @@ class TopKSAE(nn.Module):
     @classmethod
     def load(cls, folder, device="cpu", backend: str = "auto") -> "TopKSAE":
         """The SAE in a finished folder; UserError (one line, how to fix) for anything less."""
+        from pipeline.kernels import resolve_backend
+
         folder = Path(folder)
         blob, cfg = _read_checked(folder)
+        backend = resolve_backend(backend, device, key="backend")
         try:
             sae = cls(cfg["d_in"], cfg["n_latents"], cfg["k"], cfg.get("normalize", "none"), backend=backend)
             sae.load_state_dict(safetensors.torch.load(blob))

@@ -39,13 +39,12 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from pipeline import dtypes
 from pipeline.errors import UserError
 from pipeline.fsio import fsync_dir, fsync_file
 
 STORE_NAME = "activations.zarr"
 REPAIR_HINT = "rewrite the bad chunks with `saepipe harvest CONFIG --repair` (CONFIG: this run's config)"
-_NUMPY_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
-_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def store_path(run_dir) -> Path:
@@ -74,18 +73,14 @@ def default_chunk_rows(d_model: int, itemsize: int, context_size: int) -> int:
 
 
 def to_storage(x: torch.Tensor, logical_dtype: str) -> np.ndarray:
-    """Cast a tensor to the logical dtype and return the numpy array to store."""
-    x = x.to(_TORCH_DTYPE[logical_dtype]).contiguous().cpu()
-    if logical_dtype == "bfloat16":
-        return x.view(torch.uint16).numpy()
-    return x.numpy()
+    """`x` cast to the logical dtype, as the numpy array the store writes (bfloat16: its bits)."""
+    dt = dtypes.lookup(logical_dtype)
+    return x.to(dt.torch).contiguous().cpu().view(dt.stored).numpy()
 
 
 def from_storage(a: np.ndarray, logical_dtype: str) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if logical_dtype == "bfloat16":
-        return t.view(torch.bfloat16)
-    return t
+    """What `to_storage` wrote, back as a CPU tensor of the logical dtype (bit-exact)."""
+    return torch.from_numpy(np.ascontiguousarray(a)).view(dtypes.torch_dtype(logical_dtype))
 
 
 # ---- chunks as the store sees them (arrays are chunked along rows only)
@@ -208,9 +203,8 @@ class ChunkError(UserError):
     """A chunk that is missing or corrupt: the store is damaged."""
 
     def __init__(self, store_dir: Path, arr: zarr.Array, c: int, problem: str):
-        self.array, self.chunk, self.problem = arr.store_path.path, c, problem
         super().__init__(
-            f"{store_dir}: array {self.array} chunk {c} is {problem} ({chunk_location(arr, c)}); "
+            f"{store_dir}: array {arr.store_path.path} chunk {c} is {problem} ({chunk_location(arr, c)}); "
             f"{REPAIR_HINT}, and check the whole store with `saepipe verify {store_dir.parent}`"
         )
 
@@ -219,7 +213,6 @@ class MetadataError(UserError):
     """An array whose zarr.json cannot be read."""
 
     def __init__(self, store_dir: Path, name: str, err: Exception):
-        self.name = name
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
         super().__init__(f"{store_dir}: the metadata of {name} ({store_dir / name / 'zarr.json'}) cannot be read "
                          f"({why}); {REPAIR_HINT}")
@@ -335,9 +328,6 @@ class ActivationStore:
             )
         return arr
 
-    def logical_dtype(self, layer: int, hook: str) -> str:
-        return self.array(layer, hook, False).attrs["logical_dtype"]
-
     def d_model(self, layer: int, hook: str) -> int:
         return int(self.array(layer, hook, False).shape[1])
 
@@ -406,7 +396,7 @@ class ActivationStore:
         n_rows = self.tokens_shape[0] * self.context_size
         arr = self.group.create_array(
             array_name(layer, hook), shape=(n_rows, d_model), chunks=(chunk_rows, d_model),
-            dtype=_NUMPY_DTYPE[logical_dtype], compressors=compressors_for(codec),
+            dtype=dtypes.storage_dtype(logical_dtype), compressors=compressors_for(codec),
             config={"write_empty_chunks": True}, overwrite=True,
             attributes={"layer": layer, "hook": hook, "logical_dtype": logical_dtype, "codec": codec,
                         "d_model": d_model, "complete": False, **attrs},
@@ -461,8 +451,7 @@ def write_synthetic(run_dir, acts: torch.Tensor, tokens: np.ndarray, layer: int 
             "n_tokens": n_seq * ctx, "prepend_bos": False, "dataset": {"path": "synthetic"},
             "tokenizer": "synthetic"}
     store = create_store(run_dir, {**base, **(attrs or {})})
-    itemsize = 4 if storage_dtype == "float32" else 2
-    chunk_rows = chunk_rows or default_chunk_rows(acts.shape[1], itemsize, ctx)
+    chunk_rows = chunk_rows or default_chunk_rows(acts.shape[1], dtypes.itemsize(storage_dtype), ctx)
     tok = store.create_tokens(n_seq, chunk_rows // ctx)
     tok[:] = tokens.astype(np.int32)
     tok.attrs["complete"] = True

@@ -1,31 +1,33 @@
-"""Train one TopK SAE on one (layer, hook) of the activation store.
+"""Train one TopK SAE per (layer, hook) of the activation store.
 
 `plan()` resolves and checks everything first (widths, k, the store, NaN/Inf
 rows, an earlier run in the output folder), so bad input fails before a byte
-is written. `train()` then runs the recipe of DESIGN.md:
+is written. `run()` then takes every SAE's lock and `train()`s each by the
+recipe of DESIGN.md:
 
     loss = ||x - x_hat||^2 / ||x - mean(x)||^2  +  aux_alpha * AuxK
     Adam (tiny eps), lr warmup then linear decay, decoder rows kept unit-norm
     (parallel gradient removed before the step, rows renormalised after it),
     tied init, b_pre from the geometric median of a sample.
 
-Everything a step depends on (weights, Adam state, EMA, dead counters, the
-loader cursor) is checkpointed atomically, and batches are a pure function of
+AuxK trains the dormant latents (silent for the last `dormant_tokens` training
+tokens) to predict what the live ones missed. Everything a step depends on is
+one `TrainState`, checkpointed atomically, and batches are a pure function of
 (seed, step), so a killed run resumes to the same weights as an unbroken one.
 
 The folders of one SAE (`pipeline.paths.sae_dir`, called `out` here):
 
-    <out>.partial/   the work: checkpoint.pt, metrics.jsonl; at the end loss.svg,
-                     density.svg, then sae.save() (sae.safetensors, cfg.json, and
-                     LAST the `done` marker); then the checkpoint is dropped and
+    <out>.partial/   the work: checkpoint.pt, metrics.jsonl; at the end the loss
+                     and density figures, then sae.save() (sae.safetensors,
+                     cfg.json, and LAST the `done` marker); then the checkpoint
+                     is dropped and
     <out>/           the finished SAE takes the name by fsio.swap_dir, which keeps
                      the old one until the new one holds the name.
 
 So `<out>` is always a complete SAE or absent, --force never loses the old one
 before the new exists, and state is read from the markers alone:
 `.partial` with `done` = finished, only the swap remains; `.partial` with a
-checkpoint of this config = resume; anything else = start over. The caller
-holds the SAE's lock (`lock`) while training.
+checkpoint of this config = resume; anything else = start over.
 """
 
 from __future__ import annotations
@@ -33,10 +35,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,33 +45,35 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline import fsio, plots
-from pipeline.config import Config
+from pipeline import dtypes, fsio, plots
+from pipeline.config import Config, TrainConfig, logistics
 from pipeline.errors import UserError
-from pipeline.model import resolve_device
+from pipeline.kernels import resolve_backend
 from pipeline.loader import (BatchLoader, Cursor, RowFilter, count_nonfinite, derive_seed, eval_rows,
                              split_chunks, trainable_rows)
+from pipeline.model import resolve_device
 from pipeline.paths import DONE, sae_dir
 from pipeline.sae import TopKSAE, saved_cfg
 from pipeline.store import ActivationStore
 
 CHECKPOINT = "checkpoint.pt"
 # A finished SAE folder holds exactly these (DONE written last, by TopKSAE.save).
-OUTPUTS = ("metrics.jsonl", "loss.svg", "density.svg", "sae.safetensors", "cfg.json", DONE)
-# Keys of the train config that change how or where a run executes, not what it computes:
-# a run may resume with different values of these.
-_LOGISTICS = ("layers", "hooks", "device", "backend", "eval_every", "eval_tokens", "log_every",
-              "checkpoint_every", "reader_threads", "check_finite")
+OUTPUTS = ("metrics.jsonl", "loss.png", "loss.svg", "density.png", "density.svg", "sae.safetensors", "cfg.json",
+           DONE)
+# What a resume must match: the train config but its logistics, and expansion_factor (folded into n_latents).
+_NOT_FINGERPRINTED = {*logistics(TrainConfig), "expansion_factor"}
 
 
 @dataclass
 class Plan:
+    store: ActivationStore
     layer: int
     hook: str
     out: Path
     status: str  # done | finish (only the swap remains) | resume | fresh
     force: bool
-    hparams: dict  # the train config with every default resolved (n_latents, lr, k_aux, dead_tokens, ...)
+    tc: TrainConfig  # every default resolved: n_latents, lr, k_aux, dormant_tokens, backend
+    d_in: int
     fingerprint: dict  # what must match for a resume
     device: torch.device
     matmul_dtype: torch.dtype | None
@@ -87,6 +90,9 @@ class Plan:
     def work(self) -> Path:
         return partial_dir(self.out)
 
+    def row_filter(self) -> RowFilter:
+        return RowFilter(self.store, self.layer, self.hook, self.tc.exclude_bos, self.tc.skip_nonfinite)
+
 
 def partial_dir(out: Path) -> Path:
     """Where the SAE of `out` is trained until it is finished and swapped in."""
@@ -98,45 +104,64 @@ def lock(run_dir, layer: int, hook: str):
     return fsio.run_lock(run_dir, f"train.{layer}.{hook}", f"layer {layer} {hook} of {run_dir}")
 
 
-# --------------------------------------------------------------------------- planning
-def plan(cfg: Config, store: ActivationStore, layer: int, hook: str, force: bool = False) -> Plan:
+# --------------------------------------------------------------------------- plan and run
+def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> list[Plan]:
+    """Every SAE to train, planned and checked before any is trained."""
+    store = ActivationStore(cfg.run_dir)
+    return [plan_sae(cfg, store, layer, hook, force) for layer, hook in cfg.targets("train", layers)]
+
+
+def run(cfg: Config, layers: list[int] | None = None, force: bool = False, progress: bool = True) -> dict:
+    """Train (or resume, or finish) the SAEs of the config; returns {(layer, hook): cfg.json}.
+    Every lock is taken before any SAE is trained: a concurrent train is refused now, not halfway."""
+    todo, trained = [], {}
+    for p in plan(cfg, layers, force):
+        if p.status == "done" and p.out.exists():
+            print(f"train: {p.name}: already trained in {p.out}; skipping (--force retrains it)")
+        else:  # to train, or a finished SAE whose swap a kill cut short: only under its lock
+            todo.append(p)
+    with ExitStack() as locks:
+        for p in todo:
+            locks.enter_context(lock(cfg.run_dir, p.layer, p.hook))
+        for p in todo:
+            trained[(p.layer, p.hook)] = train(p, progress=progress)
+    return trained
+
+
+def plan_sae(cfg: Config, store: ActivationStore, layer: int, hook: str, force: bool = False) -> Plan:
     tc = cfg.train
     name = f"layer {layer} {hook}"
     store.array(layer, hook)  # missing or partly harvested: one clear error
     d = store.d_model(layer, hook)
     n = tc.n_latents or tc.expansion_factor * d
-    if tc.k > n:
-        how = "train.n_latents" if tc.n_latents else f"train.expansion_factor {tc.expansion_factor} x d_model {d}"
-        raise UserError(f"train.k = {tc.k} exceeds n_latents = {n} ({how}); lower k or raise n_latents")
+    if tc.k > n:  # the one check of k against the width: the width may depend on d_model
+        how = (f"train.n_latents = {n}" if tc.n_latents
+               else f"n_latents = {n} (train.expansion_factor {tc.expansion_factor} x d_model {d})")
+        raise UserError(f"train.k = {tc.k} exceeds {how}; lower k or raise n_latents")
     device = resolve_device(tc.device, key="train.device")
-    _check_backend(tc.backend, device)
-    hp = dataclasses.asdict(tc)
-    hp.update(
-        n_latents=n,
+    tc = dataclasses.replace(
+        tc, n_latents=n,
         lr=tc.lr or 2e-4 / math.sqrt(n / 2**14),
         k_aux=min(n, tc.k_aux or 2 ** max(0, round(math.log2(max(1, d / 2))))),
-        dead_tokens=tc.dead_tokens or int(min(10_000_000, max(4 * tc.batch_size, tc.n_tokens // 10))),
-        n_steps=max(1, tc.n_tokens // tc.batch_size),
-    )
-    del hp["expansion_factor"]  # folded into n_latents
-    attrs = store.attrs
-    fingerprint = {"d_in": d, "model": attrs.get("model"), "n_rows": store.n_rows(layer, hook),
-                   **{k: v for k, v in hp.items() if k not in _LOGISTICS}}
+        dormant_tokens=tc.dormant_tokens or int(min(10_000_000, max(4 * tc.batch_size, tc.n_tokens // 10))),
+        backend=resolve_backend(tc.backend, device, key="train.backend"))
+    fingerprint = {"d_in": d, "model": store.attrs.get("model"), "n_rows": store.n_rows(layer, hook),
+                   "n_steps": tc.n_steps,
+                   **{k: v for k, v in dataclasses.asdict(tc).items() if k not in _NOT_FINGERPRINTED}}
     fingerprint = json.loads(json.dumps(fingerprint))  # as cfg.json will hold it (tuples become lists)
 
     train_chunks, eval_chunks = split_chunks(store.n_chunks(layer, hook), tc.eval_fraction)
-    rf = RowFilter(store, layer, hook, tc.exclude_bos, tc.skip_nonfinite)
-    rows_per_epoch = trainable_rows(store, layer, hook, train_chunks, rf)
+    rows_per_epoch = trainable_rows(store, layer, hook, train_chunks,
+                                    RowFilter(store, layer, hook, tc.exclude_bos, tc.skip_nonfinite))
     if rows_per_epoch == 0:
         raise UserError(f"{name}: no rows left to train on (store too small, or only BOS positions)")
     if tc.batch_size > rows_per_epoch:
         raise UserError(f"train.batch_size = {tc.batch_size} exceeds the {rows_per_epoch} trainable rows of "
                         f"{name}; lower it or harvest more tokens")
-    chunk_rows = store.chunk_rows(layer, hook)
-    window_chunks = max(tc.shuffle_chunks, -(-4 * tc.batch_size // chunk_rows))
+    window_chunks = max(tc.shuffle_chunks, -(-4 * tc.batch_size // store.chunk_rows(layer, hook)))
 
     out = sae_dir(cfg.run_dir, layer, hook)
-    p = Plan(layer, hook, out, "", force, hp, fingerprint, device, _matmul_dtype(tc.autocast, device),
+    p = Plan(store, layer, hook, out, "", force, tc, d, fingerprint, device, _matmul_dtype(tc.autocast, device),
              train_chunks, eval_chunks, window_chunks, rows_per_epoch)
     # Planning writes nothing: a swap a kill interrupted is only undone under the lock, in train(),
     # and until then the old folder aside is what recover_swap will give back the name.
@@ -146,14 +171,13 @@ def plan(cfg: Config, store: ActivationStore, layer: int, hook: str, force: bool
         print(f"train: {name}: {out} holds no finished SAE (no intact `{DONE}` marker); training a new one, "
               "which replaces it once finished")
     if p.status == "fresh":
-        _check_finite(store, p)
+        _check_finite(p)
     return p
 
 
 def _status(p: Plan, out: Path) -> str:
     """done / finish / resume / fresh, refusing work left by a different config (unless --force)."""
-    d, work = p.fingerprint["d_in"], p.work
-    ours = p.fingerprint
+    d, work, ours = p.d_in, p.work, p.fingerprint
     theirs = saved_cfg(work)
     if theirs is not None and theirs.get("d_in") == d and theirs.get("fingerprint") == ours:
         return "finish"  # trained and saved; a kill came before the swap
@@ -179,13 +203,12 @@ def _status(p: Plan, out: Path) -> str:
     return "fresh"
 
 
-def _check_finite(store: ActivationStore, p: Plan):
-    hp = p.hparams
-    if not hp["check_finite"]:
+def _check_finite(p: Plan):
+    if not p.tc.check_finite:
         return
-    bad = count_nonfinite(store, p.layer, p.hook, hp["reader_threads"])
-    if bad and not hp["skip_nonfinite"]:
-        raise UserError(f"{p.name}: {bad} of {store.n_rows(p.layer, p.hook)} stored rows hold NaN/Inf; refusing "
+    bad = count_nonfinite(p.store, p.layer, p.hook, p.tc.reader_threads)
+    if bad and not p.tc.skip_nonfinite:
+        raise UserError(f"{p.name}: {bad} of {p.store.n_rows(p.layer, p.hook)} stored rows hold NaN/Inf; refusing "
                         "to train on them (set train.skip_nonfinite=true to drop those rows, or re-harvest)")
     if bad:
         print(f"train: {p.name}: dropping {bad} stored rows that hold NaN/Inf (train.skip_nonfinite)")
@@ -205,164 +228,166 @@ def _same_config(out: Path, d: int, their_d, theirs: dict, ours: dict, name: str
                         "restore that config, or rerun with --force to start this SAE over")
 
 
-def _check_backend(backend: str, device: torch.device):
-    from pipeline.kernels import HAS_TRITON
-
-    interpreting = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-    if backend == "triton" and not HAS_TRITON:
-        raise UserError("train.backend = triton but triton is not installed; use train.backend=torch")
-    if backend == "triton" and device.type != "cuda" and not interpreting:
-        raise UserError("train.backend = triton needs a CUDA device (or TRITON_INTERPRET=1 for testing); "
-                        "use train.backend=torch on CPU")
-
-
 def _matmul_dtype(autocast: str, device: torch.device) -> torch.dtype | None:
+    """The dtype of the dense encoder matmul; None = the weights' own."""
     if autocast == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[autocast]
+    return None if autocast == "none" else dtypes.torch_dtype(autocast)
+
+
+# --------------------------------------------------------------------------- the state
+class TrainState:
+    """Everything a training step depends on, checkpointed as one: weights, Adam, EMA, the dormant
+    counters, the loader's cursor, the input scale, the log sums, the rows dropped, the RNG."""
+
+    def __init__(self, tc: TrainConfig, d_in: int, device: torch.device):
+        normalize = "layer_norm" if tc.normalize == "layer_norm" else "none"  # scalar is folded in, not applied
+        self.sae = TopKSAE(d_in, tc.n_latents, tc.k, normalize, tc.backend).to(device)
+        self.ema = TopKSAE(d_in, tc.n_latents, tc.k, normalize, tc.backend).to(device) if tc.ema_decay else None
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps)
+        self.scale = 1.0  # inputs are multiplied by it (train.normalize = scalar)
+        self.step = 0
+        self.cursor = Cursor()  # where the next batch starts in the loader's row stream
+        self.since_fired = torch.zeros(tc.n_latents, dtype=torch.long, device=device)  # tokens since last fired
+        self.nonfinite: dict[int, int] = {}  # chunk -> NaN/Inf rows dropped (the RowFilter counts into it)
+        self.log_sums = torch.zeros(4, device=device)  # loss, fvu, nmse, aux since the last train row
+        self.log_from = 0  # the step of the last train row
+        self._elapsed, self._since = 0.0, time.time()
+
+    @property
+    def elapsed(self) -> float:
+        """Training seconds, over every process that ran this SAE."""
+        return self._elapsed + time.time() - self._since
+
+    def state_dict(self) -> dict:
+        return {
+            "sae": _cpu(self.sae), "ema": None if self.ema is None else _cpu(self.ema),
+            "optimizer": self.opt.state_dict(), "scale": self.scale, "step": self.step,
+            "cursor": self.cursor.as_list(), "since_fired": self.since_fired.cpu(), "nonfinite": dict(self.nonfinite),
+            "log_sums": self.log_sums.cpu(), "log_from": self.log_from, "elapsed": self.elapsed,
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict):
+        device = self.since_fired.device
+        self.sae.load_state_dict(state["sae"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])  # moves Adam's moments to the weights' device
+        self.scale, self.step, self.cursor = state["scale"], state["step"], Cursor(*state["cursor"])
+        self.since_fired = state["since_fired"].to(device)
+        self.nonfinite.clear()
+        self.nonfinite.update(state["nonfinite"])
+        self.log_sums, self.log_from = state["log_sums"].to(device), state["log_from"]
+        self._elapsed, self._since = state["elapsed"], time.time()
+        torch.set_rng_state(state["rng"])
+
+
+def _cpu(module: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- training
-def train(store: ActivationStore, p: Plan, progress: bool = True) -> dict:
-    """Train (or resume, or finish) the SAE of a plan; the caller holds its lock."""
-    hp, dev = p.hparams, p.device
-    B, n_steps, n = hp["batch_size"], hp["n_steps"], hp["n_latents"]
-    # Under the lock, the folders are ours: finish a swap a kill cut short, and look again,
-    # since another process may have moved things on since plan().
-    fsio.recover_swap(p.out)
-    planned, p.status = p.status, _status(p, p.out)
-    if p.status == "fresh" and planned != "fresh":
-        _check_finite(store, p)
-    if p.status == "done":
-        print(f"train: {p.name}: already trained in {p.out}; skipping (--force retrains it)")
-        return saved_cfg(p.out)
-    if p.status == "finish":
-        _publish(p.work, p.out)
-        print(f"train: {p.name}: finished the interrupted save -> {p.out}")
-        return saved_cfg(p.out)
-    out = p.work
-    if p.status == "fresh" and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    d = p.fingerprint["d_in"]
-    rf = RowFilter(store, p.layer, p.hook, hp["exclude_bos"], hp["skip_nonfinite"])
+def train(p: Plan, progress: bool = True) -> dict:
+    """Train (or resume, or finish) the SAE of a plan; the caller holds its lock. Returns its cfg.json."""
+    if (done := _settle(p)) is not None:
+        return done
+    tc, B, work = p.tc, p.tc.batch_size, p.work
+    if p.status == "fresh" and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
 
-    sae = TopKSAE(d, n, hp["k"], "layer_norm" if hp["normalize"] == "layer_norm" else "none", hp["backend"])
-    ck = _load_checkpoint(out / CHECKPOINT) if p.status == "resume" else None
-    if ck is None:
-        scale = _init(sae, store, p, RowFilter(store, p.layer, p.hook, hp["exclude_bos"], hp["skip_nonfinite"]))
-        step, cursor, since_fired = 0, Cursor(), torch.zeros(n, dtype=torch.long)
-        _rewrite_metrics(out, last_step=-1)
+    state = TrainState(tc, p.d_in, p.device)
+    if p.status == "resume":
+        state.load_state_dict(_load_checkpoint(work / CHECKPOINT)["state"])
     else:
-        sae.load_state_dict(ck["model"])
-        scale, step, cursor, since_fired = ck["scale"], ck["step"], Cursor(*ck["cursor"]), ck["since_fired"]
-        rf.nonfinite = dict(ck["nonfinite"])
-        _rewrite_metrics(out, last_step=step)
-    sae.to(dev)
-    since_fired = since_fired.to(dev)
-    opt = torch.optim.Adam(sae.parameters(), lr=hp["lr"], betas=tuple(hp["adam_betas"]), eps=hp["adam_eps"])
-    ema = None
-    if hp["ema_decay"]:
-        ema = TopKSAE(d, n, hp["k"], sae.normalize, hp["backend"]).to(dev)
-        ema.load_state_dict(sae.state_dict() if ck is None else ck["ema"])
-    if ck is not None:
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"])
-    elapsed0 = ck["elapsed"] if ck else 0.0
-    # The log row averages the steps since the previous row, whichever process ran them.
-    log = (ck or {}).get("log") or {"sums": torch.zeros(4), "from": step}
-    del ck
+        state.scale = _init(state.sae, p)
+        if state.ema is not None:
+            state.ema.load_state_dict(state.sae.state_dict())
+    _rewrite_metrics(work, last_step=state.step)  # a killed run may have logged past its checkpoint
+    rf = p.row_filter()
+    rf.nonfinite = state.nonfinite
+    x_eval = eval_rows(p.store, p.layer, p.hook, p.eval_chunks or p.train_chunks, tc.eval_tokens, p.row_filter())
+    _announce(p, state.step, x_eval.shape[0])
+    loader = BatchLoader(p.store, p.layer, p.hook, p.train_chunks, B, tc.seed, p.window_chunks, rf, p.device,
+                         tc.reader_threads, start=state.cursor)
 
-    x_eval = eval_rows(store, p.layer, p.hook, p.eval_chunks or p.train_chunks, hp["eval_tokens"],
-                       RowFilter(store, p.layer, p.hook, hp["exclude_bos"], hp["skip_nonfinite"]))
-    _announce(p, step, x_eval.shape[0], dev)
-    loader = BatchLoader(store, p.layer, p.hook, p.train_chunks, B, hp["seed"], p.window_chunks, rf, dev,
-                         hp["reader_threads"], start=cursor)
-    warmup = min(hp["warmup_steps"], n_steps // 10)
-
-    def lr_at(s):
-        ramp = (s + 1) / warmup if s < warmup else 1.0
-        decay_from = int(hp["decay_start"] * n_steps)
-        tail = 1.0 if s < decay_from else (n_steps - s) / max(1, n_steps - decay_from)
-        return hp["lr"] * min(ramp, tail)
-
-    bar = tqdm(total=n_steps * B, initial=step * B, unit="tok", unit_scale=True, desc=f"train L{p.layer} {p.hook}",
-               disable=not progress, dynamic_ncols=True)
-    sums = log["sums"].to(dev)  # loss, fvu, nmse, aux since the last log row
-    t_log, s_log, t0 = time.time(), log["from"], time.time()
-    metrics = open(out / "metrics.jsonl", "a")
+    bar = tqdm(total=tc.n_steps * B, initial=state.step * B, unit="tok", unit_scale=True,
+               desc=f"train L{p.layer} {p.hook}", disable=not progress, dynamic_ncols=True)
+    t_log = time.time()
+    metrics = open(work / "metrics.jsonl", "a")
     batches = iter(loader)
     try:
-        while step < n_steps:
-            x, cursor = next(batches)
-            x = sae.preprocess(x) * scale
-            lr = lr_at(step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            dead = since_fired >= hp["dead_tokens"]
-            n_dead = int(dead.sum())
-            k_aux = min(hp["k_aux"], n_dead) if hp["aux_alpha"] > 0 else 0
-
-            o = sae.forward_train(x, dead, k_aux, p.matmul_dtype)
-            loss, fvu, aux, nmse = sae_loss(x, o, hp["aux_alpha"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.remove_parallel_grad()
-            if hp["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), hp["grad_clip"])
-            opt.step()
-            sae.normalize_decoder()
-            with torch.no_grad():
-                if ema is not None:
-                    for pe, ps in zip(ema.parameters(), sae.parameters()):
-                        pe.lerp_(ps, 1 - hp["ema_decay"])
-                # scatter-add, not boolean indexing: no host sync, and duplicates are harmless
-                fires = torch.zeros(n, dtype=torch.long, device=dev)
-                fires.scatter_add_(0, o.idx.reshape(-1), (o.vals > 0).long().reshape(-1))
-                since_fired = (since_fired + x.shape[0]) * (fires == 0)
-                sums += torch.stack([loss, fvu, nmse, aux]).detach()
-            step += 1
+        while state.step < tc.n_steps:
+            x, state.cursor = next(batches)
+            lr = learning_rate(tc, state.step)
+            n_dormant = train_step(state, state.sae.preprocess(x) * state.scale, lr, tc, p.matmul_dtype)
             bar.update(B)
-
-            if step % hp["log_every"] == 0 or step == n_steps:
-                now = time.time()
-                avg = (sums / (step - s_log)).tolist()
-                row = {"split": "train", "step": step, "tokens": step * B, "loss": avg[0], "fvu": avg[1],
-                       "nmse": avg[2], "aux_loss": avg[3], "dead_frac": n_dead / n, "lr": lr,
-                       "tokens_per_s": (step - s_log) * B / max(now - t_log, 1e-9),
-                       "elapsed_s": elapsed0 + now - t0}
+            step = state.step
+            if step % tc.log_every == 0 or step == tc.n_steps:
+                now, steps = time.time(), step - state.log_from
+                loss, fvu, nmse, aux = (state.log_sums / steps).tolist()
+                row = {"split": "train", "step": step, "tokens": step * B, "loss": loss, "fvu": fvu, "nmse": nmse,
+                       "aux_loss": aux, "dormant_frac": n_dormant / tc.n_latents, "lr": lr,
+                       "tokens_per_s": steps * B / max(now - t_log, 1e-9), "elapsed_s": state.elapsed}
                 if rf.dropped_nonfinite:
                     row["dropped_nonfinite"] = rf.dropped_nonfinite
                 _append(metrics, row)
-                bar.set_postfix(fvu=f"{avg[1]:.4f}", dead=f"{n_dead / n:.1%}", refresh=False)
-                sums.zero_()
-                t_log, s_log = now, step
-            if step % hp["eval_every"] == 0 and step < n_steps:
-                ev = evaluate(ema or sae, x_eval, scale, B, p.matmul_dtype)
-                _append(metrics, {"split": "eval", "step": step, "tokens": step * B,
-                                  **{k: v for k, v in ev.items() if k != "density"}})
-            if step % hp["checkpoint_every"] == 0 and step < n_steps:
+                bar.set_postfix(fvu=f"{fvu:.4f}", dormant=f"{n_dormant / tc.n_latents:.1%}", refresh=False)
+                state.log_sums.zero_()
+                state.log_from, t_log = step, now
+            if step % tc.eval_every == 0 and step < tc.n_steps:
+                ev = evaluate(state.ema or state.sae, x_eval, state.scale, B, p.matmul_dtype)
+                del ev["density"]
+                _append(metrics, {"split": "eval", "step": step, "tokens": step * B, **ev})
+            if step % tc.checkpoint_every == 0 and step < tc.n_steps:
                 metrics.flush()
-                _checkpoint(out, p, sae, opt, ema, step, cursor, scale, since_fired, rf,
-                            elapsed0 + time.time() - t0, {"sums": sums.cpu(), "from": s_log})
+                _save_checkpoint(work / CHECKPOINT, p.fingerprint, state)
     finally:
         bar.close()
         batches.close()
         metrics.close()
+    return _finish(p, state, x_eval)
 
-    final = ema or sae
-    ev = evaluate(final, x_eval, scale, B, p.matmul_dtype)
-    density = ev.pop("density")
-    with open(out / "metrics.jsonl", "a") as f:
-        _append(f, {"split": "eval", "step": step, "tokens": step * B, **ev})
-    saved = final.folded(scale) if scale != 1.0 else final
-    info = _saved_cfg(store, p, scale, ev, n_steps * B, elapsed0 + time.time() - t0, rf.dropped_nonfinite)
-    # Pictures first, then the SAE with its marker last: a folder marked done holds everything.
-    _plots(out, p, density, x_eval.shape[0])
-    saved.save(out, info)
-    _publish(out, p.out)
-    print(f"train: {p.name}: done; eval fvu {ev['fvu']:.4f}, dead {ev['dead_frac_eval']:.1%} -> {p.out}")
-    return saved.cfg
+
+def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
+               matmul_dtype: torch.dtype | None = None) -> int:
+    """One Adam step on a normalised batch x [B, d]; returns how many latents were dormant."""
+    sae, opt = state.sae, state.opt
+    for g in opt.param_groups:
+        g["lr"] = lr
+    dormant = state.since_fired >= tc.dormant_tokens
+    n_dormant = int(dormant.sum())
+    k_aux = min(tc.k_aux, n_dormant) if tc.aux_alpha > 0 else 0
+    o = sae.forward_train(x, dormant, k_aux, matmul_dtype)
+    loss, fvu, aux, nmse = sae_loss(x, o, tc.aux_alpha)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_parallel_grad()
+    if tc.grad_clip:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), tc.grad_clip)
+    opt.step()
+    sae.normalize_decoder()
+    with torch.no_grad():
+        if state.ema is not None:
+            for pe, ps in zip(state.ema.parameters(), sae.parameters()):
+                pe.lerp_(ps, 1 - tc.ema_decay)
+        # scatter-add, not boolean indexing: no host sync, and duplicates are harmless
+        fires = torch.zeros_like(state.since_fired)
+        fires.scatter_add_(0, o.idx.reshape(-1), (o.vals > 0).long().reshape(-1))
+        state.since_fired = (state.since_fired + x.shape[0]) * (fires == 0)
+        state.log_sums += torch.stack([loss, fvu, nmse, aux]).detach()
+    state.step += 1
+    return n_dormant
+
+
+def learning_rate(tc: TrainConfig, step: int) -> float:
+    """Linear warmup (at most a tenth of the run), then flat, then linear decay to 0 from decay_start."""
+    warmup = min(tc.warmup_steps, tc.n_steps // 10)
+    ramp = (step + 1) / warmup if step < warmup else 1.0
+    decay_from = int(tc.decay_start * tc.n_steps)
+    tail = 1.0 if step < decay_from else (tc.n_steps - step) / max(1, tc.n_steps - decay_from)
+    return tc.lr * min(ramp, tail)
 
 
 def sae_loss(x: torch.Tensor, o, aux_alpha: float):
@@ -371,7 +396,7 @@ def sae_loss(x: torch.Tensor, o, aux_alpha: float):
     fvu = e.pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30)
     aux = torch.zeros((), device=x.device)
     if o.aux_hat is not None:
-        # dead latents learn to predict what the live ones missed (the residual, detached)
+        # dormant latents learn to predict what the live ones missed (the residual, detached)
         r = e.detach()
         aux = (o.aux_hat - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-30)
     with torch.no_grad():
@@ -379,27 +404,44 @@ def sae_loss(x: torch.Tensor, o, aux_alpha: float):
     return fvu + aux_alpha * aux, fvu, aux, nmse
 
 
-def _init(sae: TopKSAE, store: ActivationStore, p: Plan, rf: RowFilter) -> float:
+def _settle(p: Plan) -> dict | None:
+    """Under the lock the folders are ours: finish a swap a kill cut short and look again, since
+    another process may have moved things on since plan(). Returns cfg.json when nothing is left to train."""
+    fsio.recover_swap(p.out)
+    planned, p.status = p.status, _status(p, p.out)
+    if p.status == "fresh" and planned != "fresh":
+        _check_finite(p)
+    if p.status == "done":
+        print(f"train: {p.name}: already trained in {p.out}; skipping (--force retrains it)")
+        return saved_cfg(p.out)
+    if p.status == "finish":
+        _publish(p.work, p.out)
+        print(f"train: {p.name}: finished the interrupted save -> {p.out}")
+        return saved_cfg(p.out)
+    return None
+
+
+def _init(sae: TopKSAE, p: Plan) -> float:
     """Tied random init; input scale and b_pre from a sample of training rows. Returns the scale."""
-    hp = p.hparams
-    sae.reset_parameters(torch.Generator().manual_seed(derive_seed(hp["seed"], -1)))
-    g = torch.Generator().manual_seed(derive_seed(hp["seed"], -2))
+    tc, rf = p.tc, p.row_filter()
+    sae.reset_parameters(torch.Generator().manual_seed(derive_seed(tc.seed, -1)))
+    g = torch.Generator().manual_seed(derive_seed(tc.seed, -2))
     order = torch.randperm(len(p.train_chunks), generator=g).tolist()
     parts, have = [], 0
     for i in order:
-        if have >= hp["init_sample"]:
+        if have >= tc.init_sample:
             break
         c = p.train_chunks[i]
-        parts.append(rf(c, store.read_chunk(p.layer, p.hook, c)).float())
+        parts.append(rf(c, p.store.read_chunk(p.layer, p.hook, c)).float())
         have += parts[-1].shape[0]
-    x = sae.preprocess(torch.cat(parts)[: hp["init_sample"]])
+    x = sae.preprocess(torch.cat(parts)[: tc.init_sample])
     # scalar: one factor so the mean row norm is sqrt(d); folded into the saved weights
-    scale = math.sqrt(x.shape[1]) / x.norm(dim=1).mean().item() if hp["normalize"] == "scalar" else 1.0
+    scale = math.sqrt(x.shape[1]) / x.norm(dim=1).mean().item() if tc.normalize == "scalar" else 1.0
     x = x * scale
     with torch.no_grad():
-        if hp["b_pre_init"] == "geometric_median":
+        if tc.b_pre_init == "geometric_median":
             sae.b_pre.copy_(geometric_median(x))
-        elif hp["b_pre_init"] == "mean":
+        elif tc.b_pre_init == "mean":
             sae.b_pre.copy_(x.mean(0))
     return scale
 
@@ -421,13 +463,14 @@ def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> tor
 @torch.no_grad()
 def evaluate(sae: TopKSAE, x_raw: torch.Tensor, scale: float, batch: int,
              matmul_dtype: torch.dtype | None = None) -> dict:
-    """FVU, normalised MSE, L0, and per-latent firing density on held-out rows (training space)."""
+    """FVU, normalised MSE, L0, per-latent firing density and the dead fraction (latents that never
+    fired on these rows) on held-out rows, in training space."""
     dev = sae.W_enc.device
     n = sae.n_latents
     N = x_raw.shape[0]
     if N == 0:
         return {"fvu": float("nan"), "nmse": float("nan"), "explained_variance": float("nan"), "l0": 0.0,
-                "dead_frac_eval": float("nan"), "eval_tokens": 0, "density": torch.zeros(n)}
+                "dead_frac": float("nan"), "eval_tokens": 0, "density": torch.zeros(n)}
     mean = torch.zeros(sae.d_in, dtype=torch.float64, device=dev)
     for i in range(0, N, batch):
         mean += (sae.preprocess(x_raw[i:i + batch].to(dev)) * scale).double().sum(0)
@@ -446,8 +489,28 @@ def evaluate(sae: TopKSAE, x_raw: torch.Tensor, scale: float, batch: int,
         fires.scatter_add_(0, o.idx.reshape(-1), on.long().reshape(-1))
     fvu = se / max(var, 1e-30)
     return {"fvu": fvu, "nmse": nmse / N, "explained_variance": 1 - fvu, "l0": l0 / N,
-            "dead_frac_eval": (fires == 0).float().mean().item(), "eval_tokens": N,
+            "dead_frac": (fires == 0).float().mean().item(), "eval_tokens": N,
             "density": (fires.double() / N).cpu()}
+
+
+def _finish(p: Plan, state: TrainState, x_eval: torch.Tensor) -> dict:
+    """Evaluate, draw, save (the `done` marker last), then swap the finished SAE into place."""
+    final, B, work = state.ema or state.sae, p.tc.batch_size, p.work
+    ev = evaluate(final, x_eval, state.scale, B, p.matmul_dtype)
+    density = ev.pop("density")
+    with open(work / "metrics.jsonl", "a") as f:
+        _append(f, {"split": "eval", "step": state.step, "tokens": state.step * B, **ev})
+    saved = final.folded(state.scale) if state.scale != 1.0 else final
+    info = _saved_cfg(p, state, ev)
+    # Pictures first, then the SAE with its marker last: a folder marked done holds everything.
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    plots.loss_figure(work, rows, f"{p.name}: loss")
+    plots.density_figure(work, density, x_eval.shape[0], f"{p.name}: feature density on held-out tokens")
+    saved.save(work, info)
+    _publish(work, p.out)
+    print(f"train: {p.name}: done; eval fvu {ev['fvu']:.4f}, dead {ev['dead_frac']:.1%} "
+          f"(never fired on {ev['eval_tokens']} eval tokens) -> {p.out}")
+    return saved.cfg
 
 
 # --------------------------------------------------------------------------- files
@@ -460,21 +523,14 @@ def _publish(work: Path, out: Path):
         fsio.swap_dir(work, out)
 
 
-def _checkpoint(out: Path, p: Plan, sae, opt, ema, step, cursor, scale, since_fired, rf, elapsed, log):
-    state = {
-        "format": 1, "fingerprint": p.fingerprint, "step": step, "cursor": cursor.as_list(), "scale": scale,
-        "model": {k: v.detach().cpu() for k, v in sae.state_dict().items()},
-        "optimizer": opt.state_dict(),
-        "ema": None if ema is None else {k: v.detach().cpu() for k, v in ema.state_dict().items()},
-        "since_fired": since_fired.cpu(), "rng": torch.get_rng_state(),
-        "nonfinite": dict(rf.nonfinite), "elapsed": elapsed, "log": log,
-    }
-    tmp = out / (CHECKPOINT + ".tmp")
+def _save_checkpoint(path: Path, fingerprint: dict, state: TrainState):
+    blob = {"format": 2, "fingerprint": fingerprint, "state": state.state_dict()}
+    tmp = path.with_name(path.name + ".tmp")
     # Ctrl-C inside torch.save surfaces as a RuntimeError: hold it until the write is whole.
     with fsio.no_interrupt():
         try:
             with open(tmp, "wb") as f:
-                torch.save(state, f)
+                torch.save(blob, f)
         except (OSError, RuntimeError) as e:
             with suppress(OSError):
                 tmp.unlink(missing_ok=True)  # a torn temp file only takes the space a full disk lacks
@@ -482,7 +538,7 @@ def _checkpoint(out: Path, p: Plan, sae, opt, ema, step, cursor, scale, since_fi
             if isinstance(cause, OSError):  # torch wraps the failed write (disk full, EFBIG, read-only)
                 raise cause from None
             raise
-        fsio.publish(tmp, out / CHECKPOINT)  # a kill leaves either the old checkpoint or the new one
+        fsio.publish(tmp, path)  # a kill leaves either the old checkpoint or the new one
 
 
 def _load_checkpoint(path: Path, mmap: bool = False) -> dict:
@@ -500,9 +556,9 @@ def _append(f, row: dict):
     f.flush()
 
 
-def _rewrite_metrics(out: Path, last_step: int):
-    """Keep only rows up to the checkpoint being resumed (a killed run may have logged past it)."""
-    path = out / "metrics.jsonl"
+def _rewrite_metrics(work: Path, last_step: int):
+    """Keep only rows up to the checkpoint being resumed from."""
+    path = work / "metrics.jsonl"
     keep = []
     if path.exists():
         for line in path.read_text().splitlines():
@@ -515,50 +571,33 @@ def _rewrite_metrics(out: Path, last_step: int):
     fsio.write_atomic(path, "".join(keep))
 
 
-def _saved_cfg(store, p: Plan, scale, ev, tokens, seconds, dropped) -> dict:
-    attrs = store.attrs
+def _saved_cfg(p: Plan, state: TrainState, ev: dict) -> dict:
+    attrs, tc = p.store.attrs, p.tc
+    tokens = tc.n_steps * tc.batch_size
     return {
-        "normalize": "layer_norm" if p.hparams["normalize"] == "layer_norm" else "none",  # what encode() applies
-        "normalize_trained": p.hparams["normalize"],
-        "input_scale": scale,  # already folded into the weights
+        "normalize": state.sae.normalize,  # what encode() applies
+        "normalize_trained": tc.normalize,
+        "input_scale": state.scale,  # already folded into the weights
         "model": attrs.get("model"), "revision": attrs.get("revision"), "layer": p.layer, "hook": p.hook,
-        "dataset": attrs.get("dataset"), "context_size": store.context_size,
-        "prepend_bos": attrs.get("prepend_bos"), "exclude_bos": p.hparams["exclude_bos"],
-        "tokens_trained": tokens, "steps": p.hparams["n_steps"], "epochs": tokens / p.rows_per_epoch,
-        "eval": ev, "eval_chunks": p.eval_chunks, "dropped_nonfinite": dropped, "train_seconds": seconds,
-        "train": p.hparams, "fingerprint": p.fingerprint, "package_version": pipeline.__version__,
+        "dataset": attrs.get("dataset"), "context_size": p.store.context_size,
+        "prepend_bos": attrs.get("prepend_bos"), "exclude_bos": tc.exclude_bos,
+        "tokens_trained": tokens, "steps": tc.n_steps, "epochs": tokens / p.rows_per_epoch,
+        "eval": ev, "eval_chunks": p.eval_chunks, "dropped_nonfinite": sum(state.nonfinite.values()),
+        "train_seconds": state.elapsed, "train": {**dataclasses.asdict(tc), "n_steps": tc.n_steps},
+        "fingerprint": p.fingerprint, "package_version": pipeline.__version__,
     }
 
 
-def _plots(out: Path, p: Plan, density: torch.Tensor, n_eval: int):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    tr = [r for r in rows if r["split"] == "train"]
-    ev = [r for r in rows if r["split"] == "eval"]
-    plots.line_plot(out / "loss.svg", {
-        "train fvu": ([r["tokens"] for r in tr], [r["fvu"] for r in tr]),
-        "train aux": ([r["tokens"] for r in tr], [r["aux_loss"] for r in tr]),
-        "eval fvu": ([r["tokens"] for r in ev], [r["fvu"] for r in ev]),
-    }, f"{p.name}: loss", "tokens", "fraction of variance unexplained", log_y=True)
-    live = density[density > 0]
-    lo = math.floor(math.log10(1 / max(n_eval, 1)))
-    plots.histogram(out / "density.svg", torch.log10(live).tolist(), 50,
-                    f"{p.name}: feature density on {n_eval} held-out tokens", "log10(fraction of tokens firing)",
-                    lo=lo, hi=0.0, note=f"{int((density == 0).sum())} of {density.numel()} latents never fired")
-
-
-def _announce(p: Plan, step: int, n_eval: int, dev):
-    hp = p.hparams
-    tokens = hp["n_steps"] * hp["batch_size"]
+def _announce(p: Plan, step: int, n_eval: int):
+    tc = p.tc
+    tokens = tc.n_steps * tc.batch_size
     epochs = tokens / p.rows_per_epoch
     held = f"{len(p.eval_chunks)} held out" if p.eval_chunks else "none held out: eval rows are training rows"
-    msg = (f"train: {p.name}: d {p.fingerprint['d_in']}, n_latents {hp['n_latents']}, k {hp['k']}, "
-           f"{hp['n_steps']} steps x {hp['batch_size']} tokens, lr {hp['lr']:.3g}, {dev.type}; "
-           f"{p.rows_per_epoch} trainable tokens in {len(p.train_chunks)} chunks ({held}), "
-           f"{n_eval} eval tokens")
-    print(msg)
+    print(f"train: {p.name}: d {p.d_in}, n_latents {tc.n_latents}, k {tc.k}, {tc.n_steps} steps x "
+          f"{tc.batch_size} tokens, lr {tc.lr:.3g}, {p.device.type}; {p.rows_per_epoch} trainable tokens in "
+          f"{len(p.train_chunks)} chunks ({held}), {n_eval} eval tokens")
     if epochs > 1:
         print(f"train: {p.name}: the budget of {tokens} tokens is {epochs:.2f} epochs of the store "
-              f"(train.n_tokens = {hp['n_tokens']}); rows repeat in a new order each epoch")
+              f"(train.n_tokens = {tc.n_tokens}); rows repeat in a new order each epoch")
     if step:
-        print(f"train: {p.name}: resuming from the checkpoint at step {step} of {hp['n_steps']}")
-
+        print(f"train: {p.name}: resuming from the checkpoint at step {step} of {tc.n_steps}")

@@ -14,10 +14,13 @@ An array still being harvested is checked over the chunks logged so far (the
 others will be written anyway). Arrays made before checksums are reported as
 unchecksummed: only their presence can be checked.
 
-`plan` lists what to check, `run` reads the chunk files with a small thread
-pool; `bad_chunks` is what `saepipe harvest --repair` uses to find its work.
-`check_saes` checks every finished SAE of the run against the sha256 its
-`done` marker recorded (pipeline.sae owns that rule).
+Every finished SAE of the run (`saes/<L>/<hook>/`) is checked against the
+sha256 its `done` marker recorded (pipeline.sae owns that rule).
+
+`plan()` lists what to check, `run()` reads the chunk files with a small thread
+pool and returns a Report (its lines, and the one error line when something is
+wrong); stages/verify.py prints it. `bad_chunks` is what `saepipe harvest
+--repair` uses to find its work.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from pathlib import Path
 import zarr
 
 from pipeline.sae import verify_saved
-
 from pipeline.store import (REPAIR_HINT, ActivationStore, MetadataError, ProgressLog, array_name, chunk_problem,
                             has_crc, n_chunks_of)
 
@@ -60,7 +62,43 @@ class ArrayReport:
         return not self.bad and not self.errors
 
 
-def plan(run_dir) -> tuple[ActivationStore, list[ArrayCheck]]:
+@dataclass
+class Plan:
+    store: ActivationStore
+    arrays: list[ArrayCheck]
+    saes: list[Path]  # finished SAE folders
+
+
+@dataclass
+class Report:
+    store: ActivationStore
+    arrays: list[ArrayReport]
+    saes: list[tuple[Path, str | None]]  # (folder, problem or None)
+
+    @property
+    def n_chunks(self) -> int:
+        """Chunks checked."""
+        return sum(len(r.check.chunks) for r in self.arrays)
+
+    def lines(self) -> list[str]:
+        """One line per array (dtype, shape, chunks, checksum kind, state) and per SAE."""
+        run_dir = self.store.run_dir
+        return _summary(self.store, self.arrays) + [
+            f"  {folder.relative_to(run_dir)}  {'BAD: ' + problem if problem else 'ok (sha256)'}"
+            for folder, problem in self.saes]
+
+    def problem(self) -> str | None:
+        """The one error line when the store or an SAE is damaged, None when all is sound."""
+        message = _store_problems(self.store, self.arrays)
+        if message:
+            return message
+        bad = [problem for _, problem in self.saes if problem]
+        if bad:
+            return bad[0] + (f" (and {len(bad) - 1} more SAEs)" if len(bad) > 1 else "")
+        return None
+
+
+def plan(run_dir) -> Plan:
     store = ActivationStore(run_dir)
     checks = []
     for name in _array_names(store, Path(run_dir)):
@@ -80,7 +118,12 @@ def plan(run_dir) -> tuple[ActivationStore, list[ArrayCheck]]:
         n = n_chunks_of(arr)
         chunks = list(range(n)) if complete else sorted(c for c in (logged or ()) if c < n)
         checks.append(ArrayCheck(name, arr, complete, logged, chunks))
-    return store, checks
+    return Plan(store, checks, _sae_folders(run_dir))
+
+
+def run(run_dir, threads: int = 4) -> Report:
+    p = plan(run_dir)
+    return Report(p.store, _check_arrays(p.arrays, threads), [(f, verify_saved(f)) for f in p.saes])
 
 
 def _array_names(store: ActivationStore, run_dir: Path) -> list[str]:
@@ -122,7 +165,7 @@ def bad_chunks(arr: zarr.Array, chunks, threads: int = 4, decode: bool = False) 
         return {c: p for c, p in zip(chunks, pool.map(lambda c: chunk_problem(arr, c, decode), chunks)) if p}
 
 
-def run(checks: list[ArrayCheck], threads: int = 4) -> list[ArrayReport]:
+def _check_arrays(checks: list[ArrayCheck], threads: int) -> list[ArrayReport]:
     jobs = [(i, c) for i, chk in enumerate(checks) for c in chk.chunks]
     reports = [ArrayReport(chk, errors=[chk.meta_problem] if chk.meta_problem else []) for chk in checks]
     with ThreadPoolExecutor(threads) as pool:
@@ -141,8 +184,7 @@ def run(checks: list[ArrayCheck], threads: int = 4) -> list[ArrayReport]:
     return reports
 
 
-def summary(store: ActivationStore, reports: list[ArrayReport]) -> list[str]:
-    """One line per array: dtype, shape, chunks, checksum kind, state."""
+def _summary(store: ActivationStore, reports: list[ArrayReport]) -> list[str]:
     lines = [f"verify: {store.path}"]
     width = max((len(r.check.name) for r in reports), default=0)
     for rep in reports:
@@ -168,8 +210,7 @@ def summary(store: ActivationStore, reports: list[ArrayReport]) -> list[str]:
     return lines
 
 
-def problems(store: ActivationStore, reports: list[ArrayReport], limit: int = 8) -> str | None:
-    """The one error line for a damaged store, None when it is sound."""
+def _store_problems(store: ActivationStore, reports: list[ArrayReport], limit: int = 8) -> str | None:
     items = [f"{r.check.name} chunk {c} {p}" for r in reports for c, p in sorted(r.bad.items())]
     items += [f"{r.check.name} {e}" for r in reports for e in r.errors]
     if not items:
@@ -186,10 +227,9 @@ def _numbers(xs: list[int], limit: int = 8) -> str:
     return describe([str(x) for x in xs], limit)
 
 
-def check_saes(run_dir) -> list[tuple[Path, str | None]]:
-    """(folder, problem or None) for every SAE folder under <run_dir>/saes/<L>/<hook>/;
-    work folders (`.partial`) and swap leftovers (`.old`) are not finished SAEs."""
+def _sae_folders(run_dir) -> list[Path]:
+    """Every SAE folder under <run_dir>/saes/<L>/<hook>/; work folders (`.partial`) and swap
+    leftovers (`.old`) are not finished SAEs."""
     root = Path(run_dir) / "saes"
-    folders = sorted(h for layer in root.glob("*") if layer.is_dir() for h in layer.iterdir()
-                     if h.is_dir() and not h.name.endswith((".partial", ".old")))
-    return [(f, verify_saved(f)) for f in folders]
+    return sorted(h for layer in root.glob("*") if layer.is_dir() for h in layer.iterdir()
+                  if h.is_dir() and not h.name.endswith((".partial", ".old")))

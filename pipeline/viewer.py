@@ -1,4 +1,5 @@
-"""The static viewer: viewer.html plus its data, as JavaScript files beside it.
+"""The static viewer: viewer.html plus its data, as JavaScript files beside it,
+and one index page per run linking every layer's viewer.
 
 Opened from disk (file://), a page cannot fetch() JSON: Chromium treats each
 file as its own origin and blocks the request. A classic <script src> is still
@@ -8,25 +9,54 @@ function the page defines:
     viewer.html                    the page (a copy of pipeline/viewer.html)
     viewer_data/index.js           saeViewer.index({index, summary, shard_size})
     viewer_data/features_<j>.js    saeViewer.shard(j, [FeatureInfo, ...])
+    viewer_data/search.js          saeViewer.search({tokens, latents})
 
 Features are sharded (SHARD_SIZE latents per file) and loaded on demand, so
 opening the page for a large SAE reads only the latent list, and one click
 reads one small file. The payload is the same JSON text as features/<i>.json
 (JSON is a subset of JavaScript), so nothing is serialized twice.
+
+search.js, loaded on the first search by text, lets a search find a latent by
+the tokens of its top records: each distinct picked token once in `tokens`, and
+per latent the indices of its own. A token shared by many latents costs one
+string, so the file stays near n_latents * distinct-picks integers.
+
+<run_dir>/records/index.html is plain HTML written from the finished records
+folders' summary.json and their SAEs' cfg.json: it needs no script at all.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import math
 from importlib import resources
 from pathlib import Path
+from string import Template
+from urllib.parse import quote
+
+from pipeline import fsio
+from pipeline.paths import DONE, records_dir, records_root, sae_dir
+from pipeline.sae import saved_cfg, saved_marker
 
 SHARD_SIZE = 64
 DATA_DIR = "viewer_data"
 
 
-def template() -> str:
-    return resources.files("pipeline").joinpath("viewer.html").read_text(encoding="utf-8")
+def template(name: str = "viewer.html") -> str:
+    return resources.files("pipeline").joinpath(name).read_text(encoding="utf-8")
+
+
+def _js_call(fn: str, *args) -> str:
+    return f"saeViewer.{fn}({', '.join(args)});\n"
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------
+# One layer's viewer
 
 
 class ViewerWriter:
@@ -44,26 +74,107 @@ class ViewerWriter:
         self.shard_size = shard_size
         self.shard = 0
         self.buf: list[str] = []
+        self.vocab: dict[str, int] = {}  # token text -> its index in search.js `tokens`
+        self.search: list[list[int]] = []  # per latent: its top records' distinct picked tokens
 
-    def add(self, i: int, feature_json: str):
+    def add(self, i: int, feature_json: str, picked_tokens: list[str]):
         assert i == self.shard * self.shard_size + len(self.buf), "features must come in latent order"
         self.buf.append(feature_json)
+        own = dict.fromkeys(self.vocab.setdefault(t, len(self.vocab)) for t in picked_tokens)
+        self.search.append(list(own))
         if len(self.buf) == self.shard_size:
             self._flush()
 
     def _flush(self):
         body = ",\n".join(self.buf)
-        self.write(self.data / f"features_{self.shard}.js", f"saeViewer.shard({self.shard}, [\n{body}\n]);\n")
+        self.write(self.data / f"features_{self.shard}.js", _js_call("shard", str(self.shard), f"[\n{body}\n]"))
         self.shard += 1
         self.buf = []
 
     def finish(self, index: dict, summary: dict) -> Path:
-        """Write the last shard, the index and the page; returns the page's path."""
+        """Write the last shard, the search data, the index and the page; returns the page's path."""
         if self.buf:
             self._flush()
-        payload = json.dumps({"index": index, "summary": summary, "shard_size": self.shard_size},
-                             allow_nan=False, ensure_ascii=False, separators=(",", ":"))
-        self.write(self.data / "index.js", f"saeViewer.index({payload});\n")
+        self.write(self.data / "search.js", _js_call("search", _json({"tokens": list(self.vocab),
+                                                                       "latents": self.search})))
+        payload = _json({"index": index, "summary": summary, "shard_size": self.shard_size})
+        self.write(self.data / "index.js", _js_call("index", payload))
         page = self.out / "viewer.html"
         self.write(page, template())
         return page
+
+
+# ---------------------------------------------------------------------------
+# The run's index page
+
+
+def index_page(run_dir) -> Path:
+    return records_root(run_dir) / "index.html"
+
+
+def finished_records(run_dir) -> list[tuple[int, str]]:
+    """Every (layer, hook) whose records folder is finished (holds its `done` marker)."""
+    root = index_page(run_dir).parent
+    found = []
+    for layer_dir in root.iterdir() if root.is_dir() else []:
+        if not layer_dir.name.isdigit():
+            continue
+        for folder in layer_dir.iterdir():
+            # <hook>.partial and <hook>.old are a collate or a swap under way, not records.
+            if folder.name.endswith((".partial", ".old")) or not (folder / DONE).is_file():
+                continue
+            found.append((int(layer_dir.name), folder.name))
+    return sorted(found)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _num(x, digits: int = 4, percent: bool = False) -> str:
+    """A cell: "–" for anything missing or not finite (an eval on no tokens is NaN)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return "–"
+    if percent:
+        return f"{x:.2%}"
+    return f"{x:,}" if isinstance(x, int) else f"{x:.{digits}g}"
+
+
+def _row(run_dir, layer: int, hook: str) -> str:
+    out, sae = records_dir(run_dir, layer, hook), sae_dir(run_dir, layer, hook)
+    s = _read_json(out / "summary.json")
+    ev = (saved_cfg(sae) or {}).get("eval")
+    ev = ev if isinstance(ev, dict) else {}
+    # dead_frac_eval: its name in SAEs trained before "dead" got one meaning.
+    dead_frac = ev.get("dead_frac", ev.get("dead_frac_eval"))
+    fingerprint = _read_json(out / DONE).get("fingerprint")
+    made_from = fingerprint.get("sae.sha256") if isinstance(fingerprint, dict) else None
+    now = (saved_marker(sae) or {}).get("sha256")
+    note = " (its SAE is gone)" if now is None else "" if made_from == now else " (the SAE changed since: rerun collate)"
+    cells = [
+        str(layer),
+        html.escape(hook),
+        f'<a href="{html.escape(quote(f"{layer}/{hook}/viewer.html"))}">viewer</a>{html.escape(note)}',
+        _num(s.get("n_latents")),
+        _num(s.get("dead")),
+        _num(s.get("ultra_rare")),
+        _num(s.get("n_tokens")),
+        _num(ev.get("fvu")),
+        _num(dead_frac, percent=True),
+    ]
+    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
+def write_index_page(run_dir) -> Path:
+    """<run_dir>/records/index.html: every finished layer/hook, its viewer and its numbers.
+    Rebuilt from what is on disk, so it also lists layers an earlier collate finished."""
+    page = index_page(run_dir)
+    rows = "\n".join(_row(run_dir, layer, hook) for layer, hook in finished_records(run_dir))
+    text = Template(template("records_index.html")).substitute(
+        run_dir=html.escape(str(Path(run_dir).resolve())), rows=rows or '<tr><td colspan="9">none yet</td></tr>')
+    fsio.write_atomic(page, text)
+    return page

@@ -36,9 +36,9 @@ class Float16Overflow(UserError):
 
 
 class ChunkWriter:
-    def __init__(self, targets: dict, logs: dict[tuple, ProgressLog], dtypes: dict[tuple, str],
+    def __init__(self, targets: dict, logs: dict[tuple, ProgressLog], logical_dtypes: dict[tuple, str],
                  n_threads: int, queue_size: int):
-        self.targets, self.logs, self.dtypes = targets, logs, dtypes
+        self.targets, self.logs, self.logical_dtypes = targets, logs, logical_dtypes
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.errors: list[BaseException] = []
         self.bytes_written = 0
@@ -85,8 +85,8 @@ class ChunkWriter:
             job.event.synchronize()
         nbytes = 0
         for key, t in job.arrays.items():
-            data = to_storage(t, self.dtypes[key])
-            if self.dtypes[key] == "float16" and np.isinf(data).any() and torch.isfinite(t).all():
+            data = to_storage(t, self.logical_dtypes[key])
+            if self.logical_dtypes[key] == "float16" and np.isinf(data).any() and torch.isfinite(t).all():
                 layer, hook = key
                 raise Float16Overflow(
                     f"float16 overflow: layer {layer} {hook} has activations beyond ±65504 "

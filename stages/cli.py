@@ -58,7 +58,7 @@ class _Group(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.UsageError as e:
-            cmd = e.ctx.command_path if e.ctx else "saepipe"
+            cmd = " ".join(["saepipe", *e.ctx.command_path.split()[1:]]) if e.ctx else "saepipe"
             _fail(f"{e.format_message()} (see `{cmd} --help`)")
         except click.exceptions.ClickException as e:
             _fail(e.format_message())
@@ -151,7 +151,9 @@ def collate(config, layers, overrides, force):
     """Write per-latent top/random activation records and a static viewer.
 
     Output: <run_dir>/records/<L>/<hook>/ (features/<i>.json, index.json,
-    summary.json, viewer.html). Finished layers are skipped unless --force.
+    summary.json, viewer.html, viewer_data/) and <run_dir>/records/index.html
+    linking every layer's viewer. Finished layers are skipped unless --force;
+    records made with other settings or another SAE are redone.
     """
     from pipeline.config import parse_layers
     from stages import collate as stage

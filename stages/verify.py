@@ -4,6 +4,7 @@ match the sha256 of their `done` marker); print one line per array and SAE.
 
 Exit 0 when the store is sound; otherwise one `saepipe: error:` line naming the
 bad arrays and chunks and how to repair them (`saepipe harvest CONFIG --repair`).
+The checks: pipeline/verify.py.
 """
 
 from __future__ import annotations
@@ -14,21 +15,14 @@ from pipeline import verify
 from pipeline.errors import UserError
 
 
-def run(run_dir, threads: int = 4) -> list[verify.ArrayReport]:
+def run(run_dir, threads: int = 4) -> verify.Report:
     t0 = time.perf_counter()
-    store, checks = verify.plan(run_dir)
-    reports = verify.run(checks, threads)
-    for line in verify.summary(store, reports):
+    report = verify.run(run_dir, threads)
+    for line in report.lines():
         print(line)
-    saes = verify.check_saes(run_dir)
-    for folder, problem in saes:
-        print(f"  {folder.relative_to(run_dir)}  {'BAD: ' + problem if problem else 'ok (sha256)'}")
-    message = verify.problems(store, reports)
-    if message:
-        raise UserError(message)
-    bad_saes = [problem for _, problem in saes if problem]
-    if bad_saes:
-        raise UserError(bad_saes[0] + (f" (and {len(bad_saes) - 1} more SAEs)" if len(bad_saes) > 1 else ""))
-    n = sum(len(r.check.chunks) for r in reports)
-    print(f"verify: sound: {n} chunks and {len(saes)} SAEs checked in {time.perf_counter() - t0:.1f} s")
-    return reports
+    problem = report.problem()
+    if problem:
+        raise UserError(problem)
+    print(f"verify: sound: {report.n_chunks} chunks and {len(report.saes)} SAEs checked in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return report

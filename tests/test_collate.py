@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -17,8 +19,13 @@ import zarr
 from click.testing import CliRunner
 
 from helpers import CORPUS, make_tokenizer
+from pipeline import accumulators as A
 from pipeline import collate as C
-from pipeline import fsio
+from pipeline import fsio, records, viewer
+from pipeline import scan as S
+from pipeline.errors import UserError
+from pipeline.paths import records_dir
+from pipeline.windows import TokenText
 from pipeline.config import CollateConfig, config_from_dict
 from pipeline.sae import TopKSAE
 from pipeline.store import write_synthetic
@@ -92,10 +99,30 @@ def brute_top(a: torch.Tensor, n_top: int) -> list[tuple[int, float]]:
     return [(row, -neg) for neg, row in sorted(cands)[:n_top]]
 
 
+def reference_key(seed: int, row: int, latent: int) -> int:
+    """The random sample's key, from the algorithm in pipeline/accumulators.py's docstring,
+    in plain Python integers (the production code splits products into 16-bit halves)."""
+    m = 0xFFFFFFFF
+
+    def fmix32(h):
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & m
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & m
+        return h ^ (h >> 16)
+
+    half = []
+    for salt in (0x9E3779B9, 0x7F4A7C15):
+        s = fmix32(fmix32((seed & m) ^ salt) ^ (seed >> 32))
+        r = fmix32(fmix32((row & m) ^ s) ^ (row >> 32))
+        half.append(fmix32(r ^ latent) >> 1)
+    return half[0] << 31 | half[1]
+
+
 def brute_random(a: torch.Tensor, latent: int, seed: int, n_random: int) -> list[int]:
-    rows = torch.nonzero(a > 0).flatten()
-    keys = C.random_keys(seed, rows, torch.full_like(rows, latent))
-    return [r for _, r in sorted(zip(keys.tolist(), rows.tolist()))[:n_random]]
+    """The n_random rows where the latent fires with the smallest reference keys (ties to smaller rows)."""
+    rows = torch.nonzero(a > 0).flatten().tolist()
+    return sorted(rows, key=lambda r: (reference_key(seed, r, latent), r))[:n_random]
 
 
 @pytest.mark.parametrize("prepend_bos", [True, False])
@@ -103,9 +130,9 @@ def test_scan_matches_brute_force(tmp_path, tokenizer_dir, prepend_bos):
     store, acts, _ = make_run(tmp_path, tokenizer_dir, prepend_bos)
     sae = TopKSAE.load(tmp_path / "saes/0/resid_post")
     cfg = CollateConfig(**make_cfg(tmp_path)["collate"])
-    col = C.scan(store, 0, "resid_post", sae, cfg, "cpu")
+    col = S.scan(store, 0, "resid_post", sae, cfg, "cpu")
 
-    Z = dense(sae, acts, C.batch_rows_for(cfg, CTX))
+    Z = dense(sae, acts, S.batch_rows_for(cfg, CTX))
     if prepend_bos:
         Z[::CTX] = 0  # BOS positions are excluded from everything
     n_tok = N_SEQ * CTX - (N_SEQ if prepend_bos else 0)
@@ -156,7 +183,7 @@ def test_random_sample_is_uniform_over_seeds():
     counts = {lat: Counter() for lat in fires}
     for seed in range(seeds):
         cfg = CollateConfig(n_top=0, n_random=M, seed=seed)
-        col = C.Collator(8, ctx, cfg, "cpu", skip_first=True)
+        col = A.Collator(8, ctx, cfg, "cpu", skip_first=True)
         for lo, hi in ((0, 8), (8, 32), (32, B)):  # uneven whole-sequence batches
             col.update(lo, idx[lo:hi], vals[lo:hi])
         col.finish()
@@ -177,12 +204,17 @@ def test_random_sample_is_uniform_over_seeds():
 def test_random_keys_do_not_depend_on_batching():
     rows = torch.arange(1000, dtype=torch.int64) * 7919 + (1 << 33)
     lats = torch.arange(1000, dtype=torch.int64) % 37
-    whole = C.random_keys(3, rows, lats)
-    parts = torch.cat([C.random_keys(3, rows[i: i + 97], lats[i: i + 97]) for i in range(0, 1000, 97)])
+    whole = A.random_keys(3, rows, lats)
+    parts = torch.cat([A.random_keys(3, rows[i: i + 97], lats[i: i + 97]) for i in range(0, 1000, 97)])
     assert torch.equal(whole, parts)
     assert int(whole.min()) >= 0 and int(whole.max()) < (1 << 62)
-    assert not torch.equal(whole, C.random_keys(4, rows, lats))
+    assert not torch.equal(whole, A.random_keys(4, rows, lats))
     assert len(set(whole.tolist())) == 1000
+    # The documented keys, also for seeds and rows past 32 bits.
+    big = (1 << 40) + 12345
+    assert [int(k) for k in whole[::50]] == [reference_key(3, int(r), int(j)) for r, j in zip(rows[::50], lats[::50])]
+    assert [int(k) for k in A.random_keys(big, rows[:20], lats[:20])] == \
+        [reference_key(big, int(r), int(j)) for r, j in zip(rows[:20], lats[:20])]
 
 
 def _strict(text: str):
@@ -252,6 +284,16 @@ def test_files_match_schema_and_brute_force(tmp_path, tokenizer_dir, tokenizer, 
 
     js = (out / "viewer_data/features_0.js").read_text()
     assert js.startswith("saeViewer.shard(0, [") and (out / "viewer_data/index.js").exists()
+    assert summary["context_size"] == CTX
+
+    # The viewer's search data: per latent, the distinct tokens at its top records' picked rows.
+    js = (out / "viewer_data/search.js").read_text()
+    assert js.startswith("saeViewer.search(") and js.endswith(");\n")
+    search = _strict(js[len("saeViewer.search("): -len(");\n")])
+    assert len(search["latents"]) == N_LAT and len(set(search["tokens"])) == len(search["tokens"])
+    for latent in range(N_LAT):
+        want = {tokenizer.decode([int(tokens.flat[row])]) for row, _ in brute_top(Z_ref[:, latent], 5)}
+        assert {search["tokens"][j] for j in search["latents"][latent]} == want, latent
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -267,23 +309,21 @@ def test_killed_run_leaves_nothing_finished_and_rerun_is_identical(tmp_path, tok
     assert "done" in first and "features/0.json" in first
 
     # A kill halfway through writing the features of a fresh run.
-    import shutil
-
     shutil.rmtree(tmp_path / "records")
-    real_add, calls = C.viewer.ViewerWriter.add, []
+    real_add, calls = viewer.ViewerWriter.add, []
 
-    def dying_add(self, i, blob):
+    def dying_add(self, i, blob, picked):
         calls.append(i)
         if len(calls) == 20:
             raise KeyboardInterrupt
-        real_add(self, i, blob)
+        real_add(self, i, blob, picked)
 
-    monkeypatch.setattr(C.viewer.ViewerWriter, "add", dying_add)
+    monkeypatch.setattr(viewer.ViewerWriter, "add", dying_add)
     with pytest.raises(KeyboardInterrupt):
         stage.run(cfg)
     monkeypatch.undo()
     assert not out.exists() and (out.parent / "resid_post.partial").exists()
-    assert not C.finished(out, C.fingerprint(cfg.collate, tmp_path / "saes/0/resid_post"))
+    assert not records.finished(out, records.fingerprint(cfg.collate, tmp_path / "saes/0/resid_post"))
     assert not list((out.parent / "resid_post.partial").rglob("*.tmp"))  # no torn file under a final name
 
     stage.run(cfg)
@@ -305,7 +345,7 @@ def test_killed_run_leaves_nothing_finished_and_rerun_is_identical(tmp_path, tok
     with torch.no_grad():
         sae.b_lat[DEAD] = 0.0
     sae.save(tmp_path / "saes/0/resid_post")
-    assert not C.finished(out, C.fingerprint(cfg.collate, tmp_path / "saes/0/resid_post"))
+    assert not records.finished(out, records.fingerprint(cfg.collate, tmp_path / "saes/0/resid_post"))
     stage.run(cfg)
     assert _snapshot(out) != first
 
@@ -373,16 +413,16 @@ def test_collate_holds_a_lock_per_layer_and_hook(tmp_path, tokenizer_dir, monkey
 
     # And collate itself holds it while it works.
     refused = []
-    real = stage.collate_sae
+    real = C.collate_sae
 
     def probe(*args, **kwargs):
-        with pytest.raises(C.UserError, match="another"):
+        with pytest.raises(UserError, match="another"):
             with fsio.run_lock(tmp_path, "collate.0.resid_post"):
                 pass
         refused.append(True)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stage, "collate_sae", probe)
+    monkeypatch.setattr(C, "collate_sae", probe)
     stage.run(config_from_dict(make_cfg(tmp_path)))
     assert refused == [True] and (tmp_path / "records/0/resid_post/done").exists()
 
@@ -449,11 +489,11 @@ def test_cli_layer_flag_and_viewer_path(tmp_path, tokenizer_dir):
 def test_token_strings_concatenate_to_text(tokenizer):
     text = "Zarr café — naïve 😀 façade\nnext line"
     ids = tokenizer.encode(text, add_special_tokens=False)
-    strings = C.TokenText(tokenizer).strings(ids)
+    strings = TokenText(tokenizer).strings(ids)
     assert len(strings) == len(ids)
     assert "".join(strings) == text
     assert "😀" in strings  # the emoji's bytes span tokens; it lands, whole, on the last one
-    plain = C.TokenText(tokenizer).strings(tokenizer.encode(" the lazy dog", add_special_tokens=False))
+    plain = TokenText(tokenizer).strings(tokenizer.encode(" the lazy dog", add_special_tokens=False))
     assert "".join(plain) == " the lazy dog" and plain[0].startswith(" ")
 
 
@@ -472,3 +512,68 @@ def test_cli_missing_store_chunk(tmp_path, tokenizer_dir, array):
     assert f"array {array} chunk 1 is missing" in errors[0] and "Traceback" not in result.output
     assert not (tmp_path / "records/0/resid_post").exists()
     assert not (tmp_path / "records/0/resid_post.partial").exists()
+
+
+def test_full_disk_is_one_line_keeps_old_records_and_the_rerun_completes(tmp_path, tokenizer_dir):
+    """A real write failure (RLIMIT_FSIZE: Python ignores SIGXFSZ, so writes fail with EFBIG)
+    mid-collate: one line, exit 2, the earlier finished records untouched, and a rerun
+    without the limit writes the same records as an unbroken run."""
+    import resource
+
+    make_run(tmp_path, tokenizer_dir)
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(make_cfg(tmp_path)))
+    stage.run(config_from_dict(make_cfg(tmp_path)))
+    out = records_dir(tmp_path, 0, "resid_post")
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    # A new n_top makes the finished records stale, so collate redoes them: the writes hit the limit.
+    res = subprocess.run([SAEPIPE, "collate", str(cfg_path), "--set", "collate.n_top=4"], capture_output=True,
+                         text=True, preexec_fn=small_files)
+    assert res.returncode == 2, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("saepipe: error:")]
+    assert len(errors) == 1 and "file size limit" in errors[0] and "Traceback" not in res.stderr, res.stderr
+    after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before, "the finished records stay as they were"
+
+    res = subprocess.run([SAEPIPE, "collate", str(cfg_path), "--set", "collate.n_top=4"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads((out / "features" / "0.json").read_text())["top"]) <= 4
+    reference = tmp_path / "reference"
+    make_run(reference, tokenizer_dir)
+    stage.run(config_from_dict(make_cfg(reference, n_top=4)))
+    ref_out = records_dir(reference, 0, "resid_post")
+    for p in sorted(ref_out.rglob("*.json")):
+        if p.name != "done":
+            assert (out / p.relative_to(ref_out)).read_bytes() == p.read_bytes(), p
+
+
+def test_index_page_links_every_finished_layer_with_its_numbers(tmp_path, tokenizer_dir):
+    make_run(tmp_path, tokenizer_dir, sae=False)
+    sae = make_sae()
+    sae.save(tmp_path / "saes/0/resid_post", extra_cfg={"eval": {"fvu": 0.123456, "dead_frac": 0.0625}})
+    stage.run(config_from_dict(make_cfg(tmp_path)))
+    # Another layer finished earlier (a copy stands in for it): listed too, though not collated now.
+    shutil.copytree(tmp_path / "records/0/resid_post", tmp_path / "records/3/resid_post")
+    shutil.copytree(tmp_path / "records/0/resid_post", tmp_path / "records/3/mlp_out.partial")  # unfinished
+    stage.run(config_from_dict(make_cfg(tmp_path)))
+
+    page = (tmp_path / "records/index.html").read_text()
+    rows = re.findall(r"<tr>(.*?)</tr>", page, re.S)[1:]  # after the header
+    cells = [[re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td>(.*?)</td>", r)] for r in rows]
+    summary = json.loads((tmp_path / "records/0/resid_post/summary.json").read_text())
+    numbers = [str(N_LAT), str(summary["dead"]), str(summary["ultra_rare"]), f"{summary['n_tokens']:,}"]
+    assert cells == [["0", "resid_post", "viewer", *numbers, "0.1235", "6.25%"],
+                     ["3", "resid_post", "viewer (its SAE is gone)", *numbers, "–", "–"]]
+    assert 'href="0/resid_post/viewer.html"' in page and 'href="3/resid_post/viewer.html"' in page
+
+    # Retrained after collate: the row says its records are stale.
+    with torch.no_grad():
+        sae.b_lat[DEAD] = 0.0
+    sae.save(tmp_path / "saes/0/resid_post", extra_cfg={"eval": {"fvu": 0.5, "dead_frac": 0.0}})
+    viewer.write_index_page(tmp_path)
+    assert "the SAE changed since: rerun collate" in (tmp_path / "records/index.html").read_text()

@@ -23,7 +23,7 @@ def test_demo_config_end_to_end(tmp_path):
     run = tmp_path / "run"
     sets = [f"run_dir={run}", f"data.path={corpus}", "harvest.n_tokens=8192",
             "train.n_tokens=16384", "train.batch_size=1024", "train.expansion_factor=2",
-            "train.eval_every=8", "train.checkpoint_every=8", "train.dead_tokens=4096",
+            "train.eval_every=8", "train.checkpoint_every=8", "train.dormant_tokens=4096",
             "collate.n_top=5", "collate.n_random=3"]
     args = [a for s in sets for a in ("--set", s)]
     outputs = {}

@@ -20,8 +20,9 @@ from click.testing import CliRunner
 
 from helpers import make_model, write_corpus
 from pipeline.config import config_from_dict
+from pipeline.errors import UserError
 from pipeline.store import ActivationStore, ProgressLog, from_storage, to_storage
-from stages import harvest
+from pipeline import harvest
 from stages.cli import main as cli
 
 ARCHS = ["gpt2", "llama", "neox", "bert"]
@@ -165,8 +166,13 @@ def test_new_layer_rerun_aligns_and_finished_layer_is_noop(models, corpus, tmp_p
     lines = other.read_text().splitlines()
     other.write_text("\n".join(reversed(lines)) + "\n")
     bad = dict(raw, data={"path": str(other)})
-    with pytest.raises(Exception, match="use a new run_dir"):
+    with pytest.raises(UserError) as err:
         harvest.run(config_from_dict(bad), layers=[3], progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{store_dir} was harvested with other settings: "
+                                               f"data.path: {str(corpus)!r} there, {str(other)!r} now; data.sha256: ")
+    assert msg.endswith("so use a new run_dir for the new settings, or restore the old ones")
+    assert not ActivationStore(tmp_path / "run").has(3, "resid_post")
 
 
 def test_sigkill_resume_matches_uninterrupted(models, corpus, tmp_path):
@@ -263,13 +269,3 @@ def test_bad_inputs_one_line_exit_2(case, models, corpus, tmp_path):
         blocker.write_text("x")
         raw["run_dir"] = str(blocker / "run")
         _expect_error(tmp_path, raw, "is not writable")
-
-
-def test_example_configs_validate():
-    from pipeline.config import load_config
-
-    root = Path(__file__).resolve().parents[1]
-    for name in ("demo.yaml", "gpt2-small.yaml"):
-        cfg = load_config(root / "configs" / name)
-        assert cfg.harvest.layers and cfg.harvest.n_tokens >= cfg.harvest.context_size
-    assert load_config(root / "configs" / "gpt2-small.yaml").harvest.layers == [8]

@@ -26,7 +26,7 @@ from helpers import make_model, write_corpus
 from pipeline.config import config_from_dict
 from pipeline.errors import UserError
 from pipeline.store import ActivationStore, ProgressLog, chunk_file
-from stages import harvest
+from pipeline import harvest
 from stages.cli import main as cli
 
 SAEPIPE = str(Path(sys.executable).parent / "saepipe")
@@ -146,6 +146,16 @@ def test_damaged_metadata_refused_and_repaired(array, clean, gpt2, corpus, tmp_p
     meta.unlink()  # lost outright: verify still sees the array through its folder and logs
     res, errors = invoke("verify", run_dir)
     assert res.exit_code == 2 and f"{array} metadata (zarr.json) missing" in errors[0], res.output
+
+
+def test_every_chunk_logged_but_not_marked_complete_is_finished(clean, gpt2, corpus, tmp_path):
+    # A kill after the last chunk's log line, before `complete` was set: a rerun only marks it.
+    run_dir, cfg_path = copy_run(clean, tmp_path, gpt2, corpus)
+    ActivationStore(run_dir, mode="a").group[LAYER].attrs["complete"] = False
+    res, errors = invoke("harvest", cfg_path)
+    assert res.exit_code == 0 and "are complete; nothing to do" in res.stdout, res.output
+    assert ActivationStore(run_dir).array(1, "resid_post").attrs["complete"] is True
+    assert files(run_dir / "activations.zarr") == files(clean / "activations.zarr")
 
 
 def test_verify_flags_and_stores_without_checksums(clean, gpt2, corpus, tmp_path):

@@ -1,4 +1,5 @@
-"""Tests for pipeline/kernels.py: Triton kernels vs references vs a dense formulation.
+"""Tests for pipeline/kernels.py: Triton kernels (*_triton) vs their references (*_reference)
+vs a dense formulation, and the autograd entry points (decode, encode_gather).
 
 Runs the Triton kernels on CPU through the interpreter (TRITON_INTERPRET=1,
 set below before torch/triton/pipeline are imported); shapes stay small
@@ -13,6 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import kernels as K  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
 
 INTERPRET_OR_CUDA = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(
@@ -72,11 +74,11 @@ IDX_DTYPES = [torch.int32, torch.int64]
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}k{}n{}d{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=str)
-def test_decode_triton_vs_ref(shape, dtype, idx_dtype):
+def test_decode_triton_vs_reference(shape, dtype, idx_dtype):
     B, k, n, d = shape
     idx = make_idx(B, k, n, idx_dtype)
     vals, W = randn(B, k, dtype=dtype, seed=1), randn(n, d, dtype=dtype, seed=2)
-    ref = K.decode_ref(idx, vals, W)
+    ref = K.decode_reference(idx, vals, W)
     close(K.decode_triton(idx, vals, W), ref, dtype)
     close(K.decode_triton(idx, vals, W, block_b=8, block_d=16), ref, dtype)
 
@@ -85,13 +87,13 @@ def test_decode_triton_vs_ref(shape, dtype, idx_dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}k{}n{}d{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=str)
-def test_gather_dot_triton_vs_ref(shape, dtype, idx_dtype):
+def test_gather_dot_triton_vs_reference(shape, dtype, idx_dtype):
     B, k, n, d = shape
     idx = make_idx(B, k, n, idx_dtype)
     dense, W, bias = randn(B, d, dtype=dtype, seed=1), randn(n, d, dtype=dtype, seed=2), randn(n, dtype=dtype, seed=3)
-    close(K.gather_dot_triton(dense, W, idx), K.gather_dot_ref(dense, W, idx), dtype)
+    close(K.gather_dot_triton(dense, W, idx), K.gather_dot_reference(dense, W, idx), dtype)
     close(K.gather_dot_triton(dense, W, idx, bias, block_p=8, block_d=16),
-          K.gather_dot_ref(dense, W, idx, bias), dtype)
+          K.gather_dot_reference(dense, W, idx, bias), dtype)
 
 
 # Scatter cases: (B, k, n, d, block_p, block_d).  Small segments (block_p=8)
@@ -104,13 +106,13 @@ SCATTER_CASES = [(37, 5, 70, 24, 8, 16), (37, 5, 70, 24, None, None), (37, 1, 70
 @pytest.mark.parametrize("case", SCATTER_CASES, ids=lambda c: "B{}k{}n{}d{}bp{}bd{}".format(*c))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=str)
-def test_scatter_outer_triton_vs_ref(case, dtype, idx_dtype):
+def test_scatter_outer_triton_vs_reference(case, dtype, idx_dtype):
     B, k, n, d, bp, bd = case
     idx = make_idx(B, k, n, idx_dtype)
     vals, dense = randn(B, k, dtype=dtype, seed=1), randn(B, d, dtype=dtype, seed=2)
     kw = {} if bp is None else dict(block_p=bp, block_d=bd)
     got = K.scatter_outer_triton(idx, vals, dense, n, **kw)
-    close(got, K.scatter_outer_ref(idx, vals, dense, n), dtype)
+    close(got, K.scatter_outer_reference(idx, vals, dense, n), dtype)
     untouched = torch.ones(n, dtype=torch.bool, device=DEVICE)
     untouched[idx.long().reshape(-1)] = False
     assert (got[untouched] == 0).all()
@@ -126,7 +128,7 @@ def test_scatter_outer_triton_out_dtype_and_unsorted_duplicates():
     vals, dense = randn(B, k, seed=4), randn(B, d, seed=5)
     got = K.scatter_outer_triton(idx, vals, dense, n, out_dtype=torch.bfloat16, block_p=4, block_d=8)
     assert got.dtype == torch.bfloat16
-    close(got, K.scatter_outer_ref(idx, vals, dense, n, out_dtype=torch.bfloat16), torch.bfloat16)
+    close(got, K.scatter_outer_reference(idx, vals, dense, n, out_dtype=torch.bfloat16), torch.bfloat16)
     assert (got[3:] == 0).all()
 
 
@@ -136,10 +138,10 @@ def test_triton_kernels_fp64():
     idx = make_idx(B, k, n)
     vals, dense, W = randn(B, k, dtype=torch.float64), randn(B, d, dtype=torch.float64, seed=1), \
         randn(n, d, dtype=torch.float64, seed=2)
-    close(K.decode_triton(idx, vals, W), K.decode_ref(idx, vals, W), torch.float64)
-    close(K.gather_dot_triton(dense, W, idx), K.gather_dot_ref(dense, W, idx), torch.float64)
+    close(K.decode_triton(idx, vals, W), K.decode_reference(idx, vals, W), torch.float64)
+    close(K.gather_dot_triton(dense, W, idx), K.gather_dot_reference(dense, W, idx), torch.float64)
     close(K.scatter_outer_triton(idx, vals, dense, n, block_p=4, block_d=8),
-          K.scatter_outer_ref(idx, vals, dense, n), torch.float64)
+          K.scatter_outer_reference(idx, vals, dense, n), torch.float64)
 
 
 # ----------------------------------------------------------------------------
@@ -148,40 +150,40 @@ def test_triton_kernels_fp64():
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}k{}n{}d{}".format(*s))
 @pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=str)
-def test_refs_vs_dense(shape, idx_dtype):
+def test_references_vs_dense(shape, idx_dtype):
     B, k, n, d = shape
     idx = make_idx(B, k, n, idx_dtype)
     vals, W, dense, bias = randn(B, k, seed=1), randn(n, d, seed=2), randn(B, d, seed=3), randn(n, seed=4)
     S = dense_S(idx, vals, n)                     # [B, n]
     W64, dense64 = W.double(), dense.double()
     tol = dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(K.decode_ref(idx, vals, W).double(), S @ W64, **tol)
+    torch.testing.assert_close(K.decode_reference(idx, vals, W).double(), S @ W64, **tol)
     G = dense64 @ W64.T + bias.double()           # [B, n], then gathered at idx
-    torch.testing.assert_close(K.gather_dot_ref(dense, W, idx, bias).double(), G.gather(1, idx.long()), **tol)
-    torch.testing.assert_close(K.scatter_outer_ref(idx, vals, dense, n).double(), S.T @ dense64, **tol)
+    torch.testing.assert_close(K.gather_dot_reference(dense, W, idx, bias).double(), G.gather(1, idx.long()), **tol)
+    torch.testing.assert_close(K.scatter_outer_reference(idx, vals, dense, n).double(), S.T @ dense64, **tol)
     torch.testing.assert_close(K.scatter_sum(idx, vals, n).double(), S.sum(0), **tol)
 
 
-def test_refs_bf16_dtypes():
+def test_references_bf16():
     B, k, n, d = 11, 3, 13, 6
     idx = make_idx(B, k, n)
     vals, W, dense = (randn(*s, dtype=torch.bfloat16, seed=i) for i, s in enumerate([(B, k), (n, d), (B, d)]))
     S = dense_S(idx, vals, n)
-    for got, exp in [(K.decode_ref(idx, vals, W), S @ W.double()),
-                     (K.gather_dot_ref(dense, W, idx), (dense.double() @ W.double().T).gather(1, idx)),
-                     (K.scatter_outer_ref(idx, vals, dense, n), S.T @ dense.double())]:
+    for got, exp in [(K.decode_reference(idx, vals, W), S @ W.double()),
+                     (K.gather_dot_reference(dense, W, idx), (dense.double() @ W.double().T).gather(1, idx)),
+                     (K.scatter_outer_reference(idx, vals, dense, n), S.T @ dense.double())]:
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.double(), exp, rtol=2e-2, atol=3e-2)
 
 
-def test_ref_chunking(monkeypatch):
+def test_reference_chunking(monkeypatch):
     # Force many small chunks in the references; results must not change.
     B, k, n, d = 20, 4, 15, 6
     idx = make_idx(B, k, n)
     vals, W, dense = randn(B, k), randn(n, d, seed=1), randn(B, d, seed=2)
-    full = (K.gather_dot_ref(dense, W, idx), K.scatter_outer_ref(idx, vals, dense, n))
+    full = (K.gather_dot_reference(dense, W, idx), K.scatter_outer_reference(idx, vals, dense, n))
     monkeypatch.setattr(K, "_REF_CHUNK_ELEMS", 50)
-    chunked = (K.gather_dot_ref(dense, W, idx), K.scatter_outer_ref(idx, vals, dense, n))
+    chunked = (K.gather_dot_reference(dense, W, idx), K.scatter_outer_reference(idx, vals, dense, n))
     for a, b in zip(full, chunked):
         torch.testing.assert_close(a, b)
 
@@ -243,38 +245,59 @@ def test_gradcheck(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_autograd_bf16_grad_dtypes(backend):
+def test_autograd_bf16_matches_dense_float64(backend):
+    # bf16 in, bf16 grads out, and their values those of the dense formulation in
+    # float64 over the same (bf16-exact) inputs, to bf16 accuracy.
     B, k, n, d = 10, 3, 12, 8
     idx = make_idx(B, k, n)
     W_enc, W_dec = (randn(n, d, dtype=torch.bfloat16, seed=s).requires_grad_() for s in (1, 2))
-    b_lat = torch.zeros(n, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    b_lat = (randn(n, dtype=torch.bfloat16, seed=4) * 0.5).requires_grad_()
     x_c = randn(B, d, dtype=torch.bfloat16, seed=3).requires_grad_()
     vals = torch.relu(K.encode_gather(x_c, W_enc, b_lat, idx, backend=backend))
     out = K.decode(idx, vals, W_dec, backend=backend)
     assert vals.dtype == out.dtype == torch.bfloat16
     out.float().square().sum().backward()
-    for t in (W_enc, W_dec, b_lat, x_c):
-        assert t.grad.dtype == torch.bfloat16 and torch.isfinite(t.grad.float()).all()
+
+    ref = {name: t.detach().double().requires_grad_() for name, t in
+           dict(W_enc=W_enc, W_dec=W_dec, b_lat=b_lat, x_c=x_c).items()}
+    z = ref["x_c"] @ ref["W_enc"].T + ref["b_lat"]
+    mask = torch.zeros_like(z).scatter(1, idx, 1.0)
+    out_ref = (torch.relu(z) * mask) @ ref["W_dec"]
+    out_ref.square().sum().backward()
+    assert (vals > 0).any() and (vals == 0).any()  # the relu mask is exercised
+    torch.testing.assert_close(out.double(), out_ref.detach(), rtol=2e-2, atol=2e-2 * out_ref.abs().max().item())
+    for name, t in dict(W_enc=W_enc, W_dec=W_dec, b_lat=b_lat, x_c=x_c).items():
+        want = ref[name].grad
+        assert t.grad.dtype == torch.bfloat16, name
+        torch.testing.assert_close(t.grad.double(), want, rtol=3e-2, atol=3e-2 * want.abs().max().item(), msg=name)
 
 
 # ----------------------------------------------------------------------------
 # Backend dispatch
 # ----------------------------------------------------------------------------
 
-def test_backend_dispatch(monkeypatch):
-    t = torch.zeros(2, 2)
-    assert K.use_triton("torch", t) is False
+def test_resolve_backend(monkeypatch):
+    assert K.resolve_backend("torch", "cpu") == "torch"
     with pytest.raises(ValueError):
-        K.use_triton("cuda", t)
+        K.resolve_backend("cuda", "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert K.use_triton("auto", t) is False  # CPU tensors: torch, even with the interpreter on
-    assert K.use_triton("triton", t) is K.HAS_TRITON  # the interpreter serves explicit requests
+    assert K.resolve_backend("auto", torch.device("cpu")) == "torch"  # off CUDA: torch, even when interpreting
+    if K.HAS_TRITON:
+        assert K.resolve_backend("triton", "cpu") == "triton"  # the interpreter serves explicit requests
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert K.use_triton("auto", t) is False
+    assert K.resolve_backend("auto", "cpu") == "torch"
+    with pytest.raises(UserError) as err:
+        K.resolve_backend("triton", "cpu", key="train.backend")
+    assert str(err.value) == ("train.backend = triton needs a CUDA device (or TRITON_INTERPRET=1 for testing); "
+                              "use train.backend=torch on CPU")
     monkeypatch.setattr(K, "HAS_TRITON", False)
-    assert K.use_triton("auto", t) is False
-    with pytest.raises(RuntimeError):
-        K.use_triton("triton", t)
+    assert K.resolve_backend("auto", "cuda") == "torch"
+    with pytest.raises(UserError) as err:
+        K.resolve_backend("triton", "cuda")
+    assert str(err.value) == "train.backend = triton but triton is not installed; use train.backend=torch"
+    # The autograd entry points go through it too.
+    with pytest.raises(UserError, match="triton is not installed"):
+        K.decode(torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1), torch.zeros(4, 3), backend="triton")
 
 
 def test_bad_idx_rejected():

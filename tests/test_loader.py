@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.loader import (BatchLoader, Cursor, RowFilter, count_nonfinite, eval_rows, split_chunks,
-                             trainable_rows)
+from pipeline.loader import (BatchLoader, Cursor, RowFilter, count_nonfinite, eval_rows, excludes_bos,
+                             split_chunks, trainable_rows)
 from pipeline.store import write_synthetic
 
 CTX, CHUNK, N_CHUNKS, D = 8, 16, 20, 4
@@ -71,6 +71,12 @@ def test_bos_rows_kept_when_not_excluded_or_not_prepended(tmp_path):
     store = id_store(tmp_path / "b", prepend_bos=True)
     ld, rf = loader(store, list(range(N_CHUNKS)), batch=CHUNK * N_CHUNKS, exclude_bos=False)
     assert sorted(ids(next(iter(ld))[0])) == list(range(CHUNK * N_CHUNKS))
+
+
+def test_bos_is_excluded_only_when_the_store_prepended_it_and_the_config_asks(tmp_path):
+    with_bos, without = id_store(tmp_path / "a", prepend_bos=True), id_store(tmp_path / "b", prepend_bos=False)
+    assert excludes_bos(with_bos, True) and not excludes_bos(with_bos, False)
+    assert not excludes_bos(without, True) and not excludes_bos(without, False)
 
 
 def test_batches_are_a_function_of_seed_and_resume_from_a_cursor_exactly(tmp_path):

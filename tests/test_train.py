@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from pipeline.config import config_from_dict
 from pipeline.sae import TopKSAE
 from pipeline.store import ActivationStore, write_synthetic
-from pipeline.train import OUTPUTS, geometric_median, plan
+from pipeline.train import OUTPUTS, geometric_median, learning_rate, plan_sae, sae_loss
 from stages import train as stage
 from stages.cli import main
 
@@ -85,8 +85,8 @@ def work_folder(run_dir, layer=1, hook="resid_post"):
 
 
 # --------------------------------------------------------------------------- the step itself
-def dense_reference(sae, x, dead, k_aux):
-    """The same loss with dense [B, n] latents and plain autograd."""
+def dense_reference(sae, x, dormant, k_aux, aux_alpha):
+    """FVU + aux_alpha * AuxK written out with dense [B, n] latents and plain autograd."""
     x_c = x - sae.b_pre
     z = x_c @ sae.W_enc.T + sae.b_lat
     idx = z.detach().topk(sae.k, dim=-1).indices
@@ -94,10 +94,10 @@ def dense_reference(sae, x, dead, k_aux):
     x_hat = acts @ sae.W_dec + sae.b_pre
     e = x - x_hat
     loss = e.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    aux_idx = z.detach().masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1).indices
+    aux_idx = z.detach().masked_fill(~dormant, -torch.inf).topk(k_aux, dim=-1).indices
     aux_acts = torch.zeros_like(z).scatter(1, aux_idx, torch.relu(z.gather(1, aux_idx)))
     r = e.detach()
-    return loss + (aux_acts @ sae.W_dec - r).pow(2).sum() / r.pow(2).sum() / 32
+    return loss + aux_alpha * (aux_acts @ sae.W_dec - r).pow(2).sum() / r.pow(2).sum()
 
 
 def test_sparse_training_step_matches_dense_autograd():
@@ -107,15 +107,13 @@ def test_sparse_training_step_matches_dense_autograd():
         sae.b_lat.normal_(0, 0.1)
         sae.b_pre.normal_()
     x = torch.randn(40, 16, dtype=torch.float64)
-    dead = torch.rand(64) < 0.5
-    o = sae.forward_train(x, dead, k_aux=8)
-    e = x - o.x_hat
-    r = e.detach()
-    loss = e.pow(2).sum() / (x - x.mean(0)).pow(2).sum() + (o.aux_hat - r).pow(2).sum() / r.pow(2).sum() / 32
+    dormant = torch.rand(64) < 0.5
+    loss, fvu, aux, _ = sae_loss(x, sae.forward_train(x, dormant, k_aux=8), aux_alpha=0.25)
+    assert aux > 0 and loss == fvu + 0.25 * aux
     loss.backward()
     ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
-    ref = dense_reference(sae, x, dead, 8)
+    ref = dense_reference(sae, x, dormant, 8, aux_alpha=0.25)
     ref.backward()
     torch.testing.assert_close(loss, ref)
     for name, p in sae.named_parameters():
@@ -141,6 +139,14 @@ def test_decoder_constraint_and_scalar_folding():
     torch.testing.assert_close(raw_hat, x_hat / s, rtol=1e-4, atol=1e-3)
 
 
+def test_learning_rate_warms_up_holds_and_decays_to_zero():
+    tc = config_from_dict(config("r", n_tokens=256 * 100, lr=1.0, warmup_steps=50, decay_start=0.8)).train
+    lrs = [learning_rate(tc, s) for s in range(100)]  # warmup capped at a tenth of the 100 steps
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10:80] == [1.0] * 70
+    assert lrs[80:] == pytest.approx([(100 - s) / 20 for s in range(80, 100)])
+
+
 def test_geometric_median_ignores_outliers():
     x = torch.cat([torch.randn(200, 3) * 0.1 + 1.0, torch.full((20, 3), 100.0)])
     assert (geometric_median(x) - 1.0).abs().max() < 0.2
@@ -151,7 +157,7 @@ def test_geometric_median_ignores_outliers():
 def test_recovers_planted_dictionary_with_few_dead_latents(tmp_path):
     atoms = planted_store(tmp_path / "run")
     cfg = config_from_dict(config(tmp_path / "run", layer=0, n_latents=128, k=4, n_tokens=300_000, lr=2e-3,
-                                  warmup_steps=10, dead_tokens=4096, log_every=50, eval_every=400,
+                                  warmup_steps=10, dormant_tokens=4096, log_every=50, eval_every=400,
                                   checkpoint_every=10_000, eval_tokens=4096))
     stage.run(cfg, progress=False)
     out = sae_folder(tmp_path / "run", layer=0)
@@ -160,7 +166,7 @@ def test_recovers_planted_dictionary_with_few_dead_latents(tmp_path):
     info = json.loads((out / "cfg.json").read_text())
     assert best.mean() >= 0.9, best.sort().values[:10]
     assert info["eval"]["fvu"] < 0.1 and info["eval"]["l0"] == 4.0
-    assert info["eval"]["dead_frac_eval"] < 0.05
+    assert info["eval"]["dead_frac"] < 0.05
 
     # outputs: a self-describing cfg, per-step and eval metrics, two pictures, no checkpoint left
     for key in ("architecture", "d_in", "n_latents", "k", "normalize", "model", "layer", "hook", "dataset",
@@ -170,13 +176,14 @@ def test_recovers_planted_dictionary_with_few_dead_latents(tmp_path):
     assert set(load_file(out / "sae.safetensors")) == {"W_enc", "b_lat", "W_dec", "b_pre"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
-    for key in ("step", "tokens", "loss", "nmse", "fvu", "aux_loss", "dead_frac", "lr", "tokens_per_s"):
+    for key in ("step", "tokens", "loss", "nmse", "fvu", "aux_loss", "dormant_frac", "lr", "tokens_per_s"):
         assert key in train_rows[0], key
     assert train_rows[-1]["fvu"] < train_rows[0]["fvu"] / 3
     assert any(r["aux_loss"] > 0 for r in train_rows)  # AuxK did run
     assert [r["step"] for r in rows if r["split"] == "eval"] == [400, 800, 1171]
-    for svg in ("loss.svg", "density.svg"):
-        assert ET.parse(out / svg).getroot().tag.endswith("svg")
+    for name in ("loss", "density"):
+        assert ET.parse(out / f"{name}.svg").getroot().tag.endswith("svg")
+        assert (out / f"{name}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no checkpoint or temp file left
     assert not work_folder(tmp_path / "run", layer=0).exists()
 
@@ -184,10 +191,10 @@ def test_recovers_planted_dictionary_with_few_dead_latents(tmp_path):
 def test_without_auxk_the_same_run_leaves_more_dead_latents(tmp_path):
     planted_store(tmp_path / "run")
     cfg = config_from_dict(config(tmp_path / "run", layer=0, n_latents=128, k=4, n_tokens=300_000, lr=2e-3,
-                                  warmup_steps=10, dead_tokens=4096, log_every=50, eval_every=10_000,
+                                  warmup_steps=10, dormant_tokens=4096, log_every=50, eval_every=10_000,
                                   checkpoint_every=10_000, eval_tokens=4096, aux_alpha=0.0))
     info = stage.run(cfg, progress=False)[(0, "resid_post")]
-    assert info["eval"]["dead_frac_eval"] > 0.05  # the AuxK run above stays below this
+    assert info["eval"]["dead_frac"] > 0.05  # the AuxK run above stays below this
 
 
 def test_scalar_normalisation_is_folded_so_the_saved_sae_takes_raw_activations(tmp_path):
@@ -242,7 +249,7 @@ def test_sigkilled_run_resumes_to_identical_weights(tmp_path):
     for name in ("ref", "killed"):
         random_store(tmp_path / name)
     raw = config(tmp_path / "killed", n_tokens=256 * 400, checkpoint_every=50, log_every=25, eval_every=150,
-                 ema_decay=0.99, dead_tokens=2048)  # dead latents and AuxK before the kill, EMA state carried
+                 ema_decay=0.99, dormant_tokens=2048)  # dormant latents and AuxK before the kill, EMA state carried
     cfg = write_config(tmp_path / "c.yaml", raw)
     out, work = sae_folder(tmp_path / "killed"), work_folder(tmp_path / "killed")
     proc = subprocess.Popen([SAEPIPE, "train", cfg], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -279,7 +286,7 @@ def _foreign_checkpoint(run_dir):
     """A checkpoint left by a run with k = 4 (the config says 8)."""
     folder = work_folder(run_dir)
     folder.mkdir(parents=True)
-    theirs = plan(config_from_dict(config(run_dir, k=4)), ActivationStore(run_dir), 1, "resid_post")
+    theirs = plan_sae(config_from_dict(config(run_dir, k=4)), ActivationStore(run_dir), 1, "resid_post")
     torch.save({"fingerprint": theirs.fingerprint, "step": 20}, folder / "checkpoint.pt")
 
 
@@ -296,6 +303,7 @@ BAD = {
     "batch above the store": (["--set", "train.batch_size=40000", "--set", "train.n_tokens=80000"], None,
                                "train.batch_size = 40000 exceeds the 30744 trainable rows of layer 1 resid_post; "
                                "lower it or harvest more tokens"),
+    "device not present": (["--set", "train.device=mps"], None, "train.device = 'mps': this machine has no such device"),
     "sae of another d": ([], lambda run: _foreign_sae(run, 64), "d_in 64 but the store's layer 1 resid_post has d_model 32"),
     "checkpoint of another config": ([], _foreign_checkpoint, "was started with a different train config (k 4 there vs 8 now)"),
 }
@@ -326,6 +334,7 @@ def test_no_store_is_one_line(tmp_path):
 TRITON_STEP = """
 import torch
 from pipeline.sae import TopKSAE
+from pipeline.train import sae_loss
 torch.manual_seed(0)
 grads = {}
 for backend in ("torch", "triton"):
@@ -333,11 +342,9 @@ for backend in ("torch", "triton"):
     with torch.no_grad():
         sae.b_pre.normal_()
     x = torch.randn(24, 16)
-    dead = torch.arange(64) % 2 == 0
+    dormant = torch.arange(64) % 2 == 0
     torch.manual_seed(1)
-    o = sae.forward_train(x, dead, k_aux=8)
-    e = x - o.x_hat
-    loss = e.pow(2).sum() / (x - x.mean(0)).pow(2).sum() + (o.aux_hat - e.detach()).pow(2).sum() / 32
+    loss = sae_loss(x, sae.forward_train(x, dormant, k_aux=8), aux_alpha=1 / 32)[0]
     loss.backward()
     grads[backend] = [p.grad for p in sae.parameters()]
     torch.manual_seed(0)

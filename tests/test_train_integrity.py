@@ -172,7 +172,7 @@ def test_kill_while_drawing_the_plots_leaves_nothing_marked_done(tmp_path, monke
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer.plots, "histogram", killed)
+    monkeypatch.setattr(trainer.plots, "density_figure", killed)
     code, text = cli("train", cfg)
     assert code == 130 and text.endswith(INTERRUPTED + "\n"), text
     assert not out.exists() and saved_marker(work) is None and not (work / DONE).exists()
@@ -315,7 +315,8 @@ def test_every_file_is_fsynced_before_the_rename_that_shows_it(tmp_path, monkeyp
         return max(i for i, e in enumerate(events) if e == event)
 
     swap = at(("rename", str(work), str(out)))
-    for name in ("checkpoint.pt", "sae.safetensors", "cfg.json", DONE, "metrics.jsonl", "loss.svg"):
+    for name in ("checkpoint.pt", "sae.safetensors", "cfg.json", DONE, "metrics.jsonl", "loss.png", "loss.svg",
+                 "density.png", "density.svg"):
         tmp, final = str(work / (name + ".tmp")), str(work / name)
         renames = [i for i, e in enumerate(events) if e == ("rename", tmp, final)]
         for before, shown in zip([-1] + renames, renames):  # every version: file synced, renamed, name synced

@@ -1,5 +1,7 @@
 """The static viewer, opened from disk in headless Chromium: it renders a latent's
-records as tokens, keeps hostile token text inert, lists/searches/sorts latents."""
+records as tokens, keeps hostile token text inert, lists/searches/sorts latents,
+finds a latent by the tokens of its top records, and the run's index page links
+each layer's viewer."""
 
 from __future__ import annotations
 
@@ -29,16 +31,22 @@ pytestmark = pytest.mark.skipif(
 SCRIPT_TOKEN = "<script>window.__pwned=1</script>"
 IMG_TOKEN = '<img src=x onerror="window.__pwned=2">'
 CTX, N_SEQ, D = 16, 12, 16
+TOPIC, DEAD = 31, 30  # latents rigged below
+# (sequence, position, act on input dim 0): TOPIC fires only here, its 4th best on "denominator".
+TOPIC_ROWS = [(1, 5, 100.0), (4, 6, 90.0), (7, 11, 80.0), (10, 12, 70.0)]
+EVAL = {"fvu": 0.123, "dead_frac": 0.0625}
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    """A collated run whose every sequence holds the two hostile tokens."""
+    """A collated run whose every sequence holds the two hostile tokens, with a latent
+    (TOPIC) whose top records pick three common tokens and last "denominator", and a
+    latent (DEAD) that never fires."""
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("run")
     tok = make_tokenizer(root / "tok")
-    tok.add_tokens([SCRIPT_TOKEN, IMG_TOKEN])
+    tok.add_tokens([SCRIPT_TOKEN, IMG_TOKEN, "denominator"])
     tok.save_pretrained(root / "tok")
     tok = AutoTokenizer.from_pretrained(root / "tok")
     ids = tok.encode(" ".join(CORPUS * 4), add_special_tokens=False)[: N_SEQ * CTX]
@@ -46,9 +54,20 @@ def records(tmp_path_factory):
     tokens[:, 3] = tok.convert_tokens_to_ids(SCRIPT_TOKEN)
     tokens[:, 9] = tok.convert_tokens_to_ids(IMG_TOKEN)
     acts = torch.randn(N_SEQ * CTX, D, generator=torch.Generator().manual_seed(0))
+    picks = list(dict.fromkeys(ids))[:3] + [tok.convert_tokens_to_ids("denominator")]
+    for (seq, pos, act), token in zip(TOPIC_ROWS, picks):
+        tokens[seq, pos] = token
+        acts[seq * CTX + pos, 0] = act
     write_synthetic(root, acts, tokens, attrs={"tokenizer": str(root / "tok")})
     torch.manual_seed(0)
-    TopKSAE(D, 32, 4).save(root / "saes/0/resid_post")
+    sae = TopKSAE(D, 32, 4)
+    with torch.no_grad():
+        sae.W_enc[:, 0] = 0  # input dim 0 reaches TOPIC only
+        sae.W_enc[TOPIC] = 0
+        sae.W_enc[TOPIC, 0] = 1
+        sae.b_lat[TOPIC] = -10  # fires where dim 0 > 10: the TOPIC_ROWS
+        sae.b_lat[DEAD] = -100
+    sae.save(root / "saes/0/resid_post", extra_cfg={"eval": EVAL})
     cfg = config_from_dict({
         "run_dir": str(root), "model": {"name": "synthetic"}, "data": {"path": "synthetic"},
         "harvest": {"layers": [0], "n_tokens": N_SEQ * CTX, "context_size": CTX},
@@ -104,6 +123,7 @@ def browser():
 def _open(driver, page, fragment: str, shown: str):
     from selenium.webdriver.support.ui import WebDriverWait
 
+    driver.get("about:blank")  # a fresh page: a new fragment alone would keep the last test's state
     driver.get(page.resolve().as_uri() + fragment)
     WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.body.dataset.shown") == shown)
 
@@ -157,7 +177,93 @@ def test_latent_page_shows_tokens_and_keeps_markup_inert(records, browser, tmp_p
 
     random_box = browser.find_element(By.ID, "random")
     assert len(random_box.find_elements(By.CLASS_NAME, "record")) == len(feature["random"])
-    assert "Random positive activations" in browser.find_element(By.TAG_NAME, "main").text
+    main = browser.find_element(By.TAG_NAME, "main").text
+    assert "Random positive activations" in main
+    # doc_id is explained: a stored window of context_size tokens, which may span documents.
+    note = browser.find_element(By.ID, "doc-note").text
+    assert "doc_id" in note and f"{CTX} tokens" in note and "end of one document and the start of the next" in note
+    assert "dead" not in main.lower()  # a live latent: the word is kept for never-fired latents
+
+
+def test_dead_means_never_fired(records, browser):
+    from selenium.webdriver.common.by import By
+
+    feature = json.loads((records.parent / f"features/{DEAD}.json").read_text())
+    assert feature["n_positive"] == 0 and feature["top"] == []
+    _open(browser, records, f"#{DEAD}", str(DEAD))
+    assert browser.find_element(By.ID, "top").text == "Never fired on any of the stored tokens: a dead latent."
+    assert "dead" in browser.find_element(By.CSS_SELECTOR, f"#list li[data-id='{DEAD}']").text
+    live = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#list li") if li.get_attribute("data-id") != str(DEAD)]
+    dead_ids = {r["id"] for r in json.loads((records.parent / "index.json").read_text())["latents"] if r["density"] == 0}
+    assert sum("dead" in t for t in live) == len(dead_ids - {DEAD})
+
+
+def test_search_finds_a_latent_by_the_tokens_of_its_top_records(records, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    folder = records.parent
+    index = json.loads((folder / "index.json").read_text())
+    topic = next(r for r in index["latents"] if r["id"] == TOPIC)
+    assert "denominator" not in topic["top_tokens"]  # the list's one-line hint does not show it
+
+    def expected(q: str) -> set[int]:
+        """Latents with a top record picked at a token holding q (any case), from the feature files."""
+        found = set()
+        for r in index["latents"]:
+            f = json.loads((folder / f"features/{r['id']}.json").read_text())
+            picked = [s["tokens"][s["idx"]].lower() for s in f["top"]] + [r["top_tokens"].lower()]
+            found |= {r["id"]} if any(q in t for t in picked) else set()
+        return found
+
+    def listed(d) -> set[int]:
+        return {int(li.get_attribute("data-id")) for li in d.find_elements(By.CSS_SELECTOR, "#list li")}
+
+    assert TOPIC in expected("denominator")
+    _open(browser, records, "", "overview")
+    search = browser.find_element(By.ID, "search")
+    search.clear()
+    search.send_keys("Denominator")
+    WebDriverWait(browser, 20).until(lambda d: listed(d) == expected("denominator"))
+    search.clear()
+    search.send_keys("no such token")
+    WebDriverWait(browser, 20).until(lambda d: listed(d) == set())
+
+
+def test_sidebar_scrolls_to_the_shown_latent(records, browser):
+    from selenium.webdriver.common.by import By
+
+    last = len(json.loads((records.parent / "index.json").read_text())["latents"]) - 1
+    _open(browser, records, f"#{last}", str(last))
+    li = browser.find_element(By.CSS_SELECTOR, f"#list li[data-id='{last}']")
+    assert "on" in li.get_attribute("class").split()
+    box = browser.find_element(By.ID, "list")
+    assert browser.execute_script("return arguments[0].scrollHeight > arguments[0].clientHeight", box), \
+        "the list must be taller than its box for this test to mean anything"
+    inside = """const b = arguments[0].getBoundingClientRect(), r = arguments[1].getBoundingClientRect();
+                return r.top >= b.top - 1 && r.bottom <= b.bottom + 1;  // 1px: layout rounds sub-pixels"""
+    assert browser.execute_script(inside, box, li)
+
+
+def test_index_page_links_each_layer_with_its_numbers(records, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = records.parents[2] / "index.html"
+    summary = json.loads((records.parent / "summary.json").read_text())
+    browser.get(page.resolve().as_uri())
+    rows = browser.find_elements(By.CSS_SELECTOR, "#layers tbody tr")
+    cells = [td.text for td in rows[0].find_elements(By.TAG_NAME, "td")]
+    assert len(rows) == 1 and cells == ["0", "resid_post", "viewer", str(summary["n_latents"]), str(summary["dead"]),
+                                         str(summary["ultra_rare"]), f"{summary['n_tokens']:,}", "0.123", "6.25%"]
+    assert summary["dead"] >= 1  # DEAD
+
+    # The link opens the layer's viewer from disk, and the viewer links back.
+    rows[0].find_element(By.LINK_TEXT, "viewer").click()
+    WebDriverWait(browser, 20).until(lambda d: d.execute_script("return document.body.dataset.shown") == "overview")
+    assert browser.current_url == records.resolve().as_uri()
+    browser.find_element(By.LINK_TEXT, "all layers").click()
+    WebDriverWait(browser, 20).until(lambda d: d.title == "saepipe records")
 
 
 def test_list_search_sort_and_navigation(records, browser):

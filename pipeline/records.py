@@ -1,0 +1,209 @@
+"""Collate's files: what a finished records folder holds, and how to tell whether
+it was made from the inputs at hand.
+
+    features/<i>.json   one latent (OpenAI sae-viewer's FeatureInfo, plus stats)
+    index.json          the latent list: id, density, max_act, common top tokens
+    summary.json        counts over the whole store: n_tokens, dead, ultra-rare, ...
+    viewer.html         the static viewer and its data (pipeline.viewer)
+    done                written last: the fingerprint of what the records were made
+                        from (SAE weights, output-deciding settings)
+
+"dead" means never fired on the whole store (the tokens the statistics counted,
+BOS excluded with exclude_bos): summary.json `dead`, and the viewer's word.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline import fsio, viewer
+from pipeline.accumulators import Collator
+from pipeline.config import CollateConfig, logistics
+from pipeline.paths import DONE
+from pipeline.sae import saved_marker
+from pipeline.windows import Records, TokenText
+
+
+# ---------------------------------------------------------------------------
+# The records
+
+
+def write_atomic(path: Path, text: str):
+    """Temp name, then rename: a killed run never leaves a torn file. No fsync per file
+    (100k latents would take minutes): everything here is written inside `.partial/`,
+    which swap_dir syncs once before it takes the final name."""
+    fsio.write_atomic(path, text, durable=False)
+
+
+def _dumps(obj) -> str:
+    # allow_nan=False: strict JSON, which JavaScript's JSON.parse and other tools accept.
+    return json.dumps(obj, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+
+
+def _round(values: np.ndarray) -> list[float]:
+    # 6 decimals: far below any visible difference, and halves the size of the files.
+    # rint(x * 1e6) / 1e6 is the double nearest the decimal, so it prints short.
+    return np.round(values.astype(np.float64), 6).tolist()
+
+
+def _sequence_info(recs: Records, r: int, text: TokenText, ctx: int) -> dict:
+    n, at = int(recs.length[r]), recs.slot[r]
+    ids = recs.tokens[at, :n]
+    start = int(recs.start[r])
+    return {
+        "doc_id": int(recs.row[r]) // ctx,
+        "idx": int(recs.row[r]) % ctx - start,
+        "act": round(float(recs.act[r]), 6),
+        "acts": _round(recs.acts[at, :n]),
+        "tokens": text.strings(ids),
+        "token_ints": ids.tolist(),
+        "window_start": start,
+    }
+
+
+def _picked(top: list[dict]) -> list[str]:
+    """The tokens at the top records' picked positions, best record first."""
+    return [s["tokens"][s["idx"]] for s in top]
+
+
+def _top_tokens(picked: list[str], n: int = 3, limit: int = 48) -> str:
+    """The most common picked tokens, quoted: the latent list's one-line hint."""
+    common = Counter(picked).most_common(n)
+    out = " ".join(json.dumps(t, ensure_ascii=False) for t, _ in common)
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
+def _density_histogram(density: np.ndarray, bin_width: float = 0.25) -> dict:
+    live = density[density > 0]
+    if not len(live):
+        return {"log10_bin_width": bin_width, "lower_edges": [], "counts": []}
+    b = np.floor(np.log10(live) / bin_width).astype(np.int64)
+    lo = int(b.min())
+    counts = np.bincount(b - lo)
+    return {"log10_bin_width": bin_width,
+            "lower_edges": [round((lo + i) * bin_width, 6) for i in range(len(counts))],
+            "counts": counts.tolist()}
+
+
+def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg: CollateConfig,
+                  meta: dict) -> dict:
+    """features/<i>.json for every latent, index.json, summary.json and the viewer."""
+    ctx = col.ctx
+    n_tok = max(col.n_tokens, 1)
+    count = col.stats.count.cpu().numpy()
+    sums = col.stats.sums.cpu().numpy().T / n_tok
+    width = col.stats.width.cpu().numpy()
+    hist = col.stats.hist.cpu().numpy()
+    density = count / n_tok
+    n = len(count)
+
+    (out / "features").mkdir(parents=True, exist_ok=True)
+    view = viewer.ViewerWriter(out, write_atomic)
+    latents = []
+    for i in tqdm(range(n), unit="latent", desc=f"write {meta['layer']}/{meta['hook']}", mininterval=1.0):
+        lists = {0: [], 1: []}
+        for r in range(recs.offsets[i], recs.offsets[i + 1]):
+            lists[int(recs.kind[r])].append(_sequence_info(recs, r, text, ctx))
+        m1, m2, m3, m4 = (float(s) for s in sums[:, i])
+        bins = np.flatnonzero(hist[i])
+        info = {
+            "index": i,
+            "layer": meta["layer"],
+            "hook": meta["hook"],
+            "density": float(density[i]),
+            "mean_act": m1,
+            "mean_act_squared": m2,
+            # Undefined for a dead latent; null rather than NaN keeps the JSON strict.
+            "skew": m3 / m2 ** 1.5 if m2 > 0 else None,
+            "kurtosis": m4 / m2 ** 2 if m2 > 0 else None,
+            "max_act": lists[0][0]["act"] if lists[0] else 0.0,
+            "n_positive": int(count[i]),
+            "hist_bin_width": float(width[i]),
+            "hist": {str(int(b) + 1): int(hist[i, b]) for b in bins},
+            "top": lists[0],
+            "random": lists[1],
+        }
+        blob = _dumps(info)
+        write_atomic(out / "features" / f"{i}.json", blob)
+        picked = _picked(lists[0])
+        view.add(i, blob, picked)
+        latents.append({"id": i, "density": info["density"], "max_act": info["max_act"],
+                        "top_tokens": _top_tokens(picked)})
+
+    summary = {
+        **meta,
+        "context_size": ctx,  # tokens per stored window: a record's doc_id counts these
+        "n_latents": n,
+        "n_tokens": col.n_tokens,
+        "exclude_bos": col.skip_first,
+        # Sequence positions left out of the statistics; their acts in the records are 0.
+        "excluded_positions": [0] if col.skip_first else [],
+        "dead": int((count == 0).sum()),  # never fired on any of the n_tokens
+        "ultra_rare": int(((density > 0) & (density < cfg.ultra_rare_density)).sum()),
+        "ultra_rare_below": cfg.ultra_rare_density,
+        "density_histogram": _density_histogram(density),
+        "n_top": cfg.n_top,
+        "n_random": cfg.n_random,
+        "seed": cfg.seed,
+        "window": cfg.window,
+    }
+    index = {"layer": meta["layer"], "hook": meta["hook"], "n_latents": n, "n_tokens": col.n_tokens,
+             "latents": latents}
+    write_atomic(out / "index.json", _dumps(index))
+    write_atomic(out / "summary.json", json.dumps(summary, allow_nan=False, ensure_ascii=False, indent=1))
+    view.finish(index, summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# The done marker and its fingerprint
+
+
+# Collate settings that decide the bytes of the records: all but the ones marked logistics in
+# pipeline/config.py (layers, hooks, batch_size, device, reader_threads), which change only which
+# records are made or how fast, so changing them redoes nothing.
+OUTPUT_KEYS = tuple(f.name for f in dataclasses.fields(CollateConfig) if f.name not in logistics(CollateConfig))
+
+
+def fingerprint(cfg: CollateConfig, sae_folder: Path) -> dict:
+    """What the records were made from, as flat `key: value` pairs named like the config."""
+    marker = saved_marker(sae_folder) or {}
+    return {**{f"collate.{k}": getattr(cfg, k) for k in OUTPUT_KEYS}, "sae.sha256": marker.get("sha256")}
+
+
+def changed_settings(out: Path, want: dict) -> list[str] | None:
+    """None when `out` holds no finished records; else what differs from `want`
+    (an empty list: finished, and made from exactly `want`)."""
+    try:
+        done = json.loads((Path(out) / DONE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    have = done.get("fingerprint") if isinstance(done, dict) else None
+    if not isinstance(have, dict):
+        return ["the records predate settings fingerprints"]
+    changes = []
+    for key, value in want.items():
+        if key == "sae.sha256":
+            if have.get(key) != value:
+                changes.append("the SAE was retrained (its weights' sha256 differs)")
+        elif key not in have:
+            changes.append(f"{key} (not recorded; now {value!r})")
+        elif have[key] != value:
+            changes.append(f"{key} {have[key]!r} -> {value!r}")
+    return changes
+
+
+def finished(out: Path, want: dict) -> bool:
+    return changed_settings(out, want) == []
+
+
+def write_done(out: Path, layer: int, hook: str, n_latents: int, n_tokens: int, want: dict):
+    """The marker, written last into a complete folder: it makes the folder finished."""
+    write_atomic(out / DONE, _dumps({"layer": layer, "hook": hook, "n_latents": n_latents, "n_tokens": n_tokens,
+                                     "fingerprint": want}))
