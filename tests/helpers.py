@@ -97,3 +97,14 @@ def _bert_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(folder)
     return fast
+
+
+def harvest_config(model_dir, corpus, run_dir, **harvest) -> dict:
+    """A raw config harvesting a tiny model on CPU: 24 windows of 16 tokens, chunks of 4 windows."""
+    return {
+        "run_dir": str(run_dir),
+        "model": {"name": str(model_dir), "device": "cpu"},
+        "data": {"path": str(corpus)},
+        "harvest": {"layers": [1], "n_tokens": 16 * 24, "context_size": 16, "batch_size": 5,
+                    "storage_dtype": "float32", "chunk_rows": 64, **harvest},
+    }

@@ -18,7 +18,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from helpers import make_model, write_corpus
+from helpers import harvest_config, make_model, write_corpus
 from pipeline.config import config_from_dict
 from pipeline.errors import UserError
 from pipeline.store import ActivationStore, ProgressLog, from_storage, to_storage
@@ -41,13 +41,7 @@ def corpus(tmp_path_factory):
 
 
 def raw_config(model_dir, corpus, run_dir, **harvest):
-    return {
-        "run_dir": str(run_dir),
-        "model": {"name": str(model_dir), "device": "cpu"},
-        "data": {"path": str(corpus)},
-        "harvest": {"layers": [1, 2], "n_tokens": 16 * 24, "context_size": 16, "batch_size": 5,
-                    "storage_dtype": "float32", "chunk_rows": 64, **harvest},
-    }
+    return harvest_config(model_dir, corpus, run_dir, **{"layers": [1, 2], **harvest})
 
 
 def write_yaml(path, raw):

@@ -19,7 +19,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from helpers import make_model, write_corpus
+from helpers import harvest_config, make_model, write_corpus
 from pipeline.data import make_windows
 from pipeline.errors import UserError
 from pipeline.model import check_context_size
@@ -42,13 +42,7 @@ def corpus(tmp_path_factory):
 
 
 def raw_config(model, data, run_dir, **harvest):
-    return {
-        "run_dir": str(run_dir),
-        "model": {"name": str(model), "device": "cpu"},
-        "data": {"path": str(data)},
-        "harvest": {"layers": [1], "n_tokens": 16 * 24, "context_size": 16, "batch_size": 8,
-                    "storage_dtype": "float32", "chunk_rows": 64, **harvest},
-    }
+    return harvest_config(model, data, run_dir, **{"batch_size": 8, **harvest})
 
 
 def error_line(stderr: str) -> str:

@@ -22,7 +22,7 @@ import zarr
 from click.testing import CliRunner
 from zarr.codecs import ZstdCodec
 
-from helpers import make_model, write_corpus
+from helpers import harvest_config, make_model, write_corpus
 from pipeline.config import config_from_dict
 from pipeline.errors import UserError
 from pipeline.store import ActivationStore, ProgressLog, chunk_file
@@ -44,14 +44,6 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("data") / "corpus.jsonl")
 
 
-def raw_config(model_dir, corpus, run_dir, **harvest_keys):
-    return {
-        "run_dir": str(run_dir),
-        "model": {"name": str(model_dir), "device": "cpu"},
-        "data": {"path": str(corpus)},
-        "harvest": {"layers": [1], "n_tokens": 16 * 24, "context_size": 16, "batch_size": 5,
-                    "storage_dtype": "float32", "chunk_rows": 64, **harvest_keys},
-    }
 
 
 def write_yaml(path, raw):
@@ -74,14 +66,14 @@ def files(store_dir: Path) -> dict[str, bytes]:
 def clean(gpt2, corpus, tmp_path_factory):
     """An unbroken run: 24 windows of 16 tokens in 6 chunks of 4 sequences (tokens and layer 1)."""
     run_dir = tmp_path_factory.mktemp("clean") / "run"
-    harvest.run(config_from_dict(raw_config(gpt2[1], corpus, run_dir)), progress=False)
+    harvest.run(config_from_dict(harvest_config(gpt2[1], corpus, run_dir)), progress=False)
     return run_dir
 
 
 def copy_run(clean: Path, tmp_path: Path, gpt2, corpus, **harvest_keys):
     run_dir = tmp_path / "run"
     shutil.copytree(clean, run_dir)
-    return run_dir, write_yaml(tmp_path / "c.yaml", raw_config(gpt2[1], corpus, run_dir, **harvest_keys))
+    return run_dir, write_yaml(tmp_path / "c.yaml", harvest_config(gpt2[1], corpus, run_dir, **harvest_keys))
 
 
 def damage(path: Path, how: str):
@@ -218,12 +210,12 @@ def test_changed_config_refused(key, value, needle, clean, gpt2, corpus, tmp_pat
     if key == "data.contents":  # same path, other bytes: needs a corpus of its own
         own = write_corpus(tmp_path / "own.jsonl")
         run_dir = tmp_path / "run"
-        raw = raw_config(gpt2[1], own, run_dir)
+        raw = harvest_config(gpt2[1], own, run_dir)
         harvest.run(config_from_dict(raw), progress=False)
         own.write_text(own.read_text().replace("Doc 3:", "Doc three:"))
     else:
         run_dir, _ = copy_run(clean, tmp_path, gpt2, corpus)
-        raw = raw_config(gpt2[1], corpus, run_dir)
+        raw = harvest_config(gpt2[1], corpus, run_dir)
         section, name = key.split(".")
         raw[section][name] = value
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
@@ -238,7 +230,7 @@ def test_changed_config_refused(key, value, needle, clean, gpt2, corpus, tmp_pat
 def test_force_restarts_an_array_and_new_layers_may_differ(clean, gpt2, corpus, tmp_path):
     run_dir, _ = copy_run(clean, tmp_path, gpt2, corpus)
     # A new layer is a new array: its own storage_dtype is fine without --force.
-    bf16 = raw_config(gpt2[1], corpus, run_dir, storage_dtype="bfloat16", layers=[1, 2])
+    bf16 = harvest_config(gpt2[1], corpus, run_dir, storage_dtype="bfloat16", layers=[1, 2])
     cfg_path = write_yaml(tmp_path / "bf16.yaml", bf16)
     res, errors = invoke("harvest", cfg_path, "--layers", "2")
     assert res.exit_code == 0, res.output
@@ -263,7 +255,7 @@ def test_float16_overflow_then_force(gpt2, tmp_path):
     with data.open("a") as f:
         for i in range(20):
             f.write(json.dumps({"text": f"Doc {i}: the quick @ brown @ fox"}) + "\n")
-    raw = raw_config(loud, data, tmp_path / "run", layers=[0], storage_dtype="float16", writer_threads=1)
+    raw = harvest_config(loud, data, tmp_path / "run", layers=[0], storage_dtype="float16", writer_threads=1)
     res, errors = invoke("harvest", write_yaml(tmp_path / "c.yaml", raw))
     assert res.exit_code == 2 and len(errors) == 1, res.output
     assert "float16 overflow" in errors[0] and "bfloat16" in errors[0] and "harvest CONFIG --force" in errors[0]
@@ -297,7 +289,7 @@ def test_chunks_durable_before_logged(gpt2, corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(ProgressLog, "add", add)
     run_dir = tmp_path / "run"
-    harvest.run(config_from_dict(raw_config(gpt2[1], corpus, run_dir, layers=[1, 2], writer_threads=1)),
+    harvest.run(config_from_dict(harvest_config(gpt2[1], corpus, run_dir, layers=[1, 2], writer_threads=1)),
                 progress=False)
     store_dir = (run_dir / "activations.zarr").resolve()
     logs = [i for i, e in enumerate(events) if e[0] == "log"]
@@ -316,7 +308,7 @@ def test_chunks_durable_before_logged(gpt2, corpus, tmp_path, monkeypatch):
 
 
 def test_disk_full_stops_in_one_line_and_resumes(gpt2, corpus, tmp_path):
-    raw = raw_config(gpt2[1], corpus, tmp_path / "run", layers=[1, 2])
+    raw = harvest_config(gpt2[1], corpus, tmp_path / "run", layers=[1, 2])
     harvest.run(config_from_dict(dict(raw, harvest={**raw["harvest"], "layers": [1]})), progress=False)
     layer1 = files(tmp_path / "run" / "activations.zarr" / "layers" / "1")
     cfg_path = write_yaml(tmp_path / "c.yaml", raw)
@@ -345,7 +337,7 @@ def test_small_corpus_says_how_many_tokens(gpt2, corpus, tmp_path, capsys):
     docs = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     total = sum(len(tok(d, add_special_tokens=False).input_ids) + 1 for d in docs)  # + separator
     windows = total // 15  # BOS + 15 corpus tokens each
-    harvest.run(config_from_dict(raw_config(gpt2[1], corpus, tmp_path / "run", n_tokens=10**6)), progress=False)
+    harvest.run(config_from_dict(harvest_config(gpt2[1], corpus, tmp_path / "run", n_tokens=10**6)), progress=False)
     n = windows * 16
     lines = [line for line in capsys.readouterr().out.splitlines() if "the corpus gave" in line]
     assert lines == [f"harvest: the corpus gave {n} tokens ({windows} windows of 16), fewer than "
