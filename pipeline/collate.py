@@ -12,6 +12,8 @@ page, <run_dir>/records/index.html, linking every finished layer's viewer.
                           per-latent state (pipeline.scan, pipeline.accumulators)
              windows      pass 2: re-read only the picked sequences and cut the
                           records' windows (pipeline.windows)
+             logit lens   each decoder row through the final norm and unembedding
+                          (pipeline.records; the model's LM head is loaded once, in plan)
              write        the files, `done` last (pipeline.records, pipeline.viewer)
 
 A folder whose `done` marker records the same SAE weights and the same
@@ -68,6 +70,7 @@ class Plan:
     targets: list[Target]
     todo: list[Target]  # what run() collates, in order
     tokenizer: object | None  # the store's tokenizer; None when there is nothing to do
+    lens: records.Lens | str | None  # the logit lens' weights, or why there is none; None: nothing to do
 
 
 def _check_sae(folder: Path, layer: int, hook: str, d_model: int):
@@ -102,14 +105,15 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> I
             targets.append(Target(layer, hook, folder, out, changes))
         todo = [t for t in targets if force or t.changes != []]
 
-        tokenizer = None
+        tokenizer = lens = None
         if todo:
             store.tokens  # raises when the tokens are missing
             for t in todo:
                 store.array(t.layer, t.hook)
                 _check_sae(t.sae, t.layer, t.hook, store.d_model(t.layer, t.hook))
             tokenizer = store_tokenizer(store)
-        yield Plan(c, run_dir, device, store, targets, todo, tokenizer)
+            lens = records.load_lens(store.attrs, device)
+        yield Plan(c, run_dir, device, store, targets, todo, tokenizer, lens)
 
 
 # ---------------------------------------------------------------------------
@@ -117,9 +121,10 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> I
 
 
 def collate_sae(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, sae_folder: Path, tokenizer,
-                cfg: CollateConfig, out: Path, device) -> Path:
+                cfg: CollateConfig, out: Path, device, lens: records.Lens | str | None = None) -> Path:
     """Scan, cut windows and write into `<out>.partial/`, then swap it in. The caller
-    holds this (layer, hook)'s lock. Returns the viewer's path."""
+    holds this (layer, hook)'s lock. Returns the viewer's path. `lens`: load_lens()'s
+    result (None: no model given)."""
     out = Path(out)
     want = records.fingerprint(cfg, sae_folder)
     partial = out.with_name(out.name + ".partial")
@@ -135,7 +140,8 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, sae
         # A missing or corrupt store chunk: nothing of this run is worth keeping.
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    summary = records.write_records(partial, col, recs, TokenText(tokenizer), cfg, meta)
+    lens_out, lens_note = _logit_lens(sae, lens)
+    summary = records.write_records(partial, col, recs, TokenText(tokenizer), cfg, meta, lens_out, lens_note)
     del recs  # closes the memory maps before their files go
     shutil.rmtree(partial / "_scratch")
 
@@ -145,6 +151,18 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, sae
           f"{summary['ultra_rare']} ultra-rare (density < {cfg.ultra_rare_density:g}), "
           f"{col.n_tokens} tokens")
     return out / "viewer.html"
+
+
+def _logit_lens(sae: TopKSAE, lens: records.Lens | str | None):
+    """(records.logit_lens of the SAE's decoder or None, the note summary.json keeps)."""
+    if not isinstance(lens, records.Lens):
+        return None, {"skipped": lens or "no model given"}
+    d = lens.W_U.shape[1]
+    if sae.d_in != d:
+        return None, {"skipped": f"the SAE's d_in = {sae.d_in} is not the width of {lens.model!r}'s "
+                                 f"unembedding ({d}): the hook is not on the residual stream"}
+    return records.logit_lens(sae.W_dec, lens), {"model": lens.model, "k": min(records.LENS_K, lens.W_U.shape[0]),
+                                                 "vocab": lens.W_U.shape[0]}
 
 
 # ---------------------------------------------------------------------------
@@ -162,7 +180,7 @@ def run(cfg: Config, layers: list[int] | None = None, force: bool = False) -> li
                 print(f"collate {t.layer}/{t.hook}: redoing {t.out}, made from other inputs: {'; '.join(t.changes)}")
         for t in p.todo:
             sae = TopKSAE.load(t.sae, device=p.device)
-            collate_sae(p.store, t.layer, t.hook, sae, t.sae, p.tokenizer, p.cfg, t.out, p.device)
+            collate_sae(p.store, t.layer, t.hook, sae, t.sae, p.tokenizer, p.cfg, t.out, p.device, p.lens)
             del sae
             if p.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -50,7 +50,9 @@ def logistics(section) -> tuple[str, ...]:
 
 @dataclass
 class ModelConfig:
-    name: str = setting(doc="hub id, local folder, or `pkg:PACKAGE/sub/dir` (a folder inside an installed package)")
+    name: str = setting(doc="hub id, local folder, `pkg:PACKAGE/sub/dir` (a folder inside an installed "
+                              "package), or a `.gguf` file (also `pkg:PACKAGE/file.gguf`), converted once into "
+                              "~/.cache/saepipe/gguf")
     revision: str = setting("main", "hub revision")
     dtype: str = setting("float32", "the dtype the model runs in: float32, float16 or bfloat16")
     device: str = setting("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:1", logistics=True)
@@ -231,6 +233,20 @@ class CollateConfig:
 
 
 @dataclass
+class EvalConfig:
+    layers: list[int] | None = setting(None, "null = train.layers, then harvest.layers", logistics=True)
+    hooks: list[str] | None = setting(None, "null = train.hooks, then harvest.hooks", logistics=True)
+    n_tokens: int = setting(65536, "held-out tokens: whole windows of the harvest's corpus taken past the "
+                                   "harvested ones (never tokens the SAE was trained on)")
+    batch_size: int = setting(8, "sequences per forward pass", logistics=True)
+    device: str = setting("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:1", logistics=True)
+
+    def validate(self, where):
+        _positive(where, "eval.n_tokens", self.n_tokens)
+        _positive(where, "eval.batch_size", self.batch_size)
+
+
+@dataclass
 class Config:
     run_dir: str = setting(doc="where the store, SAEs and records go")
     model: ModelConfig
@@ -238,12 +254,13 @@ class Config:
     harvest: HarvestConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     collate: CollateConfig = field(default_factory=CollateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir)
 
     def validate(self, where):
-        for section in (self.model, self.harvest, self.train, self.collate):
+        for section in (self.model, self.harvest, self.train, self.collate, self.eval):
             section.validate(where)
         for hook in self.harvest.hooks:
             if hook not in NAMED_HOOKS and not _is_module_path(hook):
@@ -262,7 +279,8 @@ class Config:
 
 
 # Where a stage without its own layers/hooks takes them from (harvest always has both).
-_FALLBACK = {"harvest": ("harvest",), "train": ("train", "harvest"), "collate": ("collate", "train", "harvest")}
+_FALLBACK = {"harvest": ("harvest",), "train": ("train", "harvest"), "collate": ("collate", "train", "harvest"),
+             "eval": ("eval", "train", "harvest")}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

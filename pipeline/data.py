@@ -187,24 +187,29 @@ def special_ids(tokenizer, prepend_bos: bool | None) -> tuple[bool, int | None, 
 
 
 def make_windows(texts, tokenizer, context_size: int, n_sequences: int, prepend_bos: bool | None,
-                 batch_docs: int = 256, block_rows: int = 4096, progress: bool = True) -> tuple[np.ndarray, bool]:
+                 batch_docs: int = 256, block_rows: int = 4096, progress: bool = True,
+                 skip_sequences: int = 0) -> tuple[np.ndarray, bool]:
     """Token windows int32 [<= n_sequences, context_size] and the prepend_bos used.
 
     n_sequences is an upper bound (harvest.n_tokens may far exceed the corpus), so
     windows fill fixed blocks of `block_rows` joined at the end: memory follows
-    what the corpus gives, never the budget.
+    what the corpus gives, never the budget. The first `skip_sequences` windows
+    are cut and dropped: eval takes the windows that follow the harvested ones.
     """
     prepend_bos, bos, sep = special_ids(tokenizer, prepend_bos)
     body = context_size - 1 if prepend_bos else context_size
     blocks: list[np.ndarray] = []
     used = room = 0  # rows used in, and rows of, the last block
-    filled = 0
+    filled = skipped = 0
     buf: list[int] = []
     bar = tqdm(total=n_sequences, desc="tokenize", unit="seq", disable=not progress, leave=False)
 
     def flush():
-        nonlocal buf, filled, used, room
+        nonlocal buf, filled, skipped, used, room
         start = 0
+        while skipped < skip_sequences and len(buf) - start >= body:
+            skipped += 1
+            start += body
         while len(buf) - start >= body and filled < n_sequences:
             if used == room:
                 room, used = min(block_rows, n_sequences - filled), 0

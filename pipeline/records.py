@@ -8,6 +8,13 @@ it was made from the inputs at hand.
     done                written last: the fingerprint of what the records were made
                         from (SAE weights, output-deciding settings)
 
+The logit lens: each latent's decoder row W_dec[i] through the model's final norm
+and unembedding, logits = W_U norm(W_dec[i]) (the norm's gain folded in, its bias
+left out: it is no latent's), gives the tokens the latent promotes and suppresses
+most; features/<i>.json holds them under the OpenAI sae-viewer's names. Skipped,
+with a note in summary.json `logit_lens`, when the store's model is no causal LM
+or cannot be loaded here, or the hook's width is not the model's.
+
 "dead" means never fired on the whole store (the tokens the statistics counted,
 BOS excluded with exclude_bos): summary.json `dead`, and the viewer's word.
 """
@@ -20,14 +27,89 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline import fsio, viewer
 from pipeline.accumulators import Collator
 from pipeline.config import CollateConfig, logistics
+from pipeline.errors import UserError
 from pipeline.paths import DONE
 from pipeline.sae import saved_marker
 from pipeline.windows import Records, TokenText
+
+
+# ---------------------------------------------------------------------------
+# The logit lens
+
+LENS_K = 10  # tokens kept each way per latent
+LENS_BLOCK = 1 << 24  # logits computed at once: [latents, vocab] is never whole (131072 x 49152 would be 26 GB)
+
+
+@dataclasses.dataclass
+class Lens:
+    model: str  # the store's model, as named in its attributes
+    norm: nn.Module | None  # the final norm, float32
+    W_U: torch.Tensor  # [vocab, d] float32, rows past the tokenizer's vocabulary dropped
+
+
+def load_lens(attrs: dict, device) -> Lens | str:
+    """The store's model's final norm and unembedding, or why there is no lens (one line).
+
+    Only those two are kept: the rest of the causal LM is dropped right after loading."""
+    from pipeline.model import load_causal_lm, unembed
+
+    name, revision = attrs.get("model"), attrs.get("revision")
+    if not name or revision in (None, "none"):  # write_synthetic's stores: no model made them
+        return "the store names no model it was harvested from"
+    try:
+        model, tokenizer = load_causal_lm(name, revision, "float32", str(device))
+        norm, W_U = unembed(model)
+    except UserError as e:
+        return str(e)
+    except (ValueError, KeyError, RuntimeError) as e:  # an architecture this transformers cannot build
+        return f"cannot load {name!r} as a causal LM ({type(e).__name__}: {str(e).strip().splitlines()[0]})"
+    W_U = W_U.detach()[: len(tokenizer)].float()
+    del model
+    return Lens(name, norm.float() if norm is not None else None, W_U)
+
+
+@torch.no_grad()
+def logit_lens(W_dec: torch.Tensor, lens: Lens, k: int = LENS_K) -> tuple[np.ndarray, ...]:
+    """(up_ids, up_logits, down_ids, down_logits), each [n_latents, k]: the largest logits of
+    W_U norm(W_dec[i]), largest first, and the smallest, smallest first; in blocks of latents."""
+    W_U = lens.W_U
+    n, vocab = W_dec.shape[0], W_U.shape[0]
+    k = min(k, vocab)
+    rows = W_dec.detach().to(W_U.device, torch.float32)
+    # A LayerNorm's bias is added whatever the input: norm(0) is it (0 for RMSNorm)
+    bias = lens.norm(torch.zeros(1, rows.shape[1], device=W_U.device)) if lens.norm is not None else 0.0
+    out = [np.empty((n, k), np.int64), np.empty((n, k), np.float32),
+           np.empty((n, k), np.int64), np.empty((n, k), np.float32)]
+    block = max(1, LENS_BLOCK // vocab)
+    for lo in range(0, n, block):
+        h = rows[lo: lo + block]
+        if lens.norm is not None:
+            h = lens.norm(h) - bias
+        logits = h @ W_U.T
+        for j, largest in ((0, True), (2, False)):
+            top = logits.topk(k, dim=1, largest=largest, sorted=True)
+            out[j][lo: lo + block] = top.indices.cpu().numpy()
+            out[j + 1][lo: lo + block] = top.values.cpu().numpy()
+    return tuple(out)
+
+
+def _lens_fields(lens: tuple[np.ndarray, ...], i: int, text: TokenText) -> dict:
+    up_ids, up, down_ids, down = (a[i] for a in lens)
+    return {
+        "top_upvote_tokens_logits": text.pieces(up_ids),
+        "top_upvotes_logits": _round(up),
+        "top_upvote_token_ints": up_ids.tolist(),
+        "top_downvote_tokens_logits": text.pieces(down_ids),
+        "top_downvotes_logits": _round(down),
+        "top_downvote_token_ints": down_ids.tolist(),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -92,8 +174,9 @@ def _density_histogram(density: np.ndarray, bin_width: float = 0.25) -> dict:
 
 
 def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg: CollateConfig,
-                  meta: dict) -> dict:
-    """features/<i>.json for every latent, index.json, summary.json and the viewer."""
+                  meta: dict, lens: tuple[np.ndarray, ...] | None = None, lens_note: dict | None = None) -> dict:
+    """features/<i>.json for every latent, index.json, summary.json and the viewer.
+    `lens` is logit_lens()'s result (None: no lens, `lens_note` says why)."""
     ctx = col.ctx
     n_tok = max(col.n_tokens, 1)
     count = col.stats.count.cpu().numpy()
@@ -129,6 +212,8 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
             "top": lists[0],
             "random": lists[1],
         }
+        if lens is not None:
+            info.update(_lens_fields(lens, i, text))
         blob = _dumps(info)
         write_atomic(out / "features" / f"{i}.json", blob)
         picked = _picked(lists[0])
@@ -152,6 +237,7 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
         "n_random": cfg.n_random,
         "seed": cfg.seed,
         "window": cfg.window,
+        "logit_lens": lens_note,
     }
     index = {"layer": meta["layer"], "hook": meta["hook"], "n_latents": n, "n_tokens": col.n_tokens,
              "latents": latents}
@@ -174,7 +260,8 @@ OUTPUT_KEYS = tuple(f.name for f in dataclasses.fields(CollateConfig) if f.name 
 def fingerprint(cfg: CollateConfig, sae_folder: Path) -> dict:
     """What the records were made from, as flat `key: value` pairs named like the config."""
     marker = saved_marker(sae_folder) or {}
-    return {**{f"collate.{k}": getattr(cfg, k) for k in OUTPUT_KEYS}, "sae.sha256": marker.get("sha256")}
+    return {**{f"collate.{k}": getattr(cfg, k) for k in OUTPUT_KEYS}, "logit_lens.k": LENS_K,
+            "sae.sha256": marker.get("sha256")}
 
 
 def changed_settings(out: Path, want: dict) -> list[str] | None:

@@ -180,13 +180,14 @@ class TopKSAE(nn.Module):
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        # What the weights are wins over a cfg loaded earlier: a loaded SAE may have been changed.
         cfg = {
+            **self.cfg,
             "architecture": "topk",
             "d_in": self.d_in,
             "n_latents": self.n_latents,
             "k": self.k,
             "normalize": self.normalize,
-            **self.cfg,
             **(extra_cfg or {}),
         }
         tensors = {name: p.detach().float().contiguous().cpu() for name, p in self.named_parameters()}

@@ -144,7 +144,18 @@ def _num(x, digits: int = 4, percent: bool = False) -> str:
     return f"{x:,}" if isinstance(x, int) else f"{x:.{digits}g}"
 
 
-def _row(run_dir, layer: int, hook: str) -> str:
+def _lm_eval(run_dir, layer: int, hook: str) -> dict:
+    """saepipe eval's numbers (the SAE folder's eval.json) while they belong to the SAE there now."""
+    sae = sae_dir(run_dir, layer, hook)
+    now = (saved_marker(sae) or {}).get("sha256")
+    lm = _read_json(sae / "eval.json")
+    return lm if now is not None and lm.get("sae_sha256") == now else {}
+
+
+_LM_HEAD = ("<th>CE clean</th><th>CE spliced</th><th>&Delta;CE</th><th>CE recovered</th><th>KL</th>")
+
+
+def _row(run_dir, layer: int, hook: str, with_lm: bool) -> str:
     out, sae = records_dir(run_dir, layer, hook), sae_dir(run_dir, layer, hook)
     s = _read_json(out / "summary.json")
     ev = (saved_cfg(sae) or {}).get("eval")
@@ -166,6 +177,10 @@ def _row(run_dir, layer: int, hook: str) -> str:
         _num(ev.get("fvu")),
         _num(dead_frac, percent=True),
     ]
+    if with_lm:
+        lm = _lm_eval(run_dir, layer, hook)
+        cells += [_num(lm.get(k), percent=k == "ce_recovered")
+                  for k in ("ce_clean", "ce_spliced", "delta_ce", "ce_recovered", "kl")]
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
@@ -173,8 +188,12 @@ def write_index_page(run_dir) -> Path:
     """<run_dir>/records/index.html: every finished layer/hook, its viewer and its numbers.
     Rebuilt from what is on disk, so it also lists layers an earlier collate finished."""
     page = index_page(run_dir)
-    rows = "\n".join(_row(run_dir, layer, hook) for layer, hook in finished_records(run_dir))
+    found = finished_records(run_dir)
+    # The LM-eval columns appear once some listed SAE has been through `saepipe eval`.
+    with_lm = any(_lm_eval(run_dir, layer, hook) for layer, hook in found)
+    rows = "\n".join(_row(run_dir, layer, hook, with_lm) for layer, hook in found)
     text = Template(template("records_index.html")).substitute(
-        run_dir=html.escape(str(Path(run_dir).resolve())), rows=rows or '<tr><td colspan="9">none yet</td></tr>')
+        run_dir=html.escape(str(Path(run_dir).resolve())), lm_head=_LM_HEAD if with_lm else "",
+        rows=rows or f'<tr><td colspan="{14 if with_lm else 9}">none yet</td></tr>')
     fsio.write_atomic(page, text)
     return page

@@ -197,6 +197,12 @@ class TokenText:
             self.partial[t] = "\ufffd" in self.text[t]
             self.known[t] = True
 
+    def pieces(self, ids) -> list[str]:
+        """Each token's own string, as unrelated tokens (a logit lens' list, not a text)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        self._learn(ids)
+        return self.text[ids].tolist()
+
     def strings(self, ids) -> list[str]:
         ids = np.asarray(ids, dtype=np.int64)
         self._learn(ids)

@@ -162,6 +162,49 @@ def collate(config, layers, overrides, force):
 
 
 @main.command()
+@_CONFIG
+@click.option("--layer", required=True, type=int, help="The SAE's layer.")
+@click.option("--hook", default=None, help="The SAE's hook; default: the config's one hook.")
+@click.option("--latent", required=True, type=int, help="The latent whose decoder direction is added.")
+@click.option("--strength", "strengths", required=True, multiple=True, type=float,
+              help="Multiple of W_dec[latent] added at every position. Repeatable: one continuation each.")
+@click.option("--prompt", required=True, help="The text to continue.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Tokens generated per continuation (greedy).")
+@_SET
+@_user_errors
+def steer(config, layer, hook, latent, strengths, prompt, max_new_tokens, overrides):
+    """Generate with a latent's decoder direction added to the hooked activation.
+
+    Prints the unsteered greedy continuation and one steered continuation per
+    --strength, one row each (deterministic).
+    """
+    from stages import steer as stage
+
+    stage.run(_load(config, overrides), layer, latent, list(strengths), prompt, hook, max_new_tokens)
+
+
+@main.command(name="eval")
+@_CONFIG
+@_LAYERS
+@_SET
+@_FORCE
+@_user_errors
+def eval_(config, layers, overrides, force):
+    """Splice each trained SAE into the causal LM and measure the loss it costs.
+
+    On held-out windows (the harvest's corpus past the harvested windows): CE
+    clean, spliced and zero-ablated, delta_ce, ce_recovered, KL(clean||spliced),
+    fvu, l0, dead_frac. Writes <run_dir>/saes/<L>/<hook>/eval.json and prints a
+    table; finished evals of the same SAE weights are skipped unless --force.
+    """
+    from pipeline.config import parse_layers
+    from stages import eval as stage
+
+    stage.run(_load(config, overrides), layers=parse_layers(layers), force=force)
+
+
+@main.command()
 @click.argument("sae_dir", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["saelens", "sparsify"]), required=True,
               help="Folder layout to write.")

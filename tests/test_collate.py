@@ -577,3 +577,54 @@ def test_index_page_links_every_finished_layer_with_its_numbers(tmp_path, tokeni
     sae.save(tmp_path / "saes/0/resid_post", extra_cfg={"eval": {"fvu": 0.5, "dead_frac": 0.0}})
     viewer.write_index_page(tmp_path)
     assert "the SAE changed since: rerun collate" in (tmp_path / "records/index.html").read_text()
+
+
+def test_logit_lens_matches_brute_force(tmp_path, monkeypatch):
+    """Each latent's promoted/suppressed tokens: W_U rmsnorm(W_dec[i]) in plain torch, against
+    the records, computed in blocks of a few latents."""
+    from transformers import AutoTokenizer
+
+    from helpers import make_model
+
+    d, n_latents, k = 16, 40, records.LENS_K
+    model = make_model("llama", tmp_path / "llama", n_layers=2, d_model=d)
+    with torch.no_grad():  # a gain far from ones, so folding it in changes which tokens win
+        model.model.norm.weight.copy_(torch.rand(d, generator=torch.Generator().manual_seed(2)) * 3)
+    model.save_pretrained(tmp_path / "llama")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "llama")
+    ids = tok.encode(" ".join(CORPUS * 8), add_special_tokens=False)[: N_SEQ * CTX]
+    tokens = np.array(ids, dtype=np.int32).reshape(N_SEQ, CTX)
+    acts = torch.randn(N_SEQ * CTX, d, generator=torch.Generator().manual_seed(0))
+    root = tmp_path / "run"
+    write_synthetic(root, acts, tokens, attrs={"tokenizer": str(tmp_path / "llama"), "model": str(tmp_path / "llama"),
+                                               "revision": "main"})
+    torch.manual_seed(1)
+    sae = TopKSAE(d, n_latents, 4)
+    sae.save(root / "saes" / "0" / "resid_post")
+    vocab = model.lm_head.weight.shape[0]
+    monkeypatch.setattr(records, "LENS_BLOCK", vocab * 7)  # blocks of 7 latents: the last one short
+    C.run(config_from_dict(make_cfg(root)))
+
+    with torch.no_grad():
+        w = sae.W_dec.float()
+        h = w * torch.rsqrt(w.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps) * model.model.norm.weight
+        logits = h @ model.lm_head.weight.T
+    up, down = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
+    out = records_dir(root, 0, "resid_post")
+    for i in range(n_latents):
+        f = json.loads((out / "features" / f"{i}.json").read_text())
+        assert f["top_upvote_token_ints"] == up.indices[i].tolist()
+        assert f["top_downvote_token_ints"] == down.indices[i].tolist()
+        assert f["top_upvotes_logits"] == pytest.approx(up.values[i].tolist(), abs=1e-4)
+        assert f["top_downvotes_logits"] == pytest.approx(down.values[i].tolist(), abs=1e-4)
+        assert f["top_upvote_tokens_logits"][0] == tok.decode([up.indices[i, 0].item()])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["logit_lens"] == {"model": str(tmp_path / "llama"), "k": k, "vocab": vocab}
+
+
+def test_logit_lens_skipped_without_a_model(tmp_path, tokenizer_dir):
+    make_run(tmp_path, tokenizer_dir)
+    C.run(config_from_dict(make_cfg(tmp_path)))
+    out = records_dir(tmp_path, 0, "resid_post")
+    assert "top_upvote_tokens_logits" not in json.loads((out / "features" / "0.json").read_text())
+    assert "skipped" in json.loads((out / "summary.json").read_text())["logit_lens"]

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "configs").glob("*.yaml"))
 
 # The model family each example names (the real weights are too big or online-only for a test).
-FAMILY = {"demo.yaml": "bert", "gpt2-small.yaml": "gpt2"}
+FAMILY = {"demo.yaml": "bert", "gpt2-small.yaml": "gpt2", "smollm2.yaml": "llama"}
 
 # The keys a test may change: where things are, and how much work. The keys a
 # test must not touch are everything else.

@@ -327,3 +327,44 @@ def test_excluded_bos_is_unshaded_and_left_out_of_the_colour_scale(bos_records, 
     assert "excluded" in bos.get_attribute("title")
     # The picked token holds the latent's largest act shown: full colour, not scaled by 1000.
     assert browser.execute_script(colour, spans[first["idx"]]) == "rgb(234, 88, 12)"
+
+
+@pytest.fixture(scope="module")
+def lens_records(tmp_path_factory):
+    """A collated run whose store names a tiny Llama: its latents carry a logit lens."""
+    from helpers import make_model
+
+    root = tmp_path_factory.mktemp("lens")
+    from transformers import AutoTokenizer
+
+    make_model("llama", root / "llama", n_layers=2, d_model=D)
+    tok = AutoTokenizer.from_pretrained(root / "llama")
+    ids = tok.encode(" ".join(CORPUS * 4), add_special_tokens=False)[: N_SEQ * CTX]
+    tokens = np.array(ids, dtype=np.int32).reshape(N_SEQ, CTX)
+    acts = torch.randn(N_SEQ * CTX, D, generator=torch.Generator().manual_seed(0))
+    write_synthetic(root, acts, tokens, attrs={"tokenizer": str(root / "llama"), "model": str(root / "llama"),
+                                               "revision": "main"})
+    torch.manual_seed(0)
+    TopKSAE(D, 32, 4).save(root / "saes/0/resid_post")
+    return collate(root)
+
+
+def test_latent_page_shows_the_logit_lens(lens_records, bos_records, browser):
+    from selenium.webdriver.common.by import By
+
+    feature = json.loads((lens_records.parent / "features/3.json").read_text())
+    _open(browser, lens_records, "#3", "3")
+    up, down = browser.find_elements(By.CSS_SELECTOR, "#lens table")
+    for table, tokens, logits in ((up, feature["top_upvote_tokens_logits"], feature["top_upvotes_logits"]),
+                                  (down, feature["top_downvote_tokens_logits"], feature["top_downvotes_logits"])):
+        cells = [c.get_attribute("textContent") for c in table.find_elements(By.CSS_SELECTOR, "td.t")]
+        assert cells == [json.dumps(t, ensure_ascii=False)[1:-1] for t in tokens]
+        shown = [float(c.text) for c in table.find_elements(By.CSS_SELECTOR, "td:not(.t)")]
+        assert shown == pytest.approx(logits, rel=1e-2)
+    assert [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#lens th")] == ["promotes", "logit",
+                                                                                    "suppresses", "logit"]
+    assert "final norm and unembedding" in browser.find_element(By.ID, "lens-note").text
+    # A store that names no model has no lens, and says why.
+    _open(browser, bos_records, "#0", "0")
+    assert browser.find_elements(By.CSS_SELECTOR, "#lens table") == []
+    assert "Not computed" in browser.find_element(By.ID, "lens-note").text

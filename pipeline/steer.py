@@ -1,0 +1,143 @@
+"""Steering: generate with one latent's decoder direction added to the hooked activation.
+
+    saepipe steer CONFIG --layer 3 --latent 17 --strength 4 --strength 8 --prompt "The cat"
+
+For each strength S, every position's activation x at (layer, hook) becomes
+x + S * W_dec[latent] while the model generates greedily, so the continuation
+shows what the latent pushes the model towards. The saved SAE takes raw
+activations (any scalar input scale is folded into its weights at save time),
+so a decoder row is already in the model's activation space; an SAE trained on
+per-token layer-normed inputs reconstructs x as x_hat * std(x) + mean(x), so
+its row is scaled by each token's std(x) the same way.
+
+    plan   check everything cheap first (prompt, SAE folder, latent index), then
+           load the causal LM and the hook point
+    run    the unsteered continuation, then one per strength; a table of them
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.paths import DONE, sae_dir
+from pipeline.sae import TopKSAE
+
+
+@dataclass
+class Plan:
+    model: nn.Module
+    tokenizer: object
+    layer: int
+    hook: str
+    latent: int
+    direction: torch.Tensor  # [d] W_dec[latent], on the model's device and dtype
+    layer_norm: bool  # the SAE normalises each token: scale the direction by std(x)
+    strengths: list[float]
+    prompt_ids: torch.Tensor  # [1, T]
+    max_new_tokens: int
+
+
+def _hook(cfg: Config, layer: int, hook: str | None) -> str:
+    """--hook, else the one hook the config trains."""
+    if hook is not None:
+        return hook
+    hooks = list(dict.fromkeys(h for _, h in cfg.targets("train", [layer])))
+    if len(hooks) > 1:
+        raise UserError(f"the config trains several hooks ({', '.join(hooks)}); pick one with --hook")
+    return hooks[0]
+
+
+def plan(cfg: Config, layer: int, latent: int, strengths: list[float], prompt: str, hook: str | None = None,
+         max_new_tokens: int = 32) -> Plan:
+    from pipeline.model import load_causal_lm, resolve_hook_points
+
+    if not prompt.strip():
+        raise UserError("--prompt is empty; give the text the model should continue")
+    if not strengths:
+        raise UserError("no --strength given; pass one or more, e.g. --strength 4 --strength 8")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens = {max_new_tokens} must be at least 1")
+    hook = _hook(cfg, layer, hook)
+    folder = sae_dir(cfg.run_path, layer, hook)
+    if not (folder / DONE).exists():
+        raise UserError(f"no trained SAE for layer {layer} hook {hook} (looked in {folder}); "
+                        f"run `saepipe train CONFIG --layers {layer}` first")
+    sae = TopKSAE.load(folder)
+    if not 0 <= latent < sae.n_latents:
+        raise UserError(f"--latent {latent} is out of range: the SAE of layer {layer} hook {hook} has latents "
+                        f"0..{sae.n_latents - 1}")
+
+    model, tokenizer = load_causal_lm(cfg.model.name, cfg.model.revision, cfg.model.dtype, cfg.model.device)
+    resolve_hook_points(model, [(layer, hook)])  # a layer past the model's last is refused in one line
+    param = next(model.parameters())
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(param.device)
+    if ids.shape[1] == 0:
+        raise UserError("--prompt encodes to no tokens; give the text the model should continue")
+    direction = sae.W_dec[latent].detach().to(param.device, param.dtype)
+    return Plan(model, tokenizer, layer, hook, latent, direction, sae.normalize == "layer_norm",
+                [float(s) for s in strengths], ids, max_new_tokens)
+
+
+@torch.inference_mode()
+def greedy(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos: int | None) -> list[int]:
+    """The argmax continuation of ids [1, T] (KV cache; stops after EOS)."""
+    # transformers 5 renamed past_key_values to cache; take whichever this version has
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out, past, x = [], None, ids
+    for _ in range(max_new_tokens):
+        o = model(input_ids=x, use_cache=True, **{key: past})
+        past = o[key]
+        nxt = o.logits[:, -1].argmax(-1)
+        out.append(int(nxt))
+        if eos is not None and out[-1] == eos:
+            break
+        x = nxt[:, None]
+    return out
+
+
+def steered(p: Plan, strength: float) -> list[int]:
+    """The greedy continuation with strength * W_dec[latent] added at every position."""
+    from pipeline.model import splice
+
+    d = p.direction.shape[0]
+
+    def add(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != d:
+            raise UserError(f"layer {p.layer} hook {p.hook} outputs width {x.shape[-1]}, but its SAE "
+                            f"takes d_in = {d}; retrain it: saepipe train CONFIG --layers {p.layer} --force")
+        step = strength * p.direction
+        if p.layer_norm:
+            step = step * x.float().std(-1, keepdim=True).to(x.dtype)
+        return x + step
+
+    with splice(p.model, p.layer, p.hook, add):
+        return greedy(p.model, p.prompt_ids, p.max_new_tokens, p.tokenizer.eos_token_id)
+
+
+def run(cfg: Config, layer: int, latent: int, strengths: list[float], prompt: str, hook: str | None = None,
+        max_new_tokens: int = 32, echo=print) -> dict[str, list[int]]:
+    """Print the clean and the steered continuations, one row each; return their token ids
+    ("clean" and one key per strength, as given)."""
+    p = plan(cfg, layer, latent, strengths, prompt, hook, max_new_tokens)
+    eos = p.tokenizer.eos_token_id
+    rows = {"clean": greedy(p.model, p.prompt_ids, p.max_new_tokens, eos)}
+    for s in p.strengths:
+        rows[f"{s:g}"] = steered(p, s)
+
+    def text(ids):  # json quotes keep newlines and edge spaces visible on one line
+        return json.dumps(p.tokenizer.decode(ids, skip_special_tokens=False), ensure_ascii=False)
+
+    echo(f"steer layer {p.layer} hook {p.hook} latent {p.latent}, greedy, {p.max_new_tokens} new tokens")
+    echo(f"prompt: {json.dumps(prompt, ensure_ascii=False)}")
+    width = max(len("strength"), *(len(k) for k in rows))
+    echo(f"{'strength':>{width}}  continuation")
+    for key, ids in rows.items():
+        echo(f"{key:>{width}}  {text(ids)}")
+    return rows
