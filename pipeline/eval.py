@@ -50,11 +50,10 @@ from pipeline.data import load_texts, make_windows
 from pipeline.errors import UserError
 from pipeline.fsio import run_lock, write_atomic
 from pipeline.model import ActivationCapture, check_context_size, load_causal_lm, splice
-from pipeline.paths import sae_dir
+from pipeline.paths import EVAL_FILE, sae_dir
 from pipeline.sae import LN_EPS, TopKSAE, saved_cfg, saved_marker
 from pipeline.store import ActivationStore, store_path
 
-EVAL_FILE = "eval.json"
 KEYS = ("ce_clean", "ce_spliced", "ce_zero", "delta_ce", "ce_recovered", "kl", "fvu", "l0", "dead_frac", "n_tokens")
 
 

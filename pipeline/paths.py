@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DONE = "done"  # the marker a stage writes last into a finished folder
+EVAL_FILE = "eval.json"  # saepipe eval's numbers, inside the SAE's folder
 
 
 def sae_dir(run_dir, layer: int, hook: str) -> Path:

@@ -36,7 +36,7 @@ from string import Template
 from urllib.parse import quote
 
 from pipeline import fsio
-from pipeline.paths import DONE, records_dir, records_root, sae_dir
+from pipeline.paths import DONE, EVAL_FILE, records_dir, records_root, sae_dir
 from pipeline.sae import saved_cfg, saved_marker
 
 SHARD_SIZE = 64
@@ -148,7 +148,7 @@ def _lm_eval(run_dir, layer: int, hook: str) -> dict:
     """saepipe eval's numbers (the SAE folder's eval.json) while they belong to the SAE there now."""
     sae = sae_dir(run_dir, layer, hook)
     now = (saved_marker(sae) or {}).get("sha256")
-    lm = _read_json(sae / "eval.json")
+    lm = _read_json(sae / EVAL_FILE)
     return lm if now is not None and lm.get("sae_sha256") == now else {}
 
 
@@ -196,4 +196,14 @@ def write_index_page(run_dir) -> Path:
         run_dir=html.escape(str(Path(run_dir).resolve())), lm_head=_LM_HEAD if with_lm else "",
         rows=rows or f'<tr><td colspan="{14 if with_lm else 9}">none yet</td></tr>')
     fsio.write_atomic(page, text)
+    for layer, hook in found:
+        _write_eval_script(run_dir, layer, hook)
     return page
+
+
+def _write_eval_script(run_dir, layer: int, hook: str):
+    """viewer_data/eval.js: saepipe eval's numbers for the viewer's overview ({} when there are
+    none for the SAE there now). Rewritten with the index page, after every collate and eval."""
+    data = records_dir(run_dir, layer, hook) / "viewer_data"
+    if data.is_dir():  # records from before the viewer had data files have no overview to fill
+        fsio.write_atomic(data / "eval.js", _js_call("eval", _json(_lm_eval(run_dir, layer, hook))))

@@ -368,3 +368,32 @@ def test_latent_page_shows_the_logit_lens(lens_records, bos_records, browser):
     _open(browser, bos_records, "#0", "0")
     assert browser.find_elements(By.CSS_SELECTOR, "#lens table") == []
     assert "Not computed" in browser.find_element(By.ID, "lens-note").text
+
+
+def test_overview_shows_the_eval_of_the_sae_there_now(records, browser, tmp_path):
+    """saepipe eval's numbers reach the layer's overview page through viewer_data/eval.js, for the
+    weights they were measured on only."""
+    import shutil
+
+    from selenium.webdriver.common.by import By
+
+    from pipeline.sae import saved_marker
+    from pipeline.viewer import write_index_page
+
+    root = tmp_path / "run"
+    shutil.copytree(records.parents[3], root)
+    page = root / "records/0/resid_post/viewer.html"
+    sae = root / "saes/0/resid_post"
+    lm = {"ce_clean": 3.25, "ce_spliced": 3.5, "ce_zero": 9.0, "delta_ce": 0.25, "ce_recovered": 0.9565,
+          "kl": 0.125, "fvu": 0.1, "l0": 4.0, "dead_frac": 0.0, "n_tokens": 4096}
+    (sae / "eval.json").write_text(json.dumps({**lm, "sae_sha256": saved_marker(sae)["sha256"]}))
+    write_index_page(root)
+    _open(browser, page, "", "overview")
+    text = browser.find_element(By.ID, "overview-stats").text
+    assert "3.25 → 3.5" in text and "ΔCE (spliced − clean) 0.25" in text and "eval tokens 4096" in text, text
+
+    # An eval of other weights is not shown.
+    (sae / "eval.json").write_text(json.dumps({**lm, "sae_sha256": "0" * 64}))
+    write_index_page(root)
+    _open(browser, page, "", "overview")
+    assert "ΔCE" not in browser.find_element(By.ID, "overview-stats").text
