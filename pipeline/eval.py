@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,8 @@ from pipeline.config import Config, EvalConfig
 from pipeline.data import load_texts, make_windows
 from pipeline.errors import UserError
 from pipeline.fsio import run_lock, write_atomic
-from pipeline.model import ActivationCapture, check_context_size, load_causal_lm, splice
+from pipeline.model import (ActivationCapture, check_context_size, load_causal_lm, record_block_outputs,
+                            resume_after_block, splice)
 from pipeline.paths import EVAL_FILE, sae_dir
 from pipeline.sae import LN_EPS, TopKSAE, saved_cfg, saved_marker
 from pipeline.store import ActivationStore, store_path
@@ -255,8 +256,8 @@ class _Sums:
 
 def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed next-token CE of logits [B, T, V] (positions 0..T-2) against targets [B, T-1]."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -logp.gather(-1, targets.unsqueeze(-1)).double().sum()
+    # Fused log-softmax and pick; summed in float64 like the other sums.
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none").double().sum()
 
 
 @torch.no_grad()
@@ -274,19 +275,29 @@ def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
             ids = torch.from_numpy(windows[i:i + B]).long().to(device)
             mask = torch.ones_like(ids)
             targets = ids[:, 1:]
-            logp_clean = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+            # The clean pass also records the output of the block before each hooked one, so the
+            # spliced and zero-ablated passes start there instead of recomputing the same prefix.
+            before = {}
+            with record_block_outputs(model, [layer - 1 for layer, _ in p.saes if layer > 0], before):
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            logp_clean = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            del logits
             ce_clean -= logp_clean.gather(-1, targets.unsqueeze(-1)).double().sum()
             p_clean = logp_clean.exp()
+
+            def forward(layer, hook, fn):
+                with splice(model, layer, hook, fn), \
+                        (resume_after_block(model, layer - 1, before[layer - 1]) if layer > 0 else nullcontext()):
+                    return model(input_ids=ids, attention_mask=mask).logits
+
             for (layer, hook), sae in p.saes.items():
                 s, pass_bos = sums[(layer, hook)], p.pass_through[(layer, hook)]
-                with splice(model, layer, hook, _replacer(sae, pass_bos, stats[(layer, hook)])):
-                    logits = model(input_ids=ids, attention_mask=mask).logits
+                logits = forward(layer, hook, _replacer(sae, pass_bos, stats[(layer, hook)]))
                 logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
                 s.ce_spliced -= logp.gather(-1, targets.unsqueeze(-1)).double().sum()
                 s.kl += (p_clean * (logp_clean - logp)).sum(-1).double().sum()
                 del logits, logp
-                with splice(model, layer, hook, _replacer(sae, pass_bos, None)):
-                    s.ce_zero += _ce(model(input_ids=ids, attention_mask=mask).logits, targets)
+                s.ce_zero += _ce(forward(layer, hook, _replacer(sae, pass_bos, None)), targets)
             bar.update(ids.numel())
     finally:
         bar.close()

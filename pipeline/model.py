@@ -298,6 +298,42 @@ def splice(model: nn.Module, layer: int, hook: str, fn):
         handle.remove()
 
 
+@contextmanager
+def record_block_outputs(model: nn.Module, layers, out: dict):
+    """While inside, each forward stores block L's output object (tensor or tuple) in out[L]."""
+    blocks = find_blocks(model)
+
+    def keep(layer):
+        def fn(_mod, _inp, output):
+            out[layer] = output
+
+        return fn
+
+    handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in set(layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def resume_after_block(model: nn.Module, layer: int, output):
+    """Run a forward from block layer + 1 on: blocks 0..layer do no work and hand on `output`,
+    block `layer`'s output recorded from an earlier forward of the same input. Every block
+    returns it, but only the last stub's reaches a real block (each stub ignores its input).
+    A spliced forward whose prefix equals the clean one thus skips recomputing it."""
+    blocks = find_blocks(model)
+    stubs = list(blocks)[: layer + 1]
+    for block in stubs:
+        block.forward = lambda *args, **kwargs: output  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for block in stubs:
+            del block.forward
+
+
 def unembed(model: nn.Module) -> tuple[nn.Module | None, torch.Tensor]:
     """(final norm or None, W_U [vocab, d]) for the logit lens: logits = norm(x) @ W_U.T.
 

@@ -99,6 +99,28 @@ def test_splice_zeros_matches_a_hand_written_ablation(llama, layer, hook):
     assert not torch.allclose(spliced, model(ids).logits, atol=1e-3)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("layer,hook", [(1, "resid_post"), (2, "attn_out"), (3, "mlp_out")])
+def test_resuming_after_a_recorded_block_is_the_full_forward(tmp_path, arch, layer, hook):
+    """eval's shortcut: a spliced forward that reuses the clean prefix gives the same logits, bit for bit,
+    and the stubs are gone afterwards."""
+    make_model(arch, tmp_path / arch, n_layers=4, d_model=32)
+    model, tok = M.load_causal_lm(str(tmp_path / arch), "main", "float32", "cpu")
+    ids = torch.randint(0, len(tok), (2, 12), generator=torch.Generator().manual_seed(1))
+    fn = lambda x: 0.5 * x + 1.0  # noqa: E731 - any change of the hooked output
+    with torch.no_grad():
+        clean = model(ids).logits
+        with M.splice(model, layer, hook, fn):
+            full = model(ids).logits
+        before = {}
+        with M.record_block_outputs(model, [layer - 1], before):
+            assert torch.equal(model(ids).logits, clean)
+        with M.splice(model, layer, hook, fn), M.resume_after_block(model, layer - 1, before[layer - 1]):
+            resumed = model(ids).logits
+        assert torch.equal(resumed, full) and not torch.equal(full, clean)
+        assert torch.equal(model(ids).logits, clean), "the blocks work again after the context"
+
+
 @torch.no_grad()
 def test_splice_restores_the_model_after_an_error(llama):
     _, model, ids = llama
