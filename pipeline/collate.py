@@ -29,7 +29,7 @@ dense [tokens, latents] matrix, never all nonzeros.
 from __future__ import annotations
 
 import shutil
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -39,7 +39,7 @@ import torch
 from pipeline import records, viewer
 from pipeline.config import CollateConfig, Config
 from pipeline.errors import UserError
-from pipeline.fsio import recover_swap, run_lock, swap_dir
+from pipeline.fsio import recover_swap, swap_dir, target_locks
 from pipeline.model import resolve_device
 from pipeline.paths import records_dir, sae_dir
 from pipeline.sae import TopKSAE
@@ -94,9 +94,7 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> I
     device = resolve_device(c.device, key="collate.device")
     store = ActivationStore(run_dir)
     pairs = cfg.targets("collate", layers)
-    with ExitStack() as locks:
-        for layer, hook in pairs:
-            locks.enter_context(run_lock(run_dir, f"collate.{layer}.{hook}", f"layer {layer} hook {hook} of {run_dir}"))
+    with target_locks(run_dir, "collate", pairs):
         targets = []
         for layer, hook in pairs:
             out, folder = records_dir(run_dir, layer, hook), sae_dir(run_dir, layer, hook)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from pipeline import viewer
 from pipeline.config import Config, EvalConfig
 from pipeline.data import load_texts, make_windows
 from pipeline.errors import UserError
-from pipeline.fsio import run_lock, write_atomic
+from pipeline.fsio import target_locks, write_atomic
 from pipeline.model import (ActivationCapture, check_context_size, load_causal_lm, record_block_outputs,
                             resume_after_block, splice)
 from pipeline.paths import EVAL_FILE, sae_dir
@@ -98,9 +98,7 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False,
     """The Plan, valid while the `with` holds every (layer, hook)'s eval lock."""
     c, run_dir = cfg.eval, cfg.run_path
     pairs = cfg.targets("eval", layers)
-    with ExitStack() as locks:
-        for layer, hook in pairs:
-            locks.enter_context(run_lock(run_dir, f"eval.{layer}.{hook}", f"layer {layer} hook {hook} of {run_dir}"))
+    with target_locks(run_dir, "eval", pairs):
         targets = []
         for layer, hook in pairs:
             folder = sae_dir(run_dir, layer, hook)

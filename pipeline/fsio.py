@@ -20,7 +20,7 @@ import os
 import shutil
 import signal
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -120,6 +120,16 @@ def run_lock(run_dir, stage: str, what: str | None = None):
     finally:
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
+
+
+@contextmanager
+def target_locks(run_dir, stage: str, pairs):
+    """One `run_lock` per (layer, hook) a stage will work on, all taken before any work,
+    so a second process on any of them is refused up front, not halfway."""
+    with ExitStack() as stack:
+        for layer, hook in pairs:
+            stack.enter_context(run_lock(run_dir, f"{stage}.{layer}.{hook}", f"layer {layer} hook {hook} of {run_dir}"))
+        yield
 
 
 @contextmanager

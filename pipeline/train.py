@@ -37,7 +37,7 @@ import json
 import math
 import shutil
 import time
-from contextlib import ExitStack, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,11 +99,6 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def lock(run_dir, layer: int, hook: str):
-    """The lock of one SAE: a second `saepipe train` of it is refused with one line."""
-    return fsio.run_lock(run_dir, f"train.{layer}.{hook}", f"layer {layer} {hook} of {run_dir}")
-
-
 # --------------------------------------------------------------------------- plan and run
 def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> list[Plan]:
     """Every SAE to train, planned and checked before any is trained."""
@@ -120,9 +115,7 @@ def run(cfg: Config, layers: list[int] | None = None, force: bool = False, progr
             print(f"train: {p.name}: already trained in {p.out}; skipping (--force retrains it)")
         else:  # to train, or a finished SAE whose swap a kill cut short: only under its lock
             todo.append(p)
-    with ExitStack() as locks:
-        for p in todo:
-            locks.enter_context(lock(cfg.run_dir, p.layer, p.hook))
+    with fsio.target_locks(cfg.run_dir, "train", [(p.layer, p.hook) for p in todo]):
         for p in todo:
             trained[(p.layer, p.hook)] = train(p, progress=progress)
     return trained

@@ -113,7 +113,7 @@ def test_second_concurrent_train_of_one_sae_is_refused_and_the_first_finishes(tm
     try:
         code, text = cli("train", cfg)
         assert code == 2 and text.count("\n") == 1, text
-        assert text.startswith("saepipe: error: another") and "layer 1 resid_post" in text, text
+        assert text.startswith("saepipe: error: another") and "layer 1 hook resid_post" in text, text
         code, text = cli("train", cfg, "--force")
         assert code == 2 and "another" in text, text
     finally:
