@@ -42,7 +42,7 @@ from pipeline.errors import UserError
 from pipeline.fsio import recover_swap, swap_dir, target_locks
 from pipeline.model import resolve_device
 from pipeline.paths import records_dir, sae_dir
-from pipeline.sae import TopKSAE
+from pipeline.sae import TopKSAE, saved_cfg, verify_saved
 from pipeline.scan import scan
 from pipeline.store import ActivationStore
 from pipeline.windows import TokenText, cut_windows, pick, store_tokenizer
@@ -77,9 +77,12 @@ def _check_sae(folder: Path, layer: int, hook: str, d_model: int):
     if not folder.exists():
         raise UserError(f"no trained SAE for layer {layer} hook {hook} (looked in {folder}); "
                         f"run `make train LAYERS={layer}` first")
-    # A full load checks the weights against their `done` marker: a truncated or
-    # corrupt file is refused here, before any layer's records are written.
-    d_in = TopKSAE.load(folder).d_in
+    # The cheap check (marker present, weights of the recorded size) up front, before any
+    # layer's records are written; the sha256 is checked once, by the load that does the work.
+    cfg = saved_cfg(folder)
+    if cfg is None:
+        raise UserError(verify_saved(folder) or f"{folder} holds no finished SAE; retrain it")
+    d_in = cfg.get("d_in")
     if d_in != d_model:
         raise UserError(f"the SAE in {folder} takes d_in = {d_in}, but layer {layer} hook {hook} in the "
                         f"store has d_model = {d_model}; retrain it: make train LAYERS={layer} FORCE=1")
