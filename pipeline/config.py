@@ -21,6 +21,7 @@ from typing import Any, Union
 import yaml
 
 from pipeline import dtypes
+from pipeline.optim import OPTIMIZERS
 from pipeline.errors import UserError
 from pipeline.kernels import BACKENDS
 
@@ -123,9 +124,16 @@ class TrainConfig:
     k: int = setting(32, "latents kept per token (TopK); at most n_latents")
     n_tokens: int = setting(10_000_000, "training budget in tokens; more than one epoch of the store is fine")
     batch_size: int = setting(4096, "tokens per step")
-    lr: float | None = setting(None, "Adam learning rate; null = 2e-4 / sqrt(n_latents / 2**14) (sparsify's rule)")
+    optimizer: str = setting("adam", "adam, or signum_sf (schedule-free sign descent, sparsify's default; saves "
+                                     "the averaged weights)")
+    lr: float | None = setting(None, "peak learning rate; null = the optimizer's rule: 3.5e-3 (adam, at most 1e-2) "
+                                     "or 2.5e-3 (signum_sf), times 1/sqrt(n_latents / 2**14)")
+    lr_schedule: str = setting("cosine", "after the warmup: cosine (down to 0 at the end) or wsd (flat, then "
+                                         "linear to 0 from decay_start); signum_sf only warms up")
     warmup_steps: int = setting(100, "linear lr warmup, capped at a tenth of the run")
-    decay_start: float = setting(0.8, "fraction of the steps after which lr decays linearly to 0")
+    decay_start: float = setting(0.8, "wsd: fraction of the steps after which lr decays linearly to 0")
+    sf_beta: float = setting(0.95, "signum_sf: where the gradient is taken between the average (1) and the "
+                                   "fast iterate (0)")
     adam_betas: list[float] = setting([0.9, 0.999], "Adam's betas")
     adam_eps: float = setting(6.25e-10, "Adam's eps (tiny, as in OpenAI's TopK recipe)")
     dormant_tokens: int | None = setting(None, "a latent silent for this many training tokens is dormant and "
@@ -170,6 +178,10 @@ class TrainConfig:
             raise ConfigError(f"{where}: train.k = {self.k} must be > 0")
         _positive(where, "train.n_tokens", self.n_tokens)
         _positive(where, "train.batch_size", self.batch_size)
+        _choice(where, "train.optimizer", self.optimizer, OPTIMIZERS)
+        _choice(where, "train.lr_schedule", self.lr_schedule, ("cosine", "wsd"))
+        if not 0 < self.sf_beta < 1:
+            raise ConfigError(f"{where}: train.sf_beta = {self.sf_beta} must be in (0, 1)")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"{where}: train.lr = {self.lr} must be > 0")
         _positive(where, "train.warmup_steps", self.warmup_steps, minimum=0)

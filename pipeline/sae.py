@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -133,8 +132,9 @@ class TopKSAE(nn.Module):
             idx = z.topk(self.k, dim=-1, sorted=False).indices
             aux_idx = None
             if dormant is not None and k_aux > 0:
-                # z is not needed past this point: mask it in place rather than copy [B, n]
-                aux_idx = z.masked_fill_(~dormant, -math.inf).topk(k_aux, dim=-1, sorted=False).indices
+                # top-k over the dormant columns only: a top-k costs in proportion to the columns it scans
+                ids = dormant.nonzero().squeeze(1)
+                aux_idx = ids[z.index_select(1, ids).topk(k_aux, dim=-1, sorted=False).indices]
             del z
         vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend))
         x_hat = decode(idx, vals, self.W_dec, backend=self.backend) + self.b_pre

@@ -6,7 +6,7 @@ is written. `run()` then takes every SAE's lock and `train()`s each by the
 recipe of DESIGN.md:
 
     loss = ||x - x_hat||^2 / ||x - mean(x)||^2  +  aux_alpha * AuxK
-    Adam (tiny eps), lr warmup then linear decay, decoder rows kept unit-norm
+    Adam (tiny eps) under warmup then cosine decay, or schedule-free sign descent; decoder rows kept unit-norm
     (parallel gradient removed before the step, rows renormalised after it),
     tied init, b_pre from the geometric median of a sample.
 
@@ -32,6 +32,7 @@ checkpoint of this config = resume; anything else = start over.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -45,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline import dtypes, fsio, plots
+from pipeline import dtypes, fsio, optim, plots
 from pipeline.config import Config, TrainConfig, logistics
 from pipeline.errors import UserError
 from pipeline.kernels import resolve_backend
@@ -134,7 +135,7 @@ def plan_sae(cfg: Config, store: ActivationStore, layer: int, hook: str, force: 
     device = resolve_device(tc.device, key="train.device")
     tc = dataclasses.replace(
         tc, n_latents=n,
-        lr=tc.lr or 2e-4 / math.sqrt(n / 2**14),
+        lr=tc.lr or optim.default_lr(tc.optimizer, n),
         k_aux=min(n, tc.k_aux or 2 ** max(0, round(math.log2(max(1, d / 2))))),
         dormant_tokens=tc.dormant_tokens or int(min(10_000_000, max(4 * tc.batch_size, tc.n_tokens // 10))),
         backend=resolve_backend(tc.backend, device, key="train.backend"))
@@ -237,7 +238,7 @@ class TrainState:
         normalize = "layer_norm" if tc.normalize == "layer_norm" else "none"  # scalar is folded in, not applied
         self.sae = TopKSAE(d_in, tc.n_latents, tc.k, normalize, tc.backend).to(device)
         self.ema = TopKSAE(d_in, tc.n_latents, tc.k, normalize, tc.backend).to(device) if tc.ema_decay else None
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps)
+        self.opt = optim.make(tc.optimizer, self.sae.parameters(), tc.lr, tc.adam_betas, tc.adam_eps, tc.sf_beta)
         self.scale = 1.0  # inputs are multiplied by it (train.normalize = scalar)
         self.step = 0
         self.cursor = Cursor()  # where the next batch starts in the loader's row stream
@@ -251,6 +252,21 @@ class TrainState:
     def elapsed(self) -> float:
         """Training seconds, over every process that ran this SAE."""
         return self._elapsed + time.time() - self._since
+
+    def weights(self) -> TopKSAE:
+        """The SAE that eval sees and save writes: the EMA if kept, else for schedule-free the running
+        average x with its decoder rows put back on the unit sphere (an average of unit rows is shorter),
+        else the trained weights themselves."""
+        if self.ema is not None:
+            return self.ema
+        if not optim.is_schedule_free(self.opt):
+            return self.sae
+        avg = copy.deepcopy(self.sae)
+        with torch.no_grad():
+            for a, p in zip(avg.parameters(), self.sae.parameters()):
+                a.copy_(self.opt.averaged(p))
+        avg.normalize_decoder()
+        return avg
 
     def state_dict(self) -> dict:
         return {
@@ -266,7 +282,7 @@ class TrainState:
         self.sae.load_state_dict(state["sae"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["optimizer"])  # moves Adam's moments to the weights' device
+        self.opt.load_state_dict(state["optimizer"])  # moves the optimizer's state to the weights' device
         self.scale, self.step, self.cursor = state["scale"], state["step"], Cursor(*state["cursor"])
         self.since_fired = state["since_fired"].to(device)
         self.nonfinite.clear()
@@ -330,7 +346,7 @@ def train(p: Plan, progress: bool = True) -> dict:
                 state.log_sums.zero_()
                 state.log_from, t_log = step, now
             if step % tc.eval_every == 0 and step < tc.n_steps:
-                ev = evaluate(state.ema or state.sae, x_eval, state.scale, B, p.matmul_dtype)
+                ev = evaluate(state.weights(), x_eval, state.scale, B, p.matmul_dtype)
                 del ev["density"]
                 _append(metrics, {"split": "eval", "step": step, "tokens": step * B, **ev})
             if step % tc.checkpoint_every == 0 and step < tc.n_steps:
@@ -345,7 +361,7 @@ def train(p: Plan, progress: bool = True) -> dict:
 
 def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
                matmul_dtype: torch.dtype | None = None) -> int:
-    """One Adam step on a normalised batch x [B, d]; returns how many latents were dormant."""
+    """One optimizer step on a normalised batch x [B, d]; returns how many latents were dormant."""
     sae, opt = state.sae, state.opt
     for g in opt.param_groups:
         g["lr"] = lr
@@ -375,9 +391,14 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
 
 
 def learning_rate(tc: TrainConfig, step: int) -> float:
-    """Linear warmup (at most a tenth of the run), then flat, then linear decay to 0 from decay_start."""
+    """Linear warmup (at most a tenth of the run), then either a cosine to 0 at the end or (wsd) flat, then
+    linear to 0 from decay_start. Schedule-free only warms up: its running average does the decay's work."""
     warmup = min(tc.warmup_steps, tc.n_steps // 10)
     ramp = (step + 1) / warmup if step < warmup else 1.0
+    if tc.optimizer == "signum_sf":
+        return tc.lr * ramp
+    if tc.lr_schedule == "cosine":
+        return tc.lr * min(ramp, 0.5 * (1 + math.cos(math.pi * step / tc.n_steps)))
     decay_from = int(tc.decay_start * tc.n_steps)
     tail = 1.0 if step < decay_from else (tc.n_steps - step) / max(1, tc.n_steps - decay_from)
     return tc.lr * min(ramp, tail)
@@ -488,7 +509,7 @@ def evaluate(sae: TopKSAE, x_raw: torch.Tensor, scale: float, batch: int,
 
 def _finish(p: Plan, state: TrainState, x_eval: torch.Tensor) -> dict:
     """Evaluate, draw, save (the `done` marker last), then swap the finished SAE into place."""
-    final, B, work = state.ema or state.sae, p.tc.batch_size, p.work
+    final, B, work = state.weights(), p.tc.batch_size, p.work
     ev = evaluate(final, x_eval, state.scale, B, p.matmul_dtype)
     density = ev.pop("density")
     with open(work / "metrics.jsonl", "a") as f:

@@ -1,0 +1,166 @@
+"""SAE quality head to head: saepipe's default recipe against sparsify's, same rows, same budget.
+
+    python bench/quality.py                               # the demo store, layer 3 (make demo CONFIG=configs/demo.yaml)
+    python bench/quality.py --run runs/smollm2 --layer 15 --write
+
+Both sides train an SAE of the same n_latents, k and batch on the same
+training rows (the store's training chunks, BOS excluded) for the same number
+of tokens, and both are scored by one function (pipeline.train.evaluate) on
+the same held-out rows: the eval chunks saepipe itself holds out.
+
+- saepipe: `pipeline.train.run` end to end on a config that sets no learning
+  rate (loader, AuxK, eval, checkpoints, pictures and save included in its
+  wall time), in a scratch run folder that links the store.
+- sparsify 1.3.3: its own SparseCoder / SignSGD / ScheduleFreeWrapper in its
+  default recipe (bench/peer_sparsify.py), run by the peer venv of
+  bench/peers.py; its wall time is the bare loop.
+
+Prints held-out FVU, dead fraction (latents that never fire on the held-out
+rows) and wall time of each, and the ratios against the better of sparsify's
+SAE as saved and the same with its decoder rows put back to unit norm (its
+saved schedule-free average has shorter rows); --write puts the table into
+bench/RESULTS.md under its own heading (replacing an earlier one for the same store and layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+import peers  # noqa: E402
+from pipeline.config import config_from_dict  # noqa: E402
+from pipeline.loader import RowFilter, eval_rows, split_chunks  # noqa: E402
+from pipeline.sae import TopKSAE  # noqa: E402
+from pipeline.store import ActivationStore  # noqa: E402
+from pipeline.train import evaluate  # noqa: E402
+from pipeline.train import run as train_run  # noqa: E402
+
+
+def rows(store, layer, hook, eval_fraction):
+    rf = RowFilter(store, layer, hook, True, False)
+    train_chunks, eval_chunks = split_chunks(store.n_chunks(layer, hook), eval_fraction)
+    x_train = torch.cat([rf(c, store.read_chunk(layer, hook, c)).float() for c in train_chunks])
+    x_eval = eval_rows(store, layer, hook, eval_chunks, 65536, RowFilter(store, layer, hook, True, False))
+    return x_train, x_eval
+
+
+def ours(store_dir: Path, scratch: Path, layer, hook, a) -> tuple[TopKSAE, float]:
+    run_dir = scratch / "run"
+    run_dir.mkdir()
+    (run_dir / "activations.zarr").symlink_to(store_dir.resolve() / "activations.zarr")
+    cfg = config_from_dict({
+        "run_dir": str(run_dir), "model": {"name": "bench"}, "data": {"path": "bench"},
+        "harvest": {"layers": [layer], "hooks": [hook], "n_tokens": a.store_tokens, "context_size": a.context_size},
+        "train": {"n_latents": a.n, "k": a.k, "batch_size": a.batch, "n_tokens": a.tokens, "seed": a.seed,
+                  **json.loads(a.ours)}})
+    t0 = time.perf_counter()
+    train_run(cfg, progress=False)
+    wall = time.perf_counter() - t0
+    return TopKSAE.load(run_dir / "saes" / str(layer) / hook), wall
+
+
+def sparsify(x_train: torch.Tensor, scratch: Path, a) -> tuple[TopKSAE, float]:
+    py = peers.python("sparsify")
+    np.save(scratch / "rows.npy", x_train.numpy())
+    out = scratch / "sparsify.pt"
+    env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}
+    subprocess.run([str(py), str(HERE / "peer_sparsify.py"), str(scratch / "rows.npy"), str(out), "--n", str(a.n),
+                    "--k", str(a.k), "--batch", str(a.batch), "--tokens", str(a.tokens), "--seed", str(a.seed),
+                    "--threads", str(torch.get_num_threads())], check=True, env=env, stdout=subprocess.DEVNULL)
+    w = torch.load(out, weights_only=True)
+    sae = TopKSAE(x_train.shape[1], a.n, a.k, backend="torch")
+    with torch.no_grad():
+        for name in ("W_enc", "b_lat", "W_dec", "b_pre"):
+            getattr(sae, name).copy_(w[name])
+    return sae, w["wall_s"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/demo", help="run folder holding activations.zarr")
+    ap.add_argument("--layer", type=int, default=3)
+    ap.add_argument("--hook", default="resid_post")
+    ap.add_argument("--n", type=int, default=3072)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, default=1_000_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ours", default="{}", help="JSON of extra train settings for saepipe (default: none)")
+    ap.add_argument("--write", action="store_true", help="put the table into bench/RESULTS.md")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    store_dir = Path(a.run)
+    store = ActivationStore(store_dir)
+    a.store_tokens, a.context_size = store.n_rows(a.layer, a.hook), store.context_size
+    x_train, x_eval = rows(store, a.layer, a.hook, 0.05)
+    print(f"quality: {store_dir} layer {a.layer} {a.hook}: {len(x_train)} training rows, {len(x_eval)} held-out "
+          f"rows; n {a.n}, k {a.k}, batch {a.batch}, {a.tokens} tokens", file=sys.stderr)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="saepipe-quality-") as tmp:
+        scratch = Path(tmp)
+        for name, fn in (("sparsify", lambda: sparsify(x_train, scratch, a)),
+                         ("saepipe", lambda: ours(store_dir, scratch, a.layer, a.hook, a))):
+            sae, wall = fn()
+            ev = evaluate(sae, x_eval, 1.0, 4096)
+            results[name] = {"fvu": ev["fvu"], "dead": ev["dead_frac"], "wall": wall}
+            print(f"quality: {name}: held-out fvu {ev['fvu']:.4f}, dead {ev['dead_frac']:.1%}, {wall:.1f} s",
+                  file=sys.stderr)
+            if name == "sparsify":
+                # Its saved weights are the schedule-free average, whose decoder rows are shorter than 1; put
+                # back on the unit sphere it reconstructs better on some stores, worse on others: the ratios
+                # compare with the better of the two.
+                sae.normalize_decoder()
+                ev = evaluate(sae, x_eval, 1.0, 4096)
+                results["sparsify_unit"] = {"fvu": ev["fvu"], "dead": ev["dead_frac"], "wall": wall}
+    raw, o = results["sparsify"], results["saepipe"]
+    s = min(results["sparsify_unit"], raw, key=lambda r: r["fvu"])
+    table = "\n".join([
+        "| recipe | held-out FVU | dead | wall s |",
+        "| --- | --- | --- | --- |",
+        f"| sparsify 1.3.3 default (signum, schedule-free; bare loop), as saved | {raw['fvu']:.4f} "
+        f"| {raw['dead']:.1%} | {raw['wall']:.1f} |",
+        f"| the same, decoder rows renormalised to 1 | {results['sparsify_unit']['fvu']:.4f} "
+        f"| {results['sparsify_unit']['dead']:.1%} | {raw['wall']:.1f} |",
+        f"| saepipe default, no lr set (end to end) | {o['fvu']:.4f} | {o['dead']:.1%} | {o['wall']:.1f} |",
+        f"| saepipe / sparsify (the better of its two) | {o['fvu'] / s['fvu']:.3f}x | {o['dead'] - s['dead']:+.1%} "
+        f"| {o['wall'] / s['wall']:.2f}x |"])
+    print(table)
+    if a.write:
+        write_results(store_dir, a, len(x_train), len(x_eval), table)
+
+
+def write_results(store_dir: Path, a, n_train: int, n_eval: int, table: str):
+    store = ActivationStore(store_dir)
+    heading = f"## Quality — `bench/quality.py` on {store.attrs.get('model')} layer {a.layer} {a.hook}"
+    body = (f"{heading}\n\n{datetime.date.today()}, {platform.machine()} CPU, {a.threads} threads. "
+            f"n_latents {a.n}, k {a.k}, batch {a.batch}, {a.tokens:,} tokens; {n_train:,} training rows and "
+            f"{n_eval:,} held-out rows, the same for both.\n\n{table}\n")
+    path = HERE / "RESULTS.md"
+    text = path.read_text()
+    start = text.find(heading)
+    if start >= 0:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    path.write_text(text)
+    print(f"quality: wrote the table to {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
