@@ -56,6 +56,9 @@ def make(name: str, params, lr: float, adam_betas=(0.9, 0.999), adam_eps: float 
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+SCHEDULE_FREE = {"signum_sf"}  # these only warm up: their running average does a decay's work
+
+
 def is_schedule_free(opt: torch.optim.Optimizer) -> bool:
     return isinstance(opt, ScheduleFreeSign)
 

@@ -395,7 +395,7 @@ def learning_rate(tc: TrainConfig, step: int) -> float:
     linear to 0 from decay_start. Schedule-free only warms up: its running average does the decay's work."""
     warmup = min(tc.warmup_steps, tc.n_steps // 10)
     ramp = (step + 1) / warmup if step < warmup else 1.0
-    if tc.optimizer == "signum_sf":
+    if tc.optimizer in optim.SCHEDULE_FREE:
         return tc.lr * ramp
     if tc.lr_schedule == "cosine":
         return tc.lr * min(ramp, 0.5 * (1 + math.cos(math.pi * step / tc.n_steps)))
