@@ -16,7 +16,9 @@ the same held-out rows: the eval chunks saepipe itself holds out.
   bench/peers.py; its wall time is the bare loop.
 
 Prints held-out FVU, dead fraction (latents that never fire on the held-out
-rows) and wall time of each, and the ratios against the better of sparsify's
+rows) and wall time of each; with --config (the store's run config, a causal
+LM) also each SAE's delta CE from `saepipe eval` (pipeline.eval: the SAE
+spliced into the model over held-out windows of the corpus), and the ratios against the better of sparsify's
 SAE as saved and the same with its decoder rows put back to unit norm (its
 saved schedule-free average has shorter rows); --write puts the table into
 bench/RESULTS.md under its own heading (replacing an earlier one for the same store and layer).
@@ -42,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import peers  # noqa: E402
-from pipeline.config import config_from_dict  # noqa: E402
+from pipeline import eval as lm_eval  # noqa: E402
+from pipeline.config import config_from_dict, load_config  # noqa: E402
 from pipeline.loader import RowFilter, eval_rows, split_chunks  # noqa: E402
 from pipeline.sae import TopKSAE  # noqa: E402
 from pipeline.store import ActivationStore  # noqa: E402
@@ -89,6 +92,20 @@ def sparsify(x_train: torch.Tensor, scratch: Path, a) -> tuple[TopKSAE, float]:
     return sae, w["wall_s"]
 
 
+def delta_ce(config: str, scratch: Path, name: str, store_dir: Path, sae: TopKSAE, like: dict, layer, hook,
+             n_tokens: int) -> dict:
+    """saepipe eval of `sae` in a scratch run of its own: ce_clean, ce_spliced, delta_ce, ce_recovered, kl."""
+    run_dir = scratch / f"eval-{name}"
+    run_dir.mkdir()
+    (run_dir / "activations.zarr").symlink_to(store_dir.resolve() / "activations.zarr")
+    keep = ("model", "revision", "layer", "hook", "dataset", "context_size", "prepend_bos", "exclude_bos")
+    sae.save(run_dir / "saes" / str(layer) / hook, {key: like.get(key) for key in keep})
+    cfg = load_config(config, [f"run_dir={run_dir}", f"eval.layers=[{layer}]", f"eval.hooks=[{hook}]",
+                               f"eval.n_tokens={n_tokens}"])
+    [(_, _, row)] = lm_eval.run(cfg, progress=False)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/demo", help="run folder holding activations.zarr")
@@ -101,6 +118,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ours", default="{}", help="JSON of extra train settings for saepipe (default: none)")
+    ap.add_argument("--config", help="the store's run config (a causal LM): adds each SAE's delta CE")
+    ap.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for delta CE (with --config)")
     ap.add_argument("--write", action="store_true", help="put the table into bench/RESULTS.md")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -110,7 +129,7 @@ def main():
     x_train, x_eval = rows(store, a.layer, a.hook, 0.05)
     print(f"quality: {store_dir} layer {a.layer} {a.hook}: {len(x_train)} training rows, {len(x_eval)} held-out "
           f"rows; n {a.n}, k {a.k}, batch {a.batch}, {a.tokens} tokens", file=sys.stderr)
-    results = {}
+    results, saes = {}, {}
     with tempfile.TemporaryDirectory(prefix="saepipe-quality-") as tmp:
         scratch = Path(tmp)
         for name, fn in (("sparsify", lambda: sparsify(x_train, scratch, a)),
@@ -118,27 +137,43 @@ def main():
             sae, wall = fn()
             ev = evaluate(sae, x_eval, 1.0, 4096)
             results[name] = {"fvu": ev["fvu"], "dead": ev["dead_frac"], "wall": wall}
+            saes[name] = sae
             print(f"quality: {name}: held-out fvu {ev['fvu']:.4f}, dead {ev['dead_frac']:.1%}, {wall:.1f} s",
                   file=sys.stderr)
             if name == "sparsify":
                 # Its saved weights are the schedule-free average, whose decoder rows are shorter than 1; put
                 # back on the unit sphere it reconstructs better on some stores, worse on others: the ratios
                 # compare with the better of the two.
-                sae.normalize_decoder()
-                ev = evaluate(sae, x_eval, 1.0, 4096)
+                unit = TopKSAE(sae.d_in, sae.n_latents, sae.k, backend="torch")
+                unit.load_state_dict(sae.state_dict())
+                unit.normalize_decoder()
+                ev = evaluate(unit, x_eval, 1.0, 4096)
                 results["sparsify_unit"] = {"fvu": ev["fvu"], "dead": ev["dead_frac"], "wall": wall}
+                saes["sparsify_unit"] = unit
+        if a.config:  # after both trainings, so the wall times above are not shared with a model
+            for name in ("sparsify", "sparsify_unit", "saepipe"):
+                row = delta_ce(a.config, scratch, name, store_dir, saes[name], saes["saepipe"].cfg, a.layer, a.hook,
+                               a.eval_tokens)
+                results[name]["dce"] = row["delta_ce"]
+                results[name]["n_ce"] = row["n_tokens"]
+                print(f"quality: {name}: delta CE {row['delta_ce']:.4f} nats (ce clean {row['ce_clean']:.4f}, "
+                      f"spliced {row['ce_spliced']:.4f}; {row['n_tokens']} tokens)", file=sys.stderr)
     raw, o = results["sparsify"], results["saepipe"]
     s = min(results["sparsify_unit"], raw, key=lambda r: r["fvu"])
+    ce = bool(a.config)
+
+    def cells(r):
+        return f"| {r['fvu']:.4f} | {r['dead']:.1%} | " + (f"{r['dce']:.4f} | " if ce else "") + f"{r['wall']:.1f} |"
+
+    s_ce = min(results["sparsify_unit"]["dce"], raw["dce"]) if ce else None
     table = "\n".join([
-        "| recipe | held-out FVU | dead | wall s |",
-        "| --- | --- | --- | --- |",
-        f"| sparsify 1.3.3 default (signum, schedule-free; bare loop), as saved | {raw['fvu']:.4f} "
-        f"| {raw['dead']:.1%} | {raw['wall']:.1f} |",
-        f"| the same, decoder rows renormalised to 1 | {results['sparsify_unit']['fvu']:.4f} "
-        f"| {results['sparsify_unit']['dead']:.1%} | {raw['wall']:.1f} |",
-        f"| saepipe default, no lr set (end to end) | {o['fvu']:.4f} | {o['dead']:.1%} | {o['wall']:.1f} |",
-        f"| saepipe / sparsify (the better of its two) | {o['fvu'] / s['fvu']:.3f}x | {o['dead'] - s['dead']:+.1%} "
-        f"| {o['wall'] / s['wall']:.2f}x |"])
+        "| recipe | held-out FVU | dead | " + ("delta CE (nats) | " if ce else "") + "wall s |",
+        "| --- | --- | --- | " + ("--- | " if ce else "") + "--- |",
+        "| sparsify 1.3.3 default (signum, schedule-free; bare loop), as saved " + cells(raw),
+        "| the same, decoder rows renormalised to 1 " + cells(results["sparsify_unit"]),
+        "| saepipe default, no lr set (end to end) " + cells(o),
+        f"| saepipe / sparsify (the better of its two) | {o['fvu'] / s['fvu']:.3f}x | {o['dead'] - s['dead']:+.1%} | "
+        + (f"{o['dce'] / s_ce:.3f}x | " if ce else "") + f"{o['wall'] / s['wall']:.2f}x |"])
     print(table)
     if a.write:
         write_results(store_dir, a, len(x_train), len(x_eval), table)
@@ -149,7 +184,9 @@ def write_results(store_dir: Path, a, n_train: int, n_eval: int, table: str):
     heading = f"## Quality — `bench/quality.py` on {store.attrs.get('model')} layer {a.layer} {a.hook}"
     body = (f"{heading}\n\n{datetime.date.today()}, {platform.machine()} CPU, {a.threads} threads. "
             f"n_latents {a.n}, k {a.k}, batch {a.batch}, {a.tokens:,} tokens; {n_train:,} training rows and "
-            f"{n_eval:,} held-out rows, the same for both.\n\n{table}\n")
+            f"{n_eval:,} held-out rows, the same for both"
+            + (f"; delta CE over {a.eval_tokens:,} held-out tokens of the corpus (`saepipe eval`)" if a.config else "")
+            + f".\n\n{table}\n")
     path = HERE / "RESULTS.md"
     text = path.read_text()
     start = text.find(heading)

@@ -126,8 +126,8 @@ class TrainConfig:
     batch_size: int = setting(4096, "tokens per step")
     optimizer: str = setting("adam", "adam, or signum_sf (schedule-free sign descent, sparsify's default; saves "
                                      "the averaged weights)")
-    lr: float | None = setting(None, "peak learning rate; null = the optimizer's rule: 3.5e-3 (adam, at most 1e-2) "
-                                     "or 2.5e-3 (signum_sf), times 1/sqrt(n_latents / 2**14)")
+    lr: float | None = setting(None, "peak learning rate; null = the optimizer's rule: 2.4e-3 / sqrt(d_model / 768) "
+                                     "(adam, at most 1e-2) or 2.5e-3 (signum_sf), times 1/sqrt(n_latents / 2**14)")
     lr_schedule: str = setting("cosine", "after the warmup: cosine (down to 0 at the end) or wsd (flat, then "
                                          "linear to 0 from decay_start); signum_sf only warms up")
     warmup_steps: int = setting(100, "linear lr warmup, capped at a tenth of the run")
@@ -159,7 +159,8 @@ class TrainConfig:
     log_every: int = setting(20, "steps between train rows in metrics.jsonl", logistics=True)
     checkpoint_every: int = setting(200, "steps between checkpoints (an interrupted run resumes from the last)",
                                     logistics=True)
-    shuffle_chunks: int = setting(8, "chunks mixed at row level (at least enough for 4 batches)")
+    shuffle_chunks: int | None = setting(None, "chunks mixed at row level; null = enough for 2**17 rows "
+                                                "(at most 512 MiB of them); at least enough for 4 batches")
     reader_threads: int = setting(4, "threads reading and decompressing chunks", logistics=True)
     exclude_bos: bool = setting(True, "leave out position 0 when the store prepended BOS (or CLS)")
     skip_nonfinite: bool = setting(False, "drop rows holding NaN/Inf instead of refusing to train")
@@ -208,9 +209,10 @@ class TrainConfig:
             raise ConfigError(f"{where}: train.ema_decay = {self.ema_decay} must be in (0, 1)")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"{where}: train.grad_clip = {self.grad_clip} must be > 0")
-        for key in ("eval_every", "eval_tokens", "log_every", "checkpoint_every", "shuffle_chunks",
-                    "reader_threads"):
+        for key in ("eval_every", "eval_tokens", "log_every", "checkpoint_every", "reader_threads"):
             _positive(where, f"train.{key}", getattr(self, key))
+        if self.shuffle_chunks is not None:
+            _positive(where, "train.shuffle_chunks", self.shuffle_chunks)
 
 
 @dataclass

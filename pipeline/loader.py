@@ -18,7 +18,11 @@ Held-out chunks, spread evenly over the store, are never part of the stream;
 Reading: a background thread assembles windows ahead of the trainer (one
 window in hand, `prefetch` more queued), each read by a pool of threads
 (zarr decompression releases the GIL). On CUDA each window is pinned so
-batches go to the GPU with non-blocking copies.
+batches go to the GPU with non-blocking copies. With `cache`, every chunk is
+read and decompressed once and kept (filtered) in memory for later epochs: the
+trainer asks for it when the training rows fit in CACHE_BYTES and the budget
+is more than one epoch, since on a small machine decompressing the store again
+each epoch takes cores the training step needs.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.store import ActivationStore
+
+
+CACHE_BYTES = 2**30  # training rows, as read, that a run may keep in memory across epochs
 
 
 def derive_seed(*parts: int) -> int:
@@ -100,7 +107,7 @@ class BatchLoader:
 
     def __init__(self, store: ActivationStore, layer: int, hook: str, chunks: list[int], batch_size: int,
                  seed: int, window_chunks: int, row_filter: RowFilter, device: torch.device,
-                 reader_threads: int = 4, prefetch: int = 1, start: Cursor = Cursor()):
+                 reader_threads: int = 4, prefetch: int = 1, start: Cursor = Cursor(), cache: bool = False):
         if not chunks:
             raise UserError(f"layer {layer} {hook}: no chunks left to train on")
         self.store, self.layer, self.hook = store, layer, hook
@@ -110,6 +117,7 @@ class BatchLoader:
         self.filter, self.device, self.start = row_filter, device, start
         self.reader_threads, self.prefetch = reader_threads, prefetch
         self.pin = device.type == "cuda"
+        self.cache: dict[int, torch.Tensor] | None = {} if cache else None  # chunk -> its filtered rows
 
     def window_ids(self, epoch: int, window: int) -> list[int]:
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
@@ -118,12 +126,19 @@ class BatchLoader:
         return [self.chunks[i] for i in ids]
 
     def read_window(self, epoch: int, window: int, pool: ThreadPoolExecutor) -> torch.Tensor:
-        ids = self.window_ids(epoch, window)
-        parts = pool.map(lambda c: self.filter(c, self.store.read_chunk(self.layer, self.hook, c)), ids)
+        parts = pool.map(self._chunk, self.window_ids(epoch, window))
         x = torch.cat(list(parts))
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, window))
         x = x[torch.randperm(x.shape[0], generator=g)]
         return x.pin_memory() if self.pin else x
+
+    def _chunk(self, c: int) -> torch.Tensor:
+        x = None if self.cache is None else self.cache.get(c)
+        if x is None:
+            x = self.filter(c, self.store.read_chunk(self.layer, self.hook, c))
+            if self.cache is not None:
+                self.cache[c] = x
+        return x
 
     def _windows(self, out: queue.Queue, stop: threading.Event):
         """Producer thread: windows from the start cursor on, in order, forever."""

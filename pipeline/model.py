@@ -18,6 +18,8 @@ folder in a cache (`gguf_folder`) and load from there.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import importlib.util
 import os
@@ -44,9 +46,10 @@ _SUBLAYERS = {
 
 
 def resolve_device(device: str, key: str = "model.device") -> torch.device:
-    """`auto` = cuda when present; `key` names the config entry in errors."""
+    """`auto` = cuda when present; `key` names the config entry in errors. A CPU device also gets the
+    allocator setting of `keep_freed_memory`."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -58,7 +61,36 @@ def resolve_device(device: str, key: str = "model.device") -> torch.device:
             torch.empty(1, device=dev)
         except (RuntimeError, AssertionError, AttributeError):
             raise UserError(f"{key} = {device!r}: this machine has no such device; use {key}: auto or cpu") from None
+    if dev.type == "cpu":
+        keep_freed_memory()
     return dev
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed blocks for reuse instead of returning them to the kernel.
+
+    PyTorch's CPU allocator has no cache: every tensor over glibc's mmap threshold
+    is a fresh mmap whose pages fault in one by one when first touched. A training
+    step allocates several [n, d] gradients and temporaries, and at n 16384, d 768
+    the faults alone cost ~17 ms per 50 MB tensor, as much as the arithmetic.
+    Served from the heap and kept after free, the same memory is reused warm.
+    The price: the process keeps its peak RSS until it exits. Linux/glibc only;
+    elsewhere a no-op."""
+    global _KEPT
+    if _KEPT:
+        return
+    _KEPT = True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    mallopt(M_TRIM_THRESHOLD, 1 << 40)
+
+
+_KEPT = False
 
 
 def resolve_model_name(name: str) -> str:

@@ -35,6 +35,9 @@ from pipeline.paths import DONE
 WEIGHTS = "sae.safetensors"
 
 LN_EPS = 1e-5  # OpenAI's GPT-2 SAEs and SAELens both use (x - mean) / (std + 1e-5)
+# AuxK runs as dense matmuls over the dormant columns while they number at most this many times k_aux
+# (torch backend; on CPU the two paths cost the same near 4x, at d 384 and at d 768)
+AUX_DENSE_RATIO = 4
 
 
 class TrainOutput(NamedTuple):
@@ -42,6 +45,39 @@ class TrainOutput(NamedTuple):
     idx: torch.Tensor  # [B, k]
     vals: torch.Tensor  # [B, k], differentiable
     aux_hat: torch.Tensor | None  # [B, d] dormant latents' reconstruction of the residual (no b_pre)
+
+
+class _DormantDecode(torch.autograd.Function):
+    """AuxK's reconstruction from a few (m) dormant latents as dense matmuls over their columns.
+
+    acts [B, m]: relu of the kept pre-activations, 0 elsewhere (from z, no graph); ids [m]: the latents;
+    x_c [B, d]; W_enc, W_dec [n, d]; b_lat [n]  ->  acts @ W_dec[ids]  [B, d].
+    The forward reuses z's values, so only the backward's four [B, m] x [m, d] products are paid; with
+    dz = (g @ W_dec[ids].T) where acts > 0, the grads are W_dec[ids] += acts.T @ g, W_enc[ids] += dz.T @ x_c,
+    b_lat[ids] += dz.sum(0) and x_c += dz @ W_enc[ids] (what autograd of the dense formulation gives)."""
+
+    @staticmethod
+    def forward(ctx, acts, ids, x_c, W_enc, b_lat, W_dec):
+        W_d = W_dec.index_select(0, ids)
+        ctx.save_for_backward(acts, ids, x_c, W_enc, W_d)
+        ctx.n = W_dec.shape[0]
+        return acts @ W_d
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        acts, ids, x_c, W_enc, W_d = ctx.saved_tensors
+        dz = (g @ W_d.T).mul_(acts > 0)
+        grad_W_dec = grad_W_enc = grad_b = grad_x = None
+        if ctx.needs_input_grad[5]:
+            grad_W_dec = g.new_zeros(ctx.n, g.shape[1]).index_copy_(0, ids, acts.T @ g)
+        if ctx.needs_input_grad[3]:
+            grad_W_enc = g.new_zeros(ctx.n, g.shape[1]).index_copy_(0, ids, dz.T @ x_c)
+        if ctx.needs_input_grad[4]:
+            grad_b = g.new_zeros(ctx.n).index_copy_(0, ids, dz.sum(0))
+        if ctx.needs_input_grad[2]:
+            grad_x = dz @ W_enc.index_select(0, ids)
+        return None, None, grad_x, grad_W_enc, grad_b, grad_W_dec
 
 
 class TopKSAE(nn.Module):
@@ -119,28 +155,40 @@ class TopKSAE(nn.Module):
         `dormant` [n] bool marks latents eligible for AuxK; `k_aux` of them (the
         caller caps it at the number dormant) are kept per token. Only the dense
         z matmul runs in `matmul_dtype` (bf16 on GPU): the gathers recompute
-        the chosen pre-activations in full precision.
+        the chosen pre-activations in full precision. A full-precision z already
+        holds them, and the gathers' forward takes them from it.
         """
         from pipeline.kernels import decode, encode_gather
 
         x_c = x - self.b_pre
         with torch.no_grad():
-            if matmul_dtype is not None and matmul_dtype != x.dtype:
+            low = matmul_dtype is not None and matmul_dtype != x.dtype
+            if low:
                 z = torch.addmm(self.b_lat.to(matmul_dtype), x_c.to(matmul_dtype), self.W_enc.T.to(matmul_dtype))
             else:
                 z = torch.addmm(self.b_lat, x_c, self.W_enc.T)
-            idx = z.topk(self.k, dim=-1, sorted=False).indices
-            aux_idx = None
+            pre, idx = z.topk(self.k, dim=-1, sorted=False)
+            aux_pre = aux_idx = ids = None
             if dormant is not None and k_aux > 0:
                 # top-k over the dormant columns only: a top-k costs in proportion to the columns it scans
                 ids = dormant.nonzero().squeeze(1)
-                aux_idx = ids[z.index_select(1, ids).topk(k_aux, dim=-1, sorted=False).indices]
+                aux_pre, j = z.index_select(1, ids).topk(k_aux, dim=-1, sorted=False)
+                aux_idx = ids[j]
             del z
-        vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend))
+            if low:  # a low-precision z only picks the latents; the gathers recompute their values
+                pre = aux_pre = None
+        vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre))
         x_hat = decode(idx, vals, self.W_dec, backend=self.backend) + self.b_pre
         aux_hat = None
-        if aux_idx is not None:
-            aux_vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, aux_idx, backend=self.backend))
+        if aux_pre is not None and self.backend == "torch" and ids.numel() <= AUX_DENSE_RATIO * k_aux:
+            # Few dormant latents, many kept a row (k_aux ~ d/2): plain matmuls over the m dormant
+            # columns beat the sparse products, which pay per kept latent what a GEMM pays per column.
+            acts = torch.zeros(x.shape[0], ids.numel(), dtype=x.dtype, device=x.device)
+            acts.scatter_(1, j, aux_pre.clamp_min(0))
+            aux_hat = _DormantDecode.apply(acts, ids, x_c, self.W_enc, self.b_lat, self.W_dec)
+        elif aux_idx is not None:
+            aux_vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, aux_idx, backend=self.backend,
+                                                pre=aux_pre))
             aux_hat = decode(aux_idx, aux_vals, self.W_dec, backend=self.backend)
         return TrainOutput(x_hat, idx, vals, aux_hat)
 
@@ -154,7 +202,7 @@ class TopKSAE(nn.Module):
         """Drop the part of each decoder row's gradient along the row (unit-norm constraint)."""
         g = self.W_dec.grad
         if g is not None:
-            g -= (g * self.W_dec).sum(1, keepdim=True) * self.W_dec
+            g.addcmul_(torch.linalg.vecdot(g, self.W_dec).unsqueeze(1), self.W_dec, value=-1)
 
     @torch.no_grad()
     def folded(self, scale: float) -> "TopKSAE":

@@ -337,6 +337,11 @@ class ActivationStore:
     def chunk_rows(self, layer: int, hook: str) -> int:
         return int(self.array(layer, hook, False).chunks[0])
 
+    def row_bytes(self, layer: int, hook: str) -> int:
+        """Bytes of one row once read (the logical dtype)."""
+        arr = self.array(layer, hook, False)
+        return int(arr.shape[1]) * dtypes.itemsize(arr.attrs["logical_dtype"])
+
     def n_chunks(self, layer: int, hook: str) -> int:
         return n_chunks_of(self.array(layer, hook, False))
 

@@ -176,6 +176,48 @@ def test_references_bf16():
         torch.testing.assert_close(got.double(), exp, rtol=2e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("shape", SHAPES + [(0, 3, 11, 7)], ids=lambda s: "B{}k{}n{}d{}".format(*s))
+@pytest.mark.parametrize("idx_dtype", IDX_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_cpu_paths_vs_dense(shape, idx_dtype, dtype):
+    # The torch backend's sparse CSR products against the dense formulation; latent HOT repeats in every row.
+    B, k, n, d = shape
+    idx = make_idx(B, k, n, idx_dtype).cpu() if B else torch.zeros(0, k, dtype=idx_dtype)
+    vals, W, dense, bias = (randn(*s, dtype=dtype, seed=i).cpu() for i, s in enumerate([(B, k), (n, d), (B, d), (n,)]))
+    S = dense_S(idx, vals, n)
+    got_g, got_s = K.gather_dot_cpu(dense, W, idx, bias), K.scatter_outer_cpu(idx, vals, dense, n)
+    assert got_g.dtype == got_s.dtype == dtype and got_g.shape == (B, k) and got_s.shape == (n, d)
+    want_g = (dense.double() @ W.double().T + bias.double()).gather(1, idx.long())
+    want_s = S.T @ dense.double()
+    tol = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5),
+           torch.bfloat16: dict(rtol=2e-2, atol=3e-2)}[dtype]
+    torch.testing.assert_close(got_g.double(), want_g, **tol)
+    torch.testing.assert_close(got_s.double(), want_s, **tol)
+    assert got_s.is_contiguous()
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[idx.long().reshape(-1)] = False
+    assert (got_s[untouched] == 0).all()
+
+
+def test_encode_gather_takes_precomputed_values():
+    # `pre` replaces the forward's gather (the caller's z already holds the values); the backward is unchanged.
+    B, k, n, d = 9, 3, 11, 7
+    idx = make_idx(B, k, n)
+    x_c, W, b = (randn(*s, dtype=torch.float64, seed=i).requires_grad_() for i, s in enumerate([(B, d), (n, d), (n,)]))
+    with torch.no_grad():
+        pre = (x_c @ W.T + b).gather(1, idx)
+    out = K.encode_gather(x_c, W, b, idx, backend="torch", pre=pre)
+    ref = K.encode_gather(x_c, W, b, idx, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = randn(B, k, dtype=torch.float64, seed=9)
+    grads = torch.autograd.grad(out, (x_c, W, b), g)
+    want = torch.autograd.grad(ref, (x_c, W, b), g)
+    for a, e in zip(grads, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pre has shape"):
+        K.encode_gather(x_c, W, b, idx, backend="torch", pre=pre[:, :2])
+
+
 def test_reference_chunking(monkeypatch):
     # Force many small chunks in the references; results must not change.
     B, k, n, d = 20, 4, 15, 6

@@ -28,10 +28,11 @@ def id_store(tmp_path, prepend_bos=True, nan_rows=(), n_rows=CHUNK * N_CHUNKS):
                            attrs={"prepend_bos": prepend_bos})
 
 
-def loader(store, chunks, batch, seed=0, start=Cursor(), exclude_bos=True, skip_nonfinite=False, window=3):
+def loader(store, chunks, batch, seed=0, start=Cursor(), exclude_bos=True, skip_nonfinite=False, window=3,
+           cache=False):
     rf = RowFilter(store, 2, "resid_post", exclude_bos, skip_nonfinite)
     return BatchLoader(store, 2, "resid_post", chunks, batch, seed, window, rf, torch.device("cpu"),
-                       reader_threads=2, start=start), rf
+                       reader_threads=2, start=start, cache=cache), rf
 
 
 def ids(batch):
@@ -117,3 +118,21 @@ def test_eval_rows_share_each_held_out_chunk(tmp_path):
     rf = RowFilter(store, 2, "resid_post", True, False)
     x = eval_rows(store, 2, "resid_post", [3, 9], 10, rf)
     assert ids(x) == [49, 50, 51, 52, 53, 145, 146, 147, 148, 149]
+
+
+def test_cache_reads_each_chunk_once_and_changes_no_batch(tmp_path, monkeypatch):
+    store = id_store(tmp_path, nan_rows=(21,))
+    train, _ = split_chunks(N_CHUNKS, 0.1)
+    reads = []
+    real = store.read_chunk
+    monkeypatch.setattr(store, "read_chunk", lambda *a: reads.append(a[2]) or real(*a))
+    n = 3 * len(train) * CHUNK // 7  # about three epochs
+    plain, rf_plain = loader(store, train, batch=7, skip_nonfinite=True)
+    want = [b for b, _ in itertools.islice(plain, n)]
+    assert len(reads) >= 3 * len(train)  # without the cache every epoch reads the store again
+    reads.clear()
+    cached, rf = loader(store, train, batch=7, skip_nonfinite=True, cache=True)
+    got = [b for b, _ in itertools.islice(cached, n)]
+    assert sorted(reads) == sorted(train)  # once each (the producer may run a window ahead, never a chunk twice)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert rf.nonfinite == rf_plain.nonfinite == {1: 1}  # a cached chunk's dropped row is counted once

@@ -70,10 +70,14 @@ def test_schedule_free_state_resumes_bit_for_bit():
     assert torch.equal(unbroken[0], resumed[0]) and torch.equal(unbroken[1], resumed[1])
 
 
-def test_default_learning_rates_follow_one_over_sqrt_n():
-    assert optim.default_lr("adam", 2**14) == optim.BASE_LR["adam"]
-    assert optim.default_lr("adam", 2**16) == pytest.approx(optim.BASE_LR["adam"] / 2)
-    assert optim.default_lr("signum_sf", 2**12) == pytest.approx(optim.BASE_LR["signum_sf"] * 2)
+def test_default_learning_rates_follow_one_over_sqrt_n_and_for_adam_sqrt_d():
+    assert optim.default_lr("adam", 2**14, 768) == optim.BASE_LR["adam"]
+    assert optim.default_lr("adam", 2**16, 768) == pytest.approx(optim.BASE_LR["adam"] / 2)
+    assert optim.default_lr("adam", 2**16, 3072) == pytest.approx(optim.BASE_LR["adam"] / 4)
+    assert optim.default_lr("adam", 3072, 384) == pytest.approx(7.84e-3, rel=1e-3)  # the demo store's SAE
+    assert optim.default_lr("adam", 128, 16) == optim.MAX_LR["adam"]
+    assert optim.default_lr("signum_sf", 2**12, 768) == pytest.approx(optim.BASE_LR["signum_sf"] * 2)
+    assert optim.default_lr("signum_sf", 2**12, 3072) == optim.default_lr("signum_sf", 2**12, 768)
     with pytest.raises(ValueError):
         optim.make("sgd", [torch.nn.Parameter(torch.zeros(1))], lr=1.0)
 
@@ -85,7 +89,7 @@ def test_schedule_free_run_saves_the_average_with_unit_decoder_rows(tmp_path):
                                   checkpoint_every=10_000, eval_tokens=4096))
     info = stage.run(cfg, progress=False)[(0, "resid_post")]
     assert info["train"]["optimizer"] == "signum_sf"
-    assert info["train"]["lr"] == pytest.approx(optim.default_lr("signum_sf", 128))
+    assert info["train"]["lr"] == pytest.approx(optim.default_lr("signum_sf", 128, atoms.shape[1]))
     sae = TopKSAE.load(sae_folder(tmp_path / "run", layer=0))
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
     best = (atoms @ sae.W_dec.T).max(1).values

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from pipeline.config import config_from_dict
+import pipeline.sae as sae_module
 from pipeline.sae import TopKSAE
 from pipeline.store import ActivationStore, write_synthetic
 from pipeline.train import OUTPUTS, geometric_median, learning_rate, plan_sae, sae_loss
@@ -101,7 +102,9 @@ def dense_reference(sae, x, dormant, k_aux, aux_alpha):
     return loss + aux_alpha * (aux_acts @ sae.W_dec - r).pow(2).sum() / r.pow(2).sum()
 
 
-def test_sparse_training_step_matches_dense_autograd():
+@pytest.mark.parametrize("aux_dense_ratio", [0, 1000], ids=["auxk-sparse", "auxk-dense"])
+def test_sparse_training_step_matches_dense_autograd(monkeypatch, aux_dense_ratio):
+    monkeypatch.setattr(sae_module, "AUX_DENSE_RATIO", aux_dense_ratio)  # each of AuxK's two paths
     torch.manual_seed(0)
     sae = TopKSAE(16, 64, 4, backend="torch").double()
     with torch.no_grad():
