@@ -192,7 +192,7 @@ def write_results(store_dir: Path, a, n_train: int, n_eval: int, table: str):
     start = text.find(heading)
     if start >= 0:
         end = text.find("\n## ", start + len(heading))
-        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + body + ("\n" + text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + body
     path.write_text(text)

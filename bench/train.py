@@ -2,6 +2,7 @@
 
     python bench/train.py                                 # GPU grid on CUDA, a small grid on CPU
     python bench/train.py --n 16384,65536 --d 768 --k 32 --batch 4096 --peak-tflops 989
+    python bench/train.py --vs-floor                      # CPU: the real step against GEMM + top-k alone
 
 A step = forward, loss, backward, Adam, decoder constraint. Ours: dense encoder
 matmul without a graph, top-k, then the sparse kernels (Triton on CUDA, the
@@ -132,6 +133,36 @@ def run_one(args, path, n, d, k) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def versus_floor(n: int, d: int, k: int, batch: int, rounds: int) -> dict:
+    """ms of pipeline.train.train_step (the real step: forward, loss, backward, the configured optimizer,
+    decoder constraint; no dormant latents, so no AuxK) against its floor, the encoder GEMM + top-k alone,
+    timed interleaved in one process; medians of `rounds`."""
+    from pipeline.config import TrainConfig
+    from pipeline.model import resolve_device
+    from pipeline.train import TrainState, train_step
+
+    dev = resolve_device("cpu")  # as train does: also the allocator setting
+    tc = TrainConfig(n_latents=n, k=k, batch_size=batch, lr=1e-4, k_aux=1, dormant_tokens=10**12, backend="torch")
+    state = TrainState(tc, d, dev)
+    x = torch.randn(batch, d)
+    W, b = state.sae.W_enc.detach().clone(), torch.zeros(n)
+
+    def floor():
+        torch.addmm(b, x, W.T).topk(k, dim=1, sorted=False)
+
+    def step():
+        train_step(state, x, 1e-4, tc)
+
+    times = {"floor": [], "step": []}
+    for i in range(rounds + 2):
+        for name, fn in (("floor", floor), ("step", step)):
+            t = time.perf_counter()
+            fn()
+            if i >= 2:  # the first two rounds warm up (and allocate Adam's state)
+                times[name].append(time.perf_counter() - t)
+    return {name: 1e3 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def ints(text: str) -> list[int]:
     return [int(float(t)) for t in text.split(",") if t]
 
@@ -146,8 +177,21 @@ def main():
     ap.add_argument("--steps", type=int, help="timed steps, fastest reported (default GPU 20, CPU 5)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (also allocate Adam state)")
     ap.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for the roofline (default: measured matmul)")
+    ap.add_argument("--vs-floor", action="store_true", help="CPU: ms/step of the real training step against "
+                    "the encoder GEMM + top-k alone, interleaved (default shape d 768, n 16384, k 32, batch 1024)")
+    ap.add_argument("--rounds", type=int, default=9, help="--vs-floor: interleaved rounds, medians reported")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.vs_floor:
+        print(f"cpu ({torch.get_num_threads()} threads), medians of {args.rounds} interleaved rounds")
+        print(f"{'n':>7} {'d':>5} {'k':>4} {'batch':>6} | {'floor ms':>8} {'step ms':>8} {'step/floor':>10}")
+        for d in ints(args.d or "768"):
+            for n in ints(args.n or "16384"):
+                for k in ints(args.k or "32"):
+                    r = versus_floor(n, d, k, args.batch or 1024, args.rounds)
+                    print(f"{n:>7} {d:>5} {k:>4} {args.batch or 1024:>6} | {r['floor']:>8.1f} {r['step']:>8.1f} "
+                          f"{r['step'] / r['floor']:>9.2f}x")
+        return
     if args.worker:
         path, n, d, k, batch, steps, warmup = json.loads(args.worker)
         print(json.dumps(measure(path, n, d, k, batch, steps, warmup, "cpu")))
