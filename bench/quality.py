@@ -5,8 +5,9 @@
 
 Both sides train an SAE of the same n_latents, k and batch on the same
 training rows (the store's training chunks, BOS excluded) for the same number
-of tokens, and both are scored by one function (pipeline.train.evaluate) on
-the same held-out rows: the eval chunks saepipe itself holds out.
+of tokens, and both are scored by one function (`score`) on
+the same held-out rows: the eval chunks saepipe itself holds out (FVU of the raw
+rows, so an SAE trained on layer-normed inputs is scored where the others are).
 
 - saepipe: `pipeline.train.run` end to end on a config that sets no learning
   rate (loader, AuxK, eval, checkpoints, pictures and save included in its
@@ -49,7 +50,6 @@ from pipeline.config import config_from_dict, load_config  # noqa: E402
 from pipeline.loader import RowFilter, eval_rows, split_chunks  # noqa: E402
 from pipeline.sae import TopKSAE  # noqa: E402
 from pipeline.store import ActivationStore  # noqa: E402
-from pipeline.train import evaluate  # noqa: E402
 from pipeline.train import run as train_run  # noqa: E402
 
 
@@ -90,6 +90,22 @@ def sparsify(x_train: torch.Tensor, scratch: Path, a) -> tuple[TopKSAE, float]:
         for name in ("W_enc", "b_lat", "W_dec", "b_pre"):
             getattr(sae, name).copy_(w[name])
     return sae, w["wall_s"]
+
+
+@torch.no_grad()
+def score(sae: TopKSAE, x: torch.Tensor, batch: int = 4096) -> dict:
+    """FVU of the raw rows x and the dead fraction (latents that never fire on them), whatever the SAE's
+    input normalisation: a layer_norm SAE's reconstruction gets each row's mean and scale back first."""
+    mean = x.double().mean(0)
+    se = var = 0.0
+    fires = torch.zeros(sae.n_latents, dtype=torch.long)
+    for i in range(0, x.shape[0], batch):
+        xb = x[i:i + batch]
+        x_hat, idx, vals = lm_eval.reconstruct(sae, xb)
+        se += (xb - x_hat).double().pow(2).sum().item()
+        var += (xb.double() - mean).pow(2).sum().item()
+        fires.scatter_add_(0, idx.reshape(-1), (vals > 0).long().reshape(-1))
+    return {"fvu": se / var, "dead": (fires == 0).float().mean().item()}
 
 
 def delta_ce(config: str, scratch: Path, name: str, store_dir: Path, sae: TopKSAE, like: dict, layer, hook,
@@ -135,11 +151,10 @@ def main():
         for name, fn in (("sparsify", lambda: sparsify(x_train, scratch, a)),
                          ("saepipe", lambda: ours(store_dir, scratch, a.layer, a.hook, a))):
             sae, wall = fn()
-            ev = evaluate(sae, x_eval, 1.0, 4096)
-            results[name] = {"fvu": ev["fvu"], "dead": ev["dead_frac"], "wall": wall}
+            results[name] = {**score(sae, x_eval), "wall": wall}
             saes[name] = sae
-            print(f"quality: {name}: held-out fvu {ev['fvu']:.4f}, dead {ev['dead_frac']:.1%}, {wall:.1f} s",
-                  file=sys.stderr)
+            print(f"quality: {name}: held-out fvu {results[name]['fvu']:.4f}, dead {results[name]['dead']:.1%}, "
+                  f"{wall:.1f} s", file=sys.stderr)
             if name == "sparsify":
                 # Its saved weights are the schedule-free average, whose decoder rows are shorter than 1; put
                 # back on the unit sphere it reconstructs better on some stores, worse on others: the ratios
@@ -147,8 +162,7 @@ def main():
                 unit = TopKSAE(sae.d_in, sae.n_latents, sae.k, backend="torch")
                 unit.load_state_dict(sae.state_dict())
                 unit.normalize_decoder()
-                ev = evaluate(unit, x_eval, 1.0, 4096)
-                results["sparsify_unit"] = {"fvu": ev["fvu"], "dead": ev["dead_frac"], "wall": wall}
+                results["sparsify_unit"] = {**score(unit, x_eval), "wall": wall}
                 saes["sparsify_unit"] = unit
         if a.config:  # after both trainings, so the wall times above are not shared with a model
             for name in ("sparsify", "sparsify_unit", "saepipe"):

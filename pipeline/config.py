@@ -137,14 +137,15 @@ class TrainConfig:
     adam_betas: list[float] = setting([0.9, 0.999], "Adam's betas")
     adam_eps: float = setting(6.25e-10, "Adam's eps (tiny, as in OpenAI's TopK recipe)")
     dormant_tokens: int | None = setting(None, "a latent silent for this many training tokens is dormant and "
-                                               "trained by AuxK; null = n_tokens / 10, within [4 batches, 10M]")
+                                               "trained by AuxK; null = 8 batches (at most 10M tokens)")
     k_aux: int | None = setting(None, "dormant latents AuxK keeps per token; null = the power of two nearest "
                                       "d_model / 2")
     aux_alpha: float = setting(1 / 32, "weight of the AuxK loss; 0 = off")
     b_pre_init: str = setting("geometric_median", "geometric_median, mean or zeros: the decoder bias at the start")
     init_sample: int = setting(16384, "rows used for b_pre and the scalar normalisation")
-    normalize: str = setting("none", "none, scalar (one factor so the mean row norm is sqrt(d_model); folded "
-                                     "into the saved weights) or layer_norm (per token, applied by encode)")
+    normalize: str = setting("layer_norm", "layer_norm (per token, applied by encode), none, or scalar (one "
+                                           "factor so the mean row norm is sqrt(d_model); folded into the saved "
+                                           "weights; what --format sparsify export needs)")
     ema_decay: float | None = setting(None, "keep and save an EMA of the weights, e.g. 0.999; null = off")
     grad_clip: float | None = setting(None, "max global gradient norm; null = off")
     autocast: str = setting("auto", "dtype of the dense encoder matmul: auto (bf16 on cuda, else fp32), "

@@ -137,7 +137,7 @@ def plan_sae(cfg: Config, store: ActivationStore, layer: int, hook: str, force: 
         tc, n_latents=n,
         lr=tc.lr or optim.default_lr(tc.optimizer, n, d),
         k_aux=min(n, tc.k_aux or 2 ** max(0, round(math.log2(max(1, d / 2))))),
-        dormant_tokens=tc.dormant_tokens or int(min(10_000_000, max(4 * tc.batch_size, tc.n_tokens // 10))),
+        dormant_tokens=tc.dormant_tokens or min(10_000_000, 8 * tc.batch_size),
         shuffle_chunks=tc.shuffle_chunks or _shuffle_chunks(store, layer, hook),
         backend=resolve_backend(tc.backend, device, key="train.backend"))
     fingerprint = {"d_in": d, "model": store.attrs.get("model"), "n_rows": store.n_rows(layer, hook),
