@@ -169,7 +169,6 @@ def main():
                 row = delta_ce(a.config, scratch, name, store_dir, saes[name], saes["saepipe"].cfg, a.layer, a.hook,
                                a.eval_tokens)
                 results[name]["dce"] = row["delta_ce"]
-                results[name]["n_ce"] = row["n_tokens"]
                 print(f"quality: {name}: delta CE {row['delta_ce']:.4f} nats (ce clean {row['ce_clean']:.4f}, "
                       f"spliced {row['ce_spliced']:.4f}; {row['n_tokens']} tokens)", file=sys.stderr)
     raw, o = results["sparsify"], results["saepipe"]

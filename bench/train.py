@@ -4,9 +4,9 @@
     python bench/train.py --n 16384,65536 --d 768 --k 32 --batch 4096 --peak-tflops 989
     python bench/train.py --vs-floor                      # CPU: the real step against GEMM + top-k alone
 
-A step = forward, loss, backward, Adam, decoder constraint. Ours: dense encoder
+A step = forward, loss, backward, Adam (the pipeline's, fused), decoder constraint. Ours: dense encoder
 matmul without a graph, top-k, then the sparse kernels (Triton on CUDA, the
-torch references on CPU) for every product that touches k of n latents. The
+torch sparse CSR paths on CPU) for every product that touches k of n latents. The
 baseline: dense z with autograd, top-k scattered into dense [B, n] latents, a
 dense decoder matmul. Both run the encoder matmul in bf16 on CUDA, fp32 on CPU.
 
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline import optim  # noqa: E402
 from pipeline.sae import TopKSAE  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def measure(path: str, n: int, d: int, k: int, batch: int, steps: int, warmup: i
     dev = torch.device(device)
     torch.manual_seed(0)
     sae = TopKSAE(d, n, k, backend="auto").to(dev)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=6.25e-10)
+    opt = optim.make("adam", sae.parameters(), lr=1e-4)  # the pipeline's Adam (fused), for both paths
     x = torch.randn(batch, d, device=dev)
     matmul_dtype = torch.bfloat16 if dev.type == "cuda" else None
     step = sparse_step if path == "ours" else dense_step

@@ -577,14 +577,10 @@ def scatter_sum(idx: torch.Tensor, vals: torch.Tensor, n: int,
 # 4. the torch backend: sparse CSR products (off CUDA)
 # --------------------------------------------------------------------------
 
-def _csr(idx: torch.Tensor, vals: torch.Tensor, n: int) -> torch.Tensor:
-    """The [B, n] CSR matrix whose row b holds vals[b, j] at column idx[b, j] (k entries a row, in idx's
-    order, so a product's values line up with idx)."""
-    B, k = idx.shape
-    crow = torch.arange(0, B * k + 1, k, dtype=idx.dtype, device=idx.device)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
+def _csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the products used here are stable
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, idx.reshape(-1), vals.reshape(-1), size=(B, n))
+        return torch.sparse_csr_tensor(crow, col, vals, size=size)
 
 
 def _sparse_ok(*tensors: torch.Tensor) -> bool:
@@ -607,7 +603,9 @@ def gather_dot_cpu(dense: torch.Tensor, W: torch.Tensor, idx: torch.Tensor,
     B, k = idx.shape
     dts = (dense.dtype, W.dtype) + ((bias.dtype,) if bias is not None else ())
     acc_t = _acc_dtype(*dts)
-    pattern = _csr(idx, torch.zeros(B * k, dtype=acc_t), W.shape[0])
+    # row b holds the k columns idx[b] in idx's order, so the product's values line up with idx
+    crow = torch.arange(0, B * k + 1, k, dtype=idx.dtype)
+    pattern = _csr(crow, idx.reshape(-1), torch.zeros(B * k, dtype=acc_t), (B, W.shape[0]))
     out = torch.sparse.sampled_addmm(pattern, dense.to(acc_t), W.to(acc_t).T, beta=0.0).values().view(B, k)
     if bias is not None:
         out = out + bias[idx].to(acc_t)
@@ -621,7 +619,7 @@ def scatter_outer_cpu(idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor
 
     The [n, B] CSR matrix of (idx, vals) (the pairs sorted by latent) times dense,
     in fp32 (fp64 for fp64 inputs). Built directly rather than as the transpose
-    of `_csr`, which torch would convert through COO and copy out (2x slower).
+    of gather_dot's [B, n] pattern, which torch would convert through COO and copy out (2x slower).
     """
     _check_idx(idx)
     if not _sparse_ok(idx, dense):
@@ -631,10 +629,7 @@ def scatter_outer_cpu(idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor
     lat, order = torch.sort(idx.reshape(-1))
     crow = torch.zeros(n + 1, dtype=idx.dtype)
     crow[1:] = torch.bincount(lat, minlength=n).cumsum(0)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
-        warnings.simplefilter("ignore", UserWarning)
-        S = torch.sparse_csr_tensor(crow, (order // k).to(idx.dtype), vals.reshape(-1)[order].to(acc_t),
-                                    size=(n, idx.shape[0]))
+    S = _csr(crow, (order // k).to(idx.dtype), vals.reshape(-1)[order].to(acc_t), (n, idx.shape[0]))
     return (S @ dense.to(acc_t)).to(out_dtype or _promote(vals.dtype, dense.dtype))
 
 
