@@ -3,6 +3,13 @@
     python bench/collate.py                       # CPU-sized defaults
     python bench/collate.py --device cuda         # GPU sizes: 2M tokens, d_model 768
     python bench/collate.py --latents 4096 --full --window 16   # + records and files
+    python bench/collate.py --records runs/demo --layer 3     # writing the records: latents/s
+
+For --records (a finished run: its store, SAE and config's collate settings),
+scan and windows run once, then, interleaved over rounds, collate's writer
+(pipeline.records.write_records) and a plain per-latent writer (a dict per
+latent through json.dumps into its own file, as collate wrote them before) on
+the same records: latents/s of each, their ratio, and the bytes each leaves.
 
 For each n_latents, a synthetic store (random bfloat16 activations) and a random
 SAE, then in one run:
@@ -116,6 +123,84 @@ def measure(kind: str, root: str, args: dict, n_latents: int) -> dict:
     return {"seconds": seconds, "tok_s": n_rows / seconds, "peak_mb": _peak_mb(a.device), "start_mb": rss0}
 
 
+def plain_write(out: Path, recs, text, ctx: int, n: int):
+    """The reference writer: every latent's records as a dict, json.dumps, one file each."""
+    from pipeline.records import _dumps, _round
+
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        seqs = []
+        for r in range(recs.offsets[i], recs.offsets[i + 1]):
+            at, length, start = recs.slot[r], int(recs.length[r]), int(recs.start[r])
+            ids = recs.tokens[at, :length]
+            seqs.append({"doc_id": int(recs.row[r]) // ctx, "idx": int(recs.row[r]) % ctx - start,
+                         "act": round(float(recs.act[r]), 6), "acts": _round(recs.acts[at, :length]),
+                         "tokens": text.strings(ids), "token_ints": ids.tolist(), "window_start": start})
+        kind = recs.kind[recs.offsets[i]: recs.offsets[i + 1]]
+        info = {"index": i, "top": [s for s, k in zip(seqs, kind) if k == 0],
+                "random": [s for s, k in zip(seqs, kind) if k == 1]}
+        (out / f"{i}.json").write_text(_dumps(info))
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def records_bench(args):
+    """--records: collate's writer against the plain per-latent one, interleaved."""
+    from pipeline import records
+    from pipeline.config import load_config
+    from pipeline.paths import sae_dir
+    from pipeline.sae import TopKSAE
+    from pipeline.scan import scan
+    from pipeline.store import ActivationStore
+    from pipeline.windows import TokenText, cut_windows, pick, store_tokenizer
+
+    run = Path(args.records)
+    cfg = load_config(args.config or f"configs/{run.name}.yaml", [f"run_dir={run}"]).collate
+    store = ActivationStore(run)
+    folder = sae_dir(run, args.layer, "resid_post")
+    sae = TopKSAE.load(folder)
+    text = TokenText(store_tokenizer(store))
+    t0 = time.perf_counter()
+    col = scan(store, args.layer, "resid_post", sae, cfg, "cpu")
+    tmp = Path(tempfile.mkdtemp(prefix="saepipe-bench-records-"))
+    try:
+        recs = pick(col, cfg, store.context_size, tmp / "scratch")
+        cut_windows(store, args.layer, "resid_post", sae, recs, cfg, "cpu")
+        prep = time.perf_counter() - t0
+        n = sae.n_latents
+        n_plain = min(n, args.plain_latents)
+        meta = {"layer": args.layer, "hook": "resid_post", "d_in": sae.d_in, "k": sae.k}
+        ours, plain, size = [], [], {}
+        for r in range(args.rounds):
+            out = tmp / f"ours{r}"
+            out.mkdir()
+            t = time.perf_counter()
+            records.write_records(out, col, recs, text, cfg, meta)
+            ours.append(n / (time.perf_counter() - t))
+            size["ours"] = _size(out)
+            shutil.rmtree(out)
+            t = time.perf_counter()
+            plain_write(tmp / f"plain{r}", recs, text, store.context_size, n_plain)
+            plain.append(n_plain / (time.perf_counter() - t))
+            size["plain"] = _size(tmp / f"plain{r}") * n / n_plain
+            shutil.rmtree(tmp / f"plain{r}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    o, p_ = float(np.median(ours)), float(np.median(plain))
+    print(f"\n{run} layer {args.layer}: {n} latents, n_top {cfg.n_top}, n_random {cfg.n_random}, window "
+          f"{cfg.window or 'whole sequence'} ({store.context_size} tokens); scan + windows {prep:.1f} s; "
+          f"median of {args.rounds} rounds, {torch.get_num_threads()} threads")
+    print("| writer | latents/s | bytes on disk |")
+    print("| --- | --- | --- |")
+    print(f"| plain: a dict per latent, json.dumps, one file each ({n_plain} latents a round) | {p_:,.0f} | "
+          f"{size['plain'] / 2**20:.1f} MiB (extrapolated), and again in the viewer's shards before |")
+    print(f"| collate (pipeline.records.write_records): records once, in the viewer's shards | {o:,.0f} | "
+          f"{size['ours'] / 2**20:.1f} MiB (whole folder) |")
+    print(f"| ratio | {o / p_:.1f}x | |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--latents", default="32768,131072", help="comma-separated n_latents")
@@ -132,7 +217,15 @@ def main():
     p.add_argument("--full", action="store_true", help="also time the whole collate, records and files included")
     p.add_argument("--tokenizer", default=None, help="for --full: a tokenizer name or folder (default: a small BPE)")
     p.add_argument("--keep", help="build the synthetic store here and keep it (default: a temp dir)")
+    p.add_argument("--records", help="a finished run folder: time writing its records (see above)")
+    p.add_argument("--config", help="for --records: its config (default: configs/<run folder name>.yaml)")
+    p.add_argument("--layer", type=int, default=3, help="for --records")
+    p.add_argument("--rounds", type=int, default=3, help="for --records")
+    p.add_argument("--plain-latents", type=int, default=512, help="for --records: latents the plain writer does")
     args = p.parse_args()
+    if args.records:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        return records_bench(args)
     gpu = args.device.startswith("cuda")
     args.tokens = args.tokens or (2_097_152 if gpu else 65536)
     args.d_model = args.d_model or (768 if gpu else 256)

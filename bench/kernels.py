@@ -80,6 +80,12 @@ def main():
                           n * d * 4 + pairs + B * k * d * es + touched * d * 4
                           + (n * d * (4 + es) if dt != torch.float32 else 0)),
     }
+    # The encoder + top-k: "torch" is the whole z then topk (the reference), "triton" the fused
+    # kernel (z never in memory); bytes = x and W read once, the [B, k] result written.
+    x_c, b = dense, torch.randn(n, device=dev, generator=g)
+    cases["encode_topk"] = (lambda: K.encode_topk_triton(x_c, W, b, k)[0],
+                            lambda: K.encode_topk_reference(x_c, W, b.to(dt), k)[0].float().sort(1, descending=True).values,
+                            B * d * es + n * d * es + B * k * 12)
     print(f"B={B} d={d} n={n} k={k} dtype={a.dtype} device={dev} touched_rows={touched}")
     print(f"{'kernel':<14}{'backend':<8}{'ms':>10}{'GB/s':>10}")
     for name, (tri, ref, nbytes) in cases.items():

@@ -194,7 +194,8 @@ def main():
 
 def write_results(store_dir: Path, a, n_train: int, n_eval: int, table: str):
     store = ActivationStore(store_dir)
-    heading = f"## Quality — `bench/quality.py` on {store.attrs.get('model')} layer {a.layer} {a.hook}"
+    heading = (f"## Quality — `bench/quality.py` on {store.attrs.get('model')} layer {a.layer} {a.hook}, "
+               f"a store of {store.n_rows(a.layer, a.hook):,} tokens")
     body = (f"{heading}\n\n{datetime.date.today()}, {platform.machine()} CPU, {a.threads} threads. "
             f"n_latents {a.n}, k {a.k}, batch {a.batch}, {a.tokens:,} tokens; {n_train:,} training rows and "
             f"{n_eval:,} held-out rows, the same for both"

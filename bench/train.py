@@ -3,6 +3,8 @@
     python bench/train.py                                 # GPU grid on CUDA, a small grid on CPU
     python bench/train.py --n 16384,65536 --d 768 --k 32 --batch 4096 --peak-tflops 989
     python bench/train.py --vs-floor                      # CPU: the real step against GEMM + top-k alone
+    python bench/train.py --memory                        # CPU: a step's peak memory at n 131072, batch 4096
+    python bench/train.py --peers                         # CPU: floor, saepipe, sparsify and SAELens, ms/step
 
 A step = forward, loss, backward, Adam (the pipeline's, fused), decoder constraint. Ours: dense encoder
 matmul without a graph, top-k, then the sparse kernels (Triton on CUDA, the
@@ -164,6 +166,119 @@ def versus_floor(n: int, d: int, k: int, batch: int, rounds: int) -> dict:
     return {name: 1e3 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def step_memory(n: int, d: int, k: int, batch: int, whole: bool) -> dict:
+    """In a fresh worker: one real train_step's peak resident memory above what stays resident between
+    steps (weights, Adam's state, the batch), with the encoder top-k in the default blocks or (whole)
+    from all of z at once. Linux's VmHWM is reset just before the step (clear_refs 5)."""
+    from pipeline import kernels
+    from pipeline.config import TrainConfig
+    from pipeline.train import TrainState, train_step
+
+    if whole:
+        kernels.TOPK_BLOCK_BYTES = 1 << 62
+    tc = TrainConfig(n_latents=n, k=k, batch_size=batch, lr=1e-4, k_aux=1, dormant_tokens=10**12, backend="torch")
+    state = TrainState(tc, d, torch.device("cpu"))  # no resolve_device: glibc may hand freed memory back
+    x = torch.randn(batch, d)
+    train_step(state, x, 1e-4, tc)  # allocates Adam's state
+    state.opt.zero_grad(set_to_none=True)
+    base = rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    t = time.perf_counter()
+    train_step(state, x, 1e-4, tc)
+    seconds = time.perf_counter() - t
+    return {"peak_above_bytes": _hwm_bytes() - base, "grad_bytes": 2 * n * d * 4, "seconds": seconds,
+            "base_bytes": base}
+
+
+def memory_table(n: int, d: int, k: int, batch: int):
+    rows = {}
+    for name, whole in (("blocked (default)", False), ("z whole", True)):
+        cmd = [sys.executable, __file__, "--memory-worker", json.dumps([n, d, k, batch, whole])]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed big blocks go back: RSS tracks live tensors
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    mib = 2**20
+    print(f"cpu ({torch.get_num_threads()} threads); n {n}, d {d}, k {k}, batch {batch}; one train_step, fp32")
+    print("| encoder top-k | peak above weights + Adam state + batch | of which the two weight gradients | "
+          "the rest | step s |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, r in rows.items():
+        print(f"| {name} | {r['peak_above_bytes'] / mib:,.0f} MiB | {r['grad_bytes'] / mib:,.0f} MiB | "
+              f"{(r['peak_above_bytes'] - r['grad_bytes']) / mib:,.0f} MiB | {r['seconds']:.1f} |")
+
+
+def blocked_vs_whole(n: int, d: int, k: int, batch: int, rounds: int, block_bytes: int) -> dict:
+    """ms of train_step with z in blocks of block_bytes against z whole, interleaved; medians."""
+    from pipeline import kernels
+    from pipeline.config import TrainConfig
+    from pipeline.model import resolve_device
+    from pipeline.train import TrainState, train_step
+
+    dev = resolve_device("cpu")
+    tc = TrainConfig(n_latents=n, k=k, batch_size=batch, lr=1e-4, k_aux=1, dormant_tokens=10**12, backend="torch")
+    state = TrainState(tc, d, dev)
+    x = torch.randn(batch, d)
+    times = {"whole": [], "blocked": []}
+    for i in range(rounds + 2):
+        for name, bytes_ in (("whole", 1 << 62), ("blocked", block_bytes)):
+            kernels.TOPK_BLOCK_BYTES = bytes_
+            t = time.perf_counter()
+            train_step(state, x, 1e-4, tc)
+            if i >= 2:
+                times[name].append(time.perf_counter() - t)
+    return {name: 1e3 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def peers_table(n: int, d: int, k: int, batch: int, rounds: int, steps: int = 3):
+    """ms/step of the floor and saepipe's real step (one worker, interleaved) and of each peer's step in its
+    own venv (bench/peer_step.py), the workers taking turns over `rounds`; medians of everything."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peers
+
+    here = Path(__file__).resolve().parent
+    ms: dict[str, list[float]] = {"floor": [], "saepipe": [], "sparsify": [], "saelens": []}
+    missing = {}
+    pythons = {}
+    for peer in ("sparsify", "saelens"):
+        try:
+            pythons[peer] = peers.python(peer)
+        except subprocess.CalledProcessError as e:
+            missing[peer] = f"its venv could not be made ({e})"
+    env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}
+    for _ in range(rounds):
+        out = subprocess.run([sys.executable, __file__, "--vs-floor-worker", json.dumps([n, d, k, batch, steps])],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        ms["floor"].append(r["floor"])
+        ms["saepipe"].append(r["step"])
+        for peer, py in pythons.items():
+            out = subprocess.run([str(py), str(here / "peer_step.py"), peer, str(n), str(d), str(k), str(batch),
+                                  str(steps)], capture_output=True, text=True, env=env)
+            if out.returncode:
+                missing[peer] = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+                continue
+            times = json.loads(out.stdout.strip().splitlines()[-1])
+            ms[peer].append(1e3 * sorted(times)[len(times) // 2])
+    med = {name: sorted(v)[len(v) // 2] for name, v in ms.items() if v}
+    print(f"cpu ({torch.get_num_threads()} threads); n {n}, d {d}, k {k}, batch {batch}, fp32; medians of {rounds} "
+          f"rounds of {steps} steps, the workers taking turns")
+    print("| step | ms | / floor | saepipe's speedup over it |")
+    print("| --- | --- | --- | --- |")
+    for name, label in (("floor", "floor: encoder GEMM + top-k alone"), ("saepipe", "saepipe (pipeline.train.train_step)"),
+                        ("sparsify", "sparsify 1.3.3 (eager, Adam)"), ("saelens", "SAELens 6 TopKTrainingSAE (Adam)")):
+        if name in med:
+            speed = "" if name in ("floor", "saepipe") else f"{med[name] / med['saepipe']:.2f}x"
+            print(f"| {label} | {med[name]:.1f} | {med[name] / med['floor']:.2f}x | {speed} |")
+        else:
+            print(f"| {label} | not measured: {missing.get(name, 'no result')} | | |")
+
+
 def ints(text: str) -> list[int]:
     return [int(float(t)) for t in text.split(",") if t]
 
@@ -180,10 +295,39 @@ def main():
     ap.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for the roofline (default: measured matmul)")
     ap.add_argument("--vs-floor", action="store_true", help="CPU: ms/step of the real training step against "
                     "the encoder GEMM + top-k alone, interleaved (default shape d 768, n 16384, k 32, batch 1024)")
-    ap.add_argument("--rounds", type=int, default=9, help="--vs-floor: interleaved rounds, medians reported")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds, medians reported (default: --vs-floor 9, "
+                    "--memory 7, --peers 3)")
+    ap.add_argument("--memory", action="store_true", help="CPU: peak memory of one train_step with the encoder "
+                    "top-k in blocks and with z whole (default shape d 768, n 131072, k 32, batch 4096), then "
+                    "ms/step of the two interleaved at the anchor shape (z in 4 blocks there)")
+    ap.add_argument("--peers", action="store_true", help="CPU: ms/step of the floor, saepipe, sparsify and SAELens "
+                    "(each peer in its venv of bench/peers.py; default shape d 768, n 16384, k 32, batch 1024)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--vs-floor-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.vs_floor_worker:
+        n, d, k, batch, steps = json.loads(args.vs_floor_worker)
+        print(json.dumps(versus_floor(n, d, k, batch, steps)))
+        return
+    if args.peers:
+        peers_table(ints(args.n or "16384")[0], ints(args.d or "768")[0], ints(args.k or "32")[0], args.batch or 1024,
+                    args.rounds or 3)
+        return
+    if args.memory_worker:
+        print(json.dumps(step_memory(*json.loads(args.memory_worker))))
+        return
+    if args.memory:
+        memory_table(ints(args.n or "131072")[0], ints(args.d or "768")[0], ints(args.k or "32")[0],
+                     args.batch or 4096)
+        n, d, k, batch = 16384, 768, 32, 1024
+        args.rounds = args.rounds or 7
+        r = blocked_vs_whole(n, d, k, batch, args.rounds, batch * 4 * n // 4)
+        print(f"\nanchor n {n}, d {d}, k {k}, batch {batch}: z whole {r['whole']:.1f} ms/step, in 4 blocks "
+              f"{r['blocked']:.1f} ms/step: {r['blocked'] / r['whole']:.3f}x (medians of {args.rounds} interleaved rounds)")
+        return
     if args.vs_floor:
+        args.rounds = args.rounds or 9
         print(f"cpu ({torch.get_num_threads()} threads), medians of {args.rounds} interleaved rounds")
         print(f"{'n':>7} {'d':>5} {'k':>4} {'batch':>6} | {'floor ms':>8} {'step ms':>8} {'step/floor':>10}")
         for d in ints(args.d or "768"):

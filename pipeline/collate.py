@@ -147,10 +147,11 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, sae
     shutil.rmtree(partial / "_scratch")
 
     records.write_done(partial, layer, hook, sae.n_latents, col.n_tokens, want)
+    size = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file())
     swap_dir(partial, out)
     print(f"collate {layer}/{hook}: {summary['n_latents']} latents, {summary['dead']} dead (never fired), "
           f"{summary['ultra_rare']} ultra-rare (density < {cfg.ultra_rare_density:g}), "
-          f"{col.n_tokens} tokens")
+          f"{col.n_tokens} tokens; {size / 2**20:.1f} MiB in {out}")
     return out / "viewer.html"
 
 

@@ -1,17 +1,19 @@
 """Collate's files: what a finished records folder holds, and how to tell whether
 it was made from the inputs at hand.
 
-    features/<i>.json   one latent (OpenAI sae-viewer's FeatureInfo, plus stats)
+    viewer_data/        the records, stored once: shards of 64 latents' FeatureInfo
+                        (OpenAI sae-viewer's schema, plus stats), one JSON line each,
+                        which the viewer loads and viewer.read_feature(s) reads
     index.json          the latent list: id, density, max_act, common top tokens
     summary.json        counts over the whole store: n_tokens, dead, ultra-rare, ...
-    viewer.html         the static viewer and its data (pipeline.viewer)
+    viewer.html         the static viewer (pipeline.viewer)
     done                written last: the fingerprint of what the records were made
                         from (SAE weights, output-deciding settings)
 
 The logit lens: each latent's decoder row W_dec[i] through the model's final norm
 and unembedding, logits = W_U norm(W_dec[i]) (the norm's gain folded in, its bias
 left out: it is no latent's), gives the tokens the latent promotes and suppresses
-most; features/<i>.json holds them under the OpenAI sae-viewer's names. Skipped,
+most; each latent's record holds them under the OpenAI sae-viewer's names. Skipped,
 with a note in summary.json `logit_lens`, when the store's model is no causal LM
 or cannot be loaded here, or the hook's width is not the model's.
 
@@ -134,24 +136,120 @@ def _round(values: np.ndarray) -> list[float]:
     return np.round(values.astype(np.float64), 6).tolist()
 
 
-def _sequence_info(recs: Records, r: int, text: TokenText, ctx: int) -> dict:
-    n, at = int(recs.length[r]), recs.slot[r]
-    ids = recs.tokens[at, :n]
-    start = int(recs.start[r])
-    return {
-        "doc_id": int(recs.row[r]) // ctx,
-        "idx": int(recs.row[r]) % ctx - start,
-        "act": round(float(recs.act[r]), 6),
-        "acts": _round(recs.acts[at, :n]),
-        "tokens": text.strings(ids),
-        "token_ints": ids.tolist(),
-        "window_start": start,
-    }
+def json_number_arrays(values: np.ndarray, lengths: np.ndarray, piece: int = 1 << 16) -> list[str]:
+    """Row r of values [R, W], its first lengths[r] entries, as a JSON array of the numbers
+    rounded to 6 decimals: text that parses to np.round(values, 6) exactly.
+
+    Formatting floats one by one is what made writing records Python-bound, so the
+    characters of many rows (about `piece` numbers) are laid out at once from tables, a
+    mask keeps the ones each number shows, and one buffer is cut into rows. A row holding
+    a number of 1000 or more (or one not finite) goes through json instead."""
+    W = values.shape[1]
+    step = max(1, piece // max(W, 1))
+    out: list[str] = []
+    for lo in range(0, values.shape[0], step):
+        out += _number_rows(values[lo: lo + step], lengths[lo: lo + step])
+    return out
 
 
-def _picked(top: list[dict]) -> list[str]:
-    """The tokens at the top records' picked positions, best record first."""
-    return [s["tokens"][s["idx"]] for s in top]
+# A number below 1000 in millionths, m = 10^6 * ip + fp, as 16 bytes (two little-endian words):
+#   "-" i i i "." f f f | f f f "," - - - -
+# with a keep mask beside them: the sign when negative, the integer digits without leading zeros
+# (at least one), the decimals without trailing zeros (at least one), the comma between numbers.
+# Each word is one table lookup (ip < 1000, fp < 10^6), so a number costs a handful of
+# vectorised operations whatever its digits. Built on first use (about 40 MB).
+_TABLES: dict[str, np.ndarray] = {}
+
+
+def _tables() -> dict[str, np.ndarray]:
+    if not _TABLES:
+        def word(parts):  # [(byte position, uint64 array)] -> one word per entry
+            return sum(a.astype(np.uint64) << np.uint64(8 * at) for at, a in parts)
+
+        f = np.arange(10**6, dtype=np.int64)
+        place = [10**5, 10**4, 10**3, 10**2, 10, 1]
+        digit = [f // p % 10 + ord("0") for p in place]
+        shown = [(f % (10 * p) != 0) | (p == 10**5) for p in place]  # no trailing zeros, at least one
+        _TABLES["frac0"] = word(zip((5, 6, 7), digit[:3]))
+        _TABLES["frac1"] = word([*zip((0, 1, 2), digit[3:]), (3, np.full(len(f), ord(",")))])
+        _TABLES["frac0_keep"] = word(zip((5, 6, 7), shown[:3]))
+        _TABLES["frac1_keep"] = word(zip((0, 1, 2), shown[3:]))
+        i = np.arange(1000, dtype=np.int64)
+        one = np.ones(1000, np.int64)
+        _TABLES["int"] = word([(0, ord("-") * one), (1, i // 100 + ord("0")), (2, i // 10 % 10 + ord("0")),
+                               (3, i % 10 + ord("0")), (4, ord(".") * one)])
+        _TABLES["int_keep"] = word([(1, i >= 100), (2, i >= 10), (3, one), (4, one)])
+    return _TABLES
+
+
+def _number_rows(values: np.ndarray, lengths: np.ndarray) -> list[str]:
+    R, W = values.shape
+    t = _tables()
+    m = np.rint(values.astype(np.float64) * 1e6)
+    small = (np.abs(m) < 1e9).all(axis=1)  # rows of numbers below 1000; the others go through json
+    m = np.where(small[:, None], m, 0).astype(np.int64)
+    mag = np.abs(m)
+    ip, fp = mag // 10**6, mag % 10**6
+    words = np.empty((R, W, 2), "<u8")
+    keep = np.empty((R, W, 2), "<u8")
+    words[..., 0] = t["int"][ip] | t["frac0"][fp]
+    words[..., 1] = t["frac1"][fp]
+    keep[..., 0] = t["int_keep"][ip] | t["frac0_keep"][fp] | (m < 0)
+    col = np.arange(W)[None, :]
+    keep[..., 1] = t["frac1_keep"][fp] | ((col < lengths[:, None] - 1).astype(np.uint64) << np.uint64(24))
+    keep *= (col < lengths[:, None])[..., None].astype(np.uint64)
+    keep_bytes = keep.view(np.uint8).reshape(R, W * 16).view(bool)
+    buf = words.view(np.uint8).reshape(R, W * 16)[keep_bytes].tobytes().decode("ascii")
+    out, start = [], 0
+    for r, end in enumerate(np.cumsum(keep_bytes.sum(1)).tolist()):
+        out.append("[" + buf[start:end] + "]" if small[r] else _dumps(_round(values[r, :lengths[r]])))
+        start = end
+    return out
+
+
+class _RecordText:
+    """The JSON of records (OpenAI sae-viewer's SequenceInfo), a block of records at a time.
+
+    Many records share a window (a sequence holds the top acts of several latents), so its
+    tokens' JSON is made once and kept, up to WINDOWS_KEPT windows."""
+
+    WINDOWS_KEPT = 1 << 16
+
+    def __init__(self, recs: Records, text: TokenText, ctx: int):
+        self.recs, self.text, self.ctx = recs, text, ctx
+        self.windows: dict[tuple[int, int, int], tuple[list[str], str, str]] = {}
+
+    def _window(self, doc: int, start: int, length: int, slot: int) -> tuple[list[str], str, str]:
+        """(token strings, their JSON, the ids' JSON) of a record's window."""
+        key = (doc, start, length)
+        got = self.windows.get(key)
+        if got is None:
+            ids = self.recs.tokens[slot, :length]
+            strings = self.text.strings(ids)
+            got = (strings, _dumps(strings), "[" + ",".join(map(str, ids.tolist())) + "]")
+            if len(self.windows) >= self.WINDOWS_KEPT:
+                self.windows.clear()
+            self.windows[key] = got
+        return got
+
+    def block(self, lo: int, hi: int) -> tuple[list[str], list[str], list[float], list[int]]:
+        """For records lo:hi: (each one's JSON, the token at its picked position, its act as
+        written, its kind). The acts of all of them are formatted at once (json_number_arrays)."""
+        recs, ctx = self.recs, self.ctx
+        slots, lengths = recs.slot[lo:hi], recs.length[lo:hi]
+        acts = json_number_arrays(np.asarray(recs.acts[slots]).reshape(len(slots), recs.acts.shape[1]), lengths)
+        act = recs.act[lo:hi, None]
+        act_text = json_number_arrays(act, np.ones(len(act), np.int64))
+        rows, starts = recs.row[lo:hi], recs.start[lo:hi]
+        docs, idxs = (rows // ctx).tolist(), (rows % ctx - starts).tolist()
+        blobs, picked = [], []
+        for j, (doc, idx, start, length, slot) in enumerate(zip(docs, idxs, starts.tolist(), lengths.tolist(),
+                                                                slots.tolist())):
+            strings, tokens, ints = self._window(doc, start, length, slot)
+            blobs.append(f'{{"doc_id":{doc},"idx":{idx},"act":{act_text[j][1:-1]},"acts":{acts[j]},'
+                         f'"tokens":{tokens},"token_ints":{ints},"window_start":{start}}}')
+            picked.append(strings[idx])
+        return blobs, picked, np.round(act[:, 0].astype(np.float64), 6).tolist(), recs.kind[lo:hi].tolist()
 
 
 def _top_tokens(picked: list[str], n: int = 3, limit: int = 48) -> str:
@@ -175,7 +273,7 @@ def _density_histogram(density: np.ndarray, bin_width: float = 0.25) -> dict:
 
 def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg: CollateConfig,
                   meta: dict, lens: tuple[np.ndarray, ...] | None = None, lens_note: dict | None = None) -> dict:
-    """features/<i>.json for every latent, index.json, summary.json and the viewer.
+    """Every latent's record (into the viewer's shards), index.json, summary.json and the viewer.
     `lens` is logit_lens()'s result (None: no lens, `lens_note` says why)."""
     ctx = col.ctx
     n_tok = max(col.n_tokens, 1)
@@ -186,16 +284,22 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
     density = count / n_tok
     n = len(count)
 
-    (out / "features").mkdir(parents=True, exist_ok=True)
     view = viewer.ViewerWriter(out, write_atomic)
+    rec_text = _RecordText(recs, text, ctx)
     latents = []
+    block = 256  # latents whose records are made at once
     for i in tqdm(range(n), unit="latent", desc=f"write {meta['layer']}/{meta['hook']}", mininterval=1.0):
-        lists = {0: [], 1: []}
-        for r in range(recs.offsets[i], recs.offsets[i + 1]):
-            lists[int(recs.kind[r])].append(_sequence_info(recs, r, text, ctx))
+        if i % block == 0:
+            lo = int(recs.offsets[i])
+            blobs, tokens, acts, kinds = rec_text.block(lo, int(recs.offsets[min(n, i + block)]))
+        mine = range(int(recs.offsets[i]) - lo, int(recs.offsets[i + 1]) - lo)
+        top = [j for j in mine if kinds[j] == 0]  # best first
+        random = [j for j in mine if kinds[j] == 1]
+        picked = [tokens[j] for j in top]
+        max_act = acts[top[0]] if top else 0.0
         m1, m2, m3, m4 = (float(s) for s in sums[:, i])
         bins = np.flatnonzero(hist[i])
-        info = {
+        head = {
             "index": i,
             "layer": meta["layer"],
             "hook": meta["hook"],
@@ -205,21 +309,16 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
             # Undefined for a dead latent; null rather than NaN keeps the JSON strict.
             "skew": m3 / m2 ** 1.5 if m2 > 0 else None,
             "kurtosis": m4 / m2 ** 2 if m2 > 0 else None,
-            "max_act": lists[0][0]["act"] if lists[0] else 0.0,
+            "max_act": max_act,
             "n_positive": int(count[i]),
             "hist_bin_width": float(width[i]),
             "hist": {str(int(b) + 1): int(hist[i, b]) for b in bins},
-            "top": lists[0],
-            "random": lists[1],
         }
-        if lens is not None:
-            info.update(_lens_fields(lens, i, text))
-        blob = _dumps(info)
-        write_atomic(out / "features" / f"{i}.json", blob)
-        picked = _picked(lists[0])
+        tail = "," + _dumps(_lens_fields(lens, i, text))[1:] if lens is not None else "}"
+        blob = (f'{_dumps(head)[:-1]},"top":[{",".join(blobs[j] for j in top)}],'
+                f'"random":[{",".join(blobs[j] for j in random)}]{tail}')
         view.add(i, blob, picked)
-        latents.append({"id": i, "density": info["density"], "max_act": info["max_act"],
-                        "top_tokens": _top_tokens(picked)})
+        latents.append({"id": i, "density": head["density"], "max_act": max_act, "top_tokens": _top_tokens(picked)})
 
     summary = {
         **meta,

@@ -116,9 +116,12 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(idx [B, k] int64, vals [B, k]) with vals = relu(top-k of z)."""
-        z = self.pre_acts(x)
-        vals, idx = z.topk(self.k, dim=-1, sorted=False)
+        """(idx [B, k] int64, vals [B, k]) with vals = relu(top-k of z), z never held whole
+        (kernels.encode_topk: a block of latents at a time, or the fused kernel)."""
+        from pipeline.kernels import encode_topk
+
+        x = self.preprocess(x).to(self.W_enc.dtype)
+        vals, idx, _, _ = encode_topk(x - self.b_pre, self.W_enc, self.b_lat, self.k, backend=self.backend)
         return idx, vals.clamp_min(0)
 
     def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,23 +161,19 @@ class TopKSAE(nn.Module):
         the chosen pre-activations in full precision. A full-precision z already
         holds them, and the gathers' forward takes them from it.
         """
-        from pipeline.kernels import decode, encode_gather
+        from pipeline.kernels import decode, encode_gather, encode_topk
 
         x_c = x - self.b_pre
         with torch.no_grad():
             low = matmul_dtype is not None and matmul_dtype != x.dtype
+            operands = (x_c, self.W_enc, self.b_lat)
             if low:
-                z = torch.addmm(self.b_lat.to(matmul_dtype), x_c.to(matmul_dtype), self.W_enc.T.to(matmul_dtype))
-            else:
-                z = torch.addmm(self.b_lat, x_c, self.W_enc.T)
-            pre, idx = z.topk(self.k, dim=-1, sorted=False)
-            aux_pre = aux_idx = ids = None
-            if dormant is not None and k_aux > 0:
-                # top-k over the dormant columns only: a top-k costs in proportion to the columns it scans
-                ids = dormant.nonzero().squeeze(1)
-                aux_pre, j = z.index_select(1, ids).topk(k_aux, dim=-1, sorted=False)
-                aux_idx = ids[j]
-            del z
+                operands = tuple(t.to(matmul_dtype) for t in operands)
+            # The AuxK top-k runs over the dormant columns only (a top-k costs in proportion
+            # to the columns it scans), in the same sweep over the latents as the main one.
+            ids = dormant.nonzero().squeeze(1) if dormant is not None and k_aux > 0 else None
+            pre, idx, aux_pre, aux_idx = encode_topk(*operands, self.k, backend=self.backend, aux_ids=ids,
+                                                     k_aux=k_aux)
             if low:  # a low-precision z only picks the latents; the gathers recompute their values
                 pre = aux_pre = None
         vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre))
@@ -184,7 +183,7 @@ class TopKSAE(nn.Module):
             # Few dormant latents, many kept a row (k_aux ~ d/2): plain matmuls over the m dormant
             # columns beat the sparse products, which pay per kept latent what a GEMM pays per column.
             acts = torch.zeros(x.shape[0], ids.numel(), dtype=x.dtype, device=x.device)
-            acts.scatter_(1, j, aux_pre.clamp_min(0))
+            acts.scatter_(1, torch.searchsorted(ids, aux_idx), aux_pre.clamp_min(0))
             aux_hat = _DormantDecode.apply(acts, ids, x_c, self.W_enc, self.b_lat, self.W_dec)
         elif aux_idx is not None:
             aux_vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, aux_idx, backend=self.backend,
@@ -201,8 +200,14 @@ class TopKSAE(nn.Module):
     def remove_parallel_grad(self):
         """Drop the part of each decoder row's gradient along the row (unit-norm constraint)."""
         g = self.W_dec.grad
-        if g is not None:
-            g.addcmul_(torch.linalg.vecdot(g, self.W_dec).unsqueeze(1), self.W_dec, value=-1)
+        if g is None:
+            return
+        # vecdot builds the [rows, d] product before summing: a block of rows at a time keeps that
+        # temporary small (a whole [n, d] one was the step's peak at large n). Rows are independent.
+        rows = max(1, (1 << 22) // g.shape[1])
+        for lo in range(0, g.shape[0], rows):
+            gb, wb = g[lo: lo + rows], self.W_dec[lo: lo + rows]
+            gb.addcmul_(torch.linalg.vecdot(gb, wb).unsqueeze(1), wb, value=-1)
 
     @torch.no_grad()
     def folded(self, scale: float) -> "TopKSAE":

@@ -13,8 +13,10 @@ function the page defines:
 
 Features are sharded (SHARD_SIZE latents per file) and loaded on demand, so
 opening the page for a large SAE reads only the latent list, and one click
-reads one small file. The payload is the same JSON text as features/<i>.json
-(JSON is a subset of JavaScript), so nothing is serialized twice.
+reads one small file. The shards are where the records live, once: the line
+after `saeViewer.shard(j, [` holds latent j * SHARD_SIZE's FeatureInfo as one
+line of strict JSON (ended by a comma but the last), and so on; read_feature
+and read_features give them back to Python.
 
 search.js, loaded on the first search by text, lets a search find a latent by
 the tokens of its top records: each distinct picked token once in `tokens`, and
@@ -30,9 +32,11 @@ from __future__ import annotations
 import html
 import json
 import math
+from itertools import count
 from importlib import resources
 from pathlib import Path
 from string import Template
+from typing import Iterator
 from urllib.parse import quote
 
 from pipeline import fsio
@@ -102,6 +106,40 @@ class ViewerWriter:
         page = self.out / "viewer.html"
         self.write(page, template())
         return page
+
+
+def _strict_json(line: str):
+    def refuse(name):  # NaN and Infinity are no JSON: a record holding one is a bug to hear about
+        raise ValueError(f"a record holds the non-JSON constant {name}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def _shard_lines(path: Path) -> list[str]:
+    # JSON escapes every newline inside a string, so each feature is exactly one line.
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return [line.removesuffix(",") for line in lines[1:-2]]
+
+
+def read_features(folder) -> Iterator[dict]:
+    """Every latent's FeatureInfo in a records folder, in latent order."""
+    data = Path(folder) / DATA_DIR
+    for j in count():
+        path = data / f"features_{j}.js"
+        if not path.is_file():
+            return
+        yield from map(_strict_json, _shard_lines(path))
+
+
+def read_feature(folder, i: int) -> dict:
+    """Latent i's FeatureInfo (all shards but the last hold the same number of latents)."""
+    data = Path(folder) / DATA_DIR
+    size = len(_shard_lines(data / "features_0.js"))
+    path = data / f"features_{i // size}.js"
+    lines = _shard_lines(path) if i >= 0 and path.is_file() else []
+    if i % size >= len(lines):
+        raise IndexError(f"latent {i} is not in {folder}")
+    return _strict_json(lines[i % size])
 
 
 # ---------------------------------------------------------------------------

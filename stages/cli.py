@@ -150,8 +150,8 @@ def train(config, layers, overrides, force):
 def collate(config, layers, overrides, force):
     """Write per-latent top/random activation records and a static viewer.
 
-    Output: <run_dir>/records/<L>/<hook>/ (features/<i>.json, index.json,
-    summary.json, viewer.html, viewer_data/) and <run_dir>/records/index.html
+    Output: <run_dir>/records/<L>/<hook>/ (viewer_data/ holding the records,
+    index.json, summary.json, viewer.html) and <run_dir>/records/index.html
     linking every layer's viewer. Finished layers are skipped unless --force;
     records made with other settings or another SAE are redone.
     """

@@ -246,11 +246,12 @@ def test_files_match_schema_and_brute_force(tmp_path, tokenizer_dir, tokenizer, 
     assert summary["exclude_bos"] is exclude_bos
     assert summary["excluded_positions"] == ([0] if exclude_bos else [])
 
-    files = sorted(int(p.stem) for p in (out / "features").glob("*.json"))
-    assert files == list(range(N_LAT))
+    # Stored once: the viewer's shards are the records.
+    assert [f["index"] for f in viewer.read_features(out)] == list(range(N_LAT))
+    assert sorted(p.name for p in out.iterdir()) == ["done", "index.json", "summary.json", "viewer.html", "viewer_data"]
     bos_fired = 0  # records whose window shows a BOS position where the dense encode fires
     for latent in range(N_LAT):
-        f = _strict((out / "features" / f"{latent}.json").read_text())
+        f = viewer.read_feature(out, latent)
         for key in ("density", "mean_act", "mean_act_squared", "skew", "kurtosis", "hist", "top", "random",
                     "hist_bin_width"):
             assert key in f
@@ -306,7 +307,7 @@ def test_killed_run_leaves_nothing_finished_and_rerun_is_identical(tmp_path, tok
     out = tmp_path / "records/0/resid_post"
     stage.run(cfg)
     first = _snapshot(out)
-    assert "done" in first and "features/0.json" in first
+    assert "done" in first and "viewer_data/features_0.js" in first
 
     # A kill halfway through writing the features of a fresh run.
     shutil.rmtree(tmp_path / "records")
@@ -331,14 +332,14 @@ def test_killed_run_leaves_nothing_finished_and_rerun_is_identical(tmp_path, tok
     assert not (out.parent / "resid_post.partial").exists()
 
     # Finished: skipped (nothing rewritten) unless forced.
-    stamp = (out / "features/3.json").stat().st_mtime_ns
+    stamp = (out / "viewer_data/features_0.js").stat().st_mtime_ns
     capsys.readouterr()
     stage.run(cfg)
     assert "already done" in capsys.readouterr().out
-    assert (out / "features/3.json").stat().st_mtime_ns == stamp
+    assert (out / "viewer_data/features_0.js").stat().st_mtime_ns == stamp
     stage.run(cfg, force=True)
     assert _snapshot(out) == first
-    assert (out / "features/3.json").stat().st_mtime_ns != stamp
+    assert (out / "viewer_data/features_0.js").stat().st_mtime_ns != stamp
 
     # A retrained SAE makes the records stale.
     sae = make_sae()
@@ -354,28 +355,28 @@ def test_changed_settings_or_sae_redo_stale_records(tmp_path, tokenizer_dir, cap
     make_run(tmp_path, tokenizer_dir)
     out = tmp_path / "records/0/resid_post"
     stage.run(config_from_dict(make_cfg(tmp_path)))
-    top_count = len(_strict((out / f"features/{ALWAYS}.json").read_text())["top"])
+    top_count = len(viewer.read_feature(out, ALWAYS)["top"])
     assert top_count == 5
-    stamp = (out / "features/3.json").stat().st_mtime_ns
+    stamp = (out / "viewer_data/features_0.js").stat().st_mtime_ns
 
     # Killed inside the folder swap, with the old records set aside: they get their name back.
     out.rename(out.with_name("resid_post.old"))
     capsys.readouterr()
     stage.run(config_from_dict(make_cfg(tmp_path)))
     assert "already done" in capsys.readouterr().out
-    assert (out / "features/3.json").stat().st_mtime_ns == stamp and not out.with_name("resid_post.old").exists()
+    assert (out / "viewer_data/features_0.js").stat().st_mtime_ns == stamp and not out.with_name("resid_post.old").exists()
 
     # Speed settings do not change the records: nothing is redone.
     capsys.readouterr()
     stage.run(config_from_dict(make_cfg(tmp_path, batch_size=64, reader_threads=1, device="cpu")))
     assert "already done" in capsys.readouterr().out
-    assert (out / "features/3.json").stat().st_mtime_ns == stamp
+    assert (out / "viewer_data/features_0.js").stat().st_mtime_ns == stamp
 
     # A changed n_top is redone, and the line says which key changed.
     stage.run(config_from_dict(make_cfg(tmp_path, n_top=3)))
     lines = [line for line in capsys.readouterr().out.splitlines() if "redoing" in line]
     assert len(lines) == 1 and "collate.n_top 5 -> 3" in lines[0]
-    assert len(_strict((out / f"features/{ALWAYS}.json").read_text())["top"]) == 3
+    assert len(viewer.read_feature(out, ALWAYS)["top"]) == 3
     assert _strict((out / "summary.json").read_text())["n_top"] == 3
     stage.run(config_from_dict(make_cfg(tmp_path, n_top=3)))
     assert "already done" in capsys.readouterr().out
@@ -388,7 +389,7 @@ def test_changed_settings_or_sae_redo_stale_records(tmp_path, tokenizer_dir, cap
     stage.run(config_from_dict(make_cfg(tmp_path, n_top=3)))
     lines = [line for line in capsys.readouterr().out.splitlines() if "redoing" in line]
     assert len(lines) == 1 and "SAE was retrained" in lines[0] and "n_top" not in lines[0]
-    assert len(_strict((out / f"features/{DEAD}.json").read_text())["top"]) == 3
+    assert len(viewer.read_feature(out, DEAD)["top"]) == 3
 
     # Records from before fingerprints (a done marker without one) are redone.
     (out / "done").write_text(json.dumps({"sae": {"size": 1, "mtime_ns": 2}}))
@@ -482,8 +483,30 @@ def test_cli_layer_flag_and_viewer_path(tmp_path, tokenizer_dir):
     result = _cli(tmp_path, "--layers", "0")
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1].endswith("records/0/resid_post/viewer.html")
+    out = tmp_path / "records/0/resid_post"
+    # (viewer_data/eval.js comes after, with the index page)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "eval.js")
+    assert f"; {size / 2**20:.1f} MiB in {out}" in result.output  # the folder's total size, reported
     result = _cli(tmp_path, "--layers", "3")
     assert result.exit_code == 2 and result.output.startswith("saepipe: error: layer 3 hook resid_post is not in")
+
+
+def test_number_arrays_parse_to_the_rounded_values():
+    g = torch.Generator().manual_seed(0)
+    v = (torch.randn(40, 17, generator=g, dtype=torch.float64) * torch.logspace(-8, 6, 17, dtype=torch.float64)).numpy()
+    v[0, :4] = [0.0, -0.0, 0.5e-6, -0.49e-6]  # rounds to +-0
+    v[1, :3] = [123456789012.3456789, -999999.9999996, 1e-6]
+    v[3, :2] = [9.9e11, 2e12]  # 13 integer digits: json's turn
+    v[2, 1] = 3e19  # past the digit layout: that row goes through json
+    v = v.astype(np.float32).astype(np.float64)
+    lengths = np.arange(40) % 18  # empty rows and full ones
+    text = records.json_number_arrays(v.astype(np.float32), lengths, piece=100)  # several pieces
+    assert text == records.json_number_arrays(v.astype(np.float32), lengths)
+    assert records.json_number_arrays(np.zeros((0, 17), np.float32), lengths[:0]) == []
+    for r in range(40):
+        got = _strict(text[r])
+        want = np.round(v[r, :lengths[r]].astype(np.float32).astype(np.float64), 6).tolist()
+        assert got == want and all(type(x) is float for x in got), (r, text[r])
 
 
 def test_token_strings_concatenate_to_text(tokenizer):
@@ -542,7 +565,7 @@ def test_full_disk_is_one_line_keeps_old_records_and_the_rerun_completes(tmp_pat
     res = subprocess.run([SAEPIPE, "collate", str(cfg_path), "--set", "collate.n_top=4"], capture_output=True,
                          text=True)
     assert res.returncode == 0, res.stderr
-    assert len(json.loads((out / "features" / "0.json").read_text())["top"]) <= 4
+    assert len(viewer.read_feature(out, 0)["top"]) <= 4
     reference = tmp_path / "reference"
     make_run(reference, tokenizer_dir)
     stage.run(config_from_dict(make_cfg(reference, n_top=4)))
@@ -612,7 +635,7 @@ def test_logit_lens_matches_brute_force(tmp_path, monkeypatch):
     up, down = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
     out = records_dir(root, 0, "resid_post")
     for i in range(n_latents):
-        f = json.loads((out / "features" / f"{i}.json").read_text())
+        f = viewer.read_feature(out, i)
         assert f["top_upvote_token_ints"] == up.indices[i].tolist()
         assert f["top_downvote_token_ints"] == down.indices[i].tolist()
         assert f["top_upvotes_logits"] == pytest.approx(up.values[i].tolist(), abs=1e-4)
@@ -626,5 +649,5 @@ def test_logit_lens_skipped_without_a_model(tmp_path, tokenizer_dir):
     make_run(tmp_path, tokenizer_dir)
     C.run(config_from_dict(make_cfg(tmp_path)))
     out = records_dir(tmp_path, 0, "resid_post")
-    assert "top_upvote_tokens_logits" not in json.loads((out / "features" / "0.json").read_text())
+    assert "top_upvote_tokens_logits" not in viewer.read_feature(out, 0)
     assert "skipped" in json.loads((out / "summary.json").read_text())["logit_lens"]

@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.demo_corpus import build
 from pipeline.store import ActivationStore
+from pipeline.viewer import read_feature, read_features
 
 ROOT = Path(__file__).resolve().parents[1]
 SAEPIPE = str(Path(sys.executable).parent / "saepipe")
@@ -62,8 +63,8 @@ def test_demo_config_end_to_end(tmp_path, corpus, name):
         cfg = json.loads((sae_dir / "cfg.json").read_text())
         assert cfg["d_in"] == d_model and cfg["n_latents"] == n_latents and cfg["k"] == 32
         rec_dir = run / "records" / str(layer) / "resid_post"
-        assert len(list((rec_dir / "features").glob("*.json"))) == n_latents
-        feature = json.loads((rec_dir / "features" / "0.json").read_text())
+        assert [f["index"] for f in read_features(rec_dir)] == list(range(n_latents))
+        feature = read_feature(rec_dir, 0)
         assert {"density", "mean_act", "top", "random", "hist"} <= feature.keys()
         if "eval" in stages:
             ev = json.loads((sae_dir / "eval.json").read_text())

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from pipeline.viewer import read_features
 from stages.cli import main
 from helpers import make_model, write_corpus
 
@@ -73,7 +74,7 @@ def test_example_config_runs_end_to_end(tmp_path, example):
             modes = {p.name: p.stat().st_mode & 0o777 for p in sae.iterdir()}
             assert set(modes.values()) == {modes["cfg.json"]}, modes
             records = run / "records" / str(layer) / hook
-            assert len(list((records / "features").glob("*.json"))) == 32 * expansion
+            assert sum(1 for _ in read_features(records)) == 32 * expansion
             assert (records / "viewer.html").exists()
 
 

@@ -218,6 +218,80 @@ def test_encode_gather_takes_precomputed_values():
         K.encode_gather(x_c, W, b, idx, backend="torch", pre=pre[:, :2])
 
 
+def _dense_topk(x_c, W, b, k, cols=None):
+    """The test's own top-k: the whole z in fp64, then a full sort (ids over `cols` if given)."""
+    z = x_c.double() @ W.double().T + b.double()
+    if cols is not None:
+        z = z[:, cols]
+    order = z.argsort(dim=1, descending=True)[:, :k]
+    ids = order if cols is None else cols[order]
+    return z.gather(1, order), ids
+
+
+def _same_topk(vals, idx, want_vals, want_idx, atol):
+    """Same latents in each row (in any order), each with its value."""
+    order = idx.argsort(dim=1)
+    got_idx, got_vals = idx.gather(1, order), vals.gather(1, order)
+    w_order = want_idx.argsort(dim=1)
+    assert torch.equal(got_idx.long().cpu(), want_idx.gather(1, w_order).long().cpu())
+    torch.testing.assert_close(got_vals.double().cpu(), want_vals.gather(1, w_order).double().cpu(), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("block", [None, 1, 7, 16, 70])
+def test_encode_topk_blocked_vs_dense(block):
+    B, k, n, d = 37, 5, 70, 40
+    x_c, W, b = randn(B, d, dtype=torch.float64), randn(n, d, dtype=torch.float64, seed=1), randn(n, dtype=torch.float64, seed=2)
+    dormant = torch.tensor([0, 3, 4, 9, 10, 11, 40, 41, 69], device=DEVICE)  # blocks hold 0, 1 or several
+    vals, idx, aux_vals, aux_idx = K.encode_topk_blocked(x_c, W, b, k, dormant, 4, block=block)
+    _same_topk(vals, idx, *_dense_topk(x_c, W, b, k), atol=1e-12)
+    _same_topk(aux_vals, aux_idx, *_dense_topk(x_c, W, b, 4, dormant), atol=1e-12)
+    assert K.encode_topk_blocked(x_c, W, b, k, block=block)[2:] == (None, None)
+
+
+def test_encode_topk_one_block_is_the_unblocked_path():
+    # The default block holds the anchor shape's z whole: bit for bit the old addmm + topk.
+    B, k, n, d = 64, 8, 300, 24
+    x_c, W, b = randn(B, d), randn(n, d, seed=1), randn(n, seed=2)
+    vals, idx, _, _ = K.encode_topk_blocked(x_c, W, b, k)
+    ref_vals, ref_idx = K.encode_topk_reference(x_c, W, b, k)
+    assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(37, 5, 70, 40), (9, 1, 11, 7), (70, 16, 200, 33), (5, 11, 11, 3)],
+                         ids=lambda s: "B{}k{}n{}d{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_encode_topk_triton_vs_dense(shape, dtype):
+    # k = n, k not a power of two, n and d not multiples of the blocks, negative z throughout.
+    B, k, n, d = shape
+    x_c, W, b = randn(B, d, dtype=dtype), randn(n, d, dtype=dtype, seed=1), randn(n, seed=2)
+    vals, idx = K.encode_topk_triton(x_c, W, b, k, block_b=16, block_n=16, block_d=16)
+    assert vals.dtype == torch.float32 and idx.dtype == torch.int64 and vals.shape == idx.shape == (B, k)
+    _same_topk(vals, idx, *_dense_topk(x_c, W, b, k), atol=1e-5 if dtype == torch.float32 else 1e-3)
+    # Largest first, as tl.topk leaves them.
+    assert (vals[:, :-1] >= vals[:, 1:]).all()
+
+
+@needs_triton
+def test_encode_topk_dispatch_aux_on_triton():
+    B, k, n, d = 20, 4, 50, 16
+    x_c, W, b = randn(B, d), randn(n, d, seed=1), randn(n, seed=2)
+    dormant = torch.tensor([1, 2, 30, 31, 32, 49], device=DEVICE)
+    vals, idx, aux_vals, aux_idx = K.encode_topk(x_c, W, b, k, backend="triton", aux_ids=dormant, k_aux=3)
+    _same_topk(vals, idx, *_dense_topk(x_c, W, b, k), atol=1e-5)
+    _same_topk(aux_vals, aux_idx, *_dense_topk(x_c, W, b, 3, dormant), atol=1e-5)
+
+
+def test_keys_order_like_the_floats():
+    v = torch.tensor([float("-inf"), -3e38, -2.5, -1e-30, -0.0, 0.0, 1e-30, 1.0, 7.5, 3e38, float("inf")])
+    bits = v.view(torch.int32)
+    keys = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() << 32) | torch.arange(len(v))
+    assert torch.equal(keys.argsort(), torch.arange(len(v)))  # -0.0 before 0.0 by its id
+    vals, ids = K._unpack_keys(keys)
+    assert torch.equal(vals.view(torch.int32), bits) and torch.equal(ids, torch.arange(len(v)))
+    assert keys[0].item() == K._MIN_KEY  # -inf with id 0, where the kernel starts every row
+
+
 def test_reference_chunking(monkeypatch):
     # Force many small chunks in the references; results must not change.
     B, k, n, d = 20, 4, 15, 6

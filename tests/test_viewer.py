@@ -19,6 +19,7 @@ from helpers import CORPUS, make_tokenizer
 from pipeline.config import config_from_dict
 from pipeline.sae import TopKSAE
 from pipeline.store import write_synthetic
+from pipeline.viewer import read_feature
 from stages import collate as stage
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -140,7 +141,7 @@ def test_latent_page_shows_tokens_and_keeps_markup_inert(records, browser, tmp_p
     folder = records.parent
     index = json.loads((folder / "index.json").read_text())
     latent = max(index["latents"], key=lambda r: r["max_act"])["id"]
-    feature = json.loads((folder / f"features/{latent}.json").read_text())
+    feature = read_feature(folder, latent)
     assert feature["top"], "the busiest latent should have records"
 
     _open(browser, records, f"#{latent}", str(latent))
@@ -187,7 +188,7 @@ def test_latent_page_shows_tokens_and_keeps_markup_inert(records, browser, tmp_p
 def test_dead_means_never_fired(records, browser):
     from selenium.webdriver.common.by import By
 
-    feature = json.loads((records.parent / f"features/{DEAD}.json").read_text())
+    feature = read_feature(records.parent, DEAD)
     assert feature["n_positive"] == 0 and feature["top"] == []
     _open(browser, records, f"#{DEAD}", str(DEAD))
     assert browser.find_element(By.ID, "top").text == "Never fired on any of the stored tokens: a dead latent."
@@ -210,7 +211,7 @@ def test_search_finds_a_latent_by_the_tokens_of_its_top_records(records, browser
         """Latents with a top record picked at a token holding q (any case), from the feature files."""
         found = set()
         for r in index["latents"]:
-            f = json.loads((folder / f"features/{r['id']}.json").read_text())
+            f = read_feature(folder, r["id"])
             picked = [s["tokens"][s["idx"]].lower() for s in f["top"]] + [r["top_tokens"].lower()]
             found |= {r["id"]} if any(q in t for t in picked) else set()
         return found
@@ -290,7 +291,7 @@ def test_list_search_sort_and_navigation(records, browser):
     ids = browser.execute_script("return [...document.querySelectorAll('#list li')].map((li) => +li.dataset.id)")
 
     def top_tokens(i):
-        feature = json.loads((records.parent / "features" / f"{i}.json").read_text())
+        feature = read_feature(records.parent, i)
         return [r["tokens"][r["idx"]].lower() for r in feature["top"]]
 
     assert 17 in ids and all(str(i).startswith("17") or any("17" in t for t in top_tokens(i)) for i in ids)
@@ -305,7 +306,7 @@ def test_excluded_bos_is_unshaded_and_left_out_of_the_colour_scale(bos_records, 
 
     folder = bos_records.parent
     assert json.loads((folder / "summary.json").read_text())["excluded_positions"] == [0]
-    feature = json.loads((folder / "features/0.json").read_text())
+    feature = read_feature(folder, 0)
     first = feature["top"][0]
     assert first["window_start"] == 0 and first["acts"][0] == 0.0 and first["acts"][first["idx"]] == first["act"]
 
@@ -352,7 +353,7 @@ def lens_records(tmp_path_factory):
 def test_latent_page_shows_the_logit_lens(lens_records, bos_records, browser):
     from selenium.webdriver.common.by import By
 
-    feature = json.loads((lens_records.parent / "features/3.json").read_text())
+    feature = read_feature(lens_records.parent, 3)
     _open(browser, lens_records, "#3", "3")
     up, down = browser.find_elements(By.CSS_SELECTOR, "#lens table")
     for table, tokens, logits in ((up, feature["top_upvote_tokens_logits"], feature["top_upvotes_logits"]),
