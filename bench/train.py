@@ -5,6 +5,7 @@
     python bench/train.py --vs-floor                      # CPU: the real step against GEMM + top-k alone
     python bench/train.py --memory                        # CPU: a step's peak memory at n 131072, batch 4096
     python bench/train.py --peers                         # CPU: floor, saepipe, sparsify and SAELens, ms/step
+    python bench/train.py --peers --n 4096,65536 --d 256,1024 --k 16,128 --rounds 1   # ... over a grid
 
 A step = forward, loss, backward, Adam (the pipeline's, fused), decoder constraint. Ours: dense encoder
 matmul without a graph, top-k, then the sparse kernels (Triton on CUDA, the
@@ -236,8 +237,9 @@ def blocked_vs_whole(n: int, d: int, k: int, batch: int, rounds: int, block_byte
 
 
 def peers_table(n: int, d: int, k: int, batch: int, rounds: int, steps: int = 3):
-    """ms/step of the floor and saepipe's real step (one worker, interleaved) and of each peer's step in its
-    own venv (bench/peer_step.py), the workers taking turns over `rounds`; medians of everything."""
+    """({name: median ms/step}, {peer: why it has none}): the floor and saepipe's real step (one worker,
+    interleaved) and each peer's step in its own venv (bench/peer_step.py), the workers taking turns
+    over `rounds`."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import peers
 
@@ -265,18 +267,25 @@ def peers_table(n: int, d: int, k: int, batch: int, rounds: int, steps: int = 3)
                 continue
             times = json.loads(out.stdout.strip().splitlines()[-1])
             ms[peer].append(1e3 * sorted(times)[len(times) // 2])
-    med = {name: sorted(v)[len(v) // 2] for name, v in ms.items() if v}
-    print(f"cpu ({torch.get_num_threads()} threads); n {n}, d {d}, k {k}, batch {batch}, fp32; medians of {rounds} "
-          f"rounds of {steps} steps, the workers taking turns")
-    print("| step | ms | / floor | saepipe's speedup over it |")
-    print("| --- | --- | --- | --- |")
-    for name, label in (("floor", "floor: encoder GEMM + top-k alone"), ("saepipe", "saepipe (pipeline.train.train_step)"),
-                        ("sparsify", "sparsify 1.3.3 (eager, Adam)"), ("saelens", "SAELens 6 TopKTrainingSAE (Adam)")):
-        if name in med:
-            speed = "" if name in ("floor", "saepipe") else f"{med[name] / med['saepipe']:.2f}x"
-            print(f"| {label} | {med[name]:.1f} | {med[name] / med['floor']:.2f}x | {speed} |")
-        else:
-            print(f"| {label} | not measured: {missing.get(name, 'no result')} | | |")
+    return {name: sorted(v)[len(v) // 2] for name, v in ms.items() if v}, missing
+
+
+def print_peers(shapes: list[tuple[int, int, int]], batch: int, rounds: int, steps: int = 3):
+    print(f"cpu ({torch.get_num_threads()} threads), batch {batch}, fp32; ms/step, medians of {rounds} rounds of "
+          f"{steps} steps, the workers (saepipe with the floor, then each peer in its venv) taking turns")
+    print("| n | d | k | floor | saepipe | sparsify 1.3.3 | SAELens 6 | saepipe / floor | sparsify / saepipe "
+          "| SAELens / saepipe |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    notes = {}
+    for n, d, k in shapes:
+        med, missing = peers_table(n, d, k, batch, rounds, steps)
+        notes.update(missing)
+        cell = {name: f"{med[name]:.1f}" if name in med else "-" for name in ("floor", "saepipe", "sparsify", "saelens")}
+        ratio = {name: f"{med[name] / med['saepipe']:.2f}x" if name in med else "-" for name in ("sparsify", "saelens")}
+        print(f"| {n} | {d} | {k} | {cell['floor']} | {cell['saepipe']} | {cell['sparsify']} | {cell['saelens']} | "
+              f"{med['saepipe'] / med['floor']:.2f}x | {ratio['sparsify']} | {ratio['saelens']} |", flush=True)
+    for peer, why in notes.items():
+        print(f"{peer}: not measured: {why}")
 
 
 def ints(text: str) -> list[int]:
@@ -311,8 +320,9 @@ def main():
         print(json.dumps(versus_floor(n, d, k, batch, steps)))
         return
     if args.peers:
-        peers_table(ints(args.n or "16384")[0], ints(args.d or "768")[0], ints(args.k or "32")[0], args.batch or 1024,
-                    args.rounds or 3)
+        shapes = [(n, d, k) for d in ints(args.d or "768") for n in ints(args.n or "16384") for k in ints(args.k or "32")
+                  if k <= n]
+        print_peers(shapes, args.batch or 1024, args.rounds or 3)
         return
     if args.memory_worker:
         print(json.dumps(step_memory(*json.loads(args.memory_worker))))
