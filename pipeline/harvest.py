@@ -8,8 +8,9 @@ run's lock and `plan()` against what the store already holds: which arrays are
 new, started over (--force), resumed, repaired (--repair: chunks found missing
 or corrupt) or skipped. Planning only reads; then run() writes the tokens,
 creates the new arrays and forwards only the chunks the plan lists. Rank r of W
-(torchrun's RANK/WORLD_SIZE) handles chunks r, r+W, ... of every array: whole
-chunks, never a shared shard.
+(torchrun's RANK/WORLD_SIZE, pipeline.dist) handles chunks r, r+W, ... of every
+array: whole chunks, never a shared shard; rank 0 alone creates the store and
+the arrays before the others start, and marks arrays complete after they finish.
 
 What a finished harvest promises:
 - The store holds data made by one config. Every setting that decides its bytes
@@ -43,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline import dtypes, verify
+from pipeline import dist, dtypes, verify
 from pipeline.config import Config, DataConfig
 from pipeline.data import load_texts, make_windows
 from pipeline.errors import UserError
@@ -112,7 +113,7 @@ def run(cfg: Config, layers: list[int] | None = None, progress: bool = True,
     """Harvest `layers` (default: the config's) and return {"harvested": [(layer, hook), ...]}
     plus, when the model ran, "tokens", "seconds" and "bytes_written"."""
     hc = cfg.harvest
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = dist.rank_world()
     if world > 1 and (repair or force):
         raise UserError("--repair and --force rewrite arrays all ranks share: run them as one process, "
                         "not under torchrun")
@@ -129,16 +130,26 @@ def run(cfg: Config, layers: list[int] | None = None, progress: bool = True,
     resolve_hook_points(model, targets)  # layer range and hook paths, before any write
     tokens, prepend_bos = _windows(cfg, tokenizer, progress)
 
-    with run_lock(run_dir, f"harvest.rank{rank}"):
+    with run_lock(run_dir, f"harvest.rank{rank}"), dist.group():
+        # Under torchrun, rank 0 alone sets the store up (tokens, new arrays); the others plan
+        # after it, so they find its arrays and take their own chunks of them. Only rank 0
+        # marks arrays complete, once every rank is past its last chunk.
+        if rank:
+            dist.barrier()
         p = plan(cfg, targets, model, tokens, prepend_bos, repair, force)
-        for line in p.notes():
+        for line in p.notes() if rank == 0 else []:
             print(line)
         store = create_store(run_dir, _run_attrs(cfg, len(tokens), prepend_bos, p.fingerprint))
         _write_tokens(store, p)
         todo = {a.key: (_prepare_array(store, cfg, p, a), a.chunks) for a in p.arrays if a.action != "skip"}
+        if rank == 0:
+            dist.barrier()
         forward = {key: job for key, job in todo.items() if job[1]}
         stats = _forward_chunks(cfg, model, forward, tokens, rank, world, progress) if forward else {}
-        _mark_complete(cfg, todo)
+        dist.barrier()
+        if rank == 0:
+            _mark_complete(cfg, todo)
+        dist.barrier()
         if not forward:
             what = f"rewrote {len(p.tokens_bad)} tokens chunks; the" if p.tokens_bad else "the"
             print(f"harvest: {what} layers {sorted({l for l, _ in targets})} in {store_path(run_dir)} are "
