@@ -46,10 +46,12 @@ _SUBLAYERS = {
 
 
 def resolve_device(device: str, key: str = "model.device") -> torch.device:
-    """`auto` = cuda when present; `key` names the config entry in errors. A CPU device also gets the
-    allocator setting of `keep_freed_memory`."""
+    """`auto` = cuda when present (under torchrun, the GPU of the process's LOCAL_RANK); `key` names
+    the config entry in errors. A CPU device also gets the allocator setting of `keep_freed_memory`."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun each process takes its own GPU
+        device = f"cuda:{int(os.environ['LOCAL_RANK']) % max(1, torch.cuda.device_count())}"
     try:
         dev = torch.device(device)
     except RuntimeError:

@@ -28,6 +28,11 @@ So `<out>` is always a complete SAE or absent, --force never loses the old one
 before the new exists, and state is read from the markers alone:
 `.partial` with `done` = finished, only the swap remains; `.partial` with a
 checkpoint of this config = resume; anything else = start over.
+
+Under torchrun (README, "Several processes") training is data-parallel: every
+rank reads the same batches and computes its own rows of each, the gradients
+and counters are summed over the ranks (pipeline.dist), and rank 0 alone holds
+the lock and writes the files above.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import json
 import math
 import shutil
 import time
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +51,7 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from pipeline import dtypes, fsio, optim, plots
+from pipeline import dist, dtypes, fsio, optim, plots
 from pipeline.config import Config, TrainConfig, logistics
 from pipeline.errors import UserError
 from pipeline.kernels import resolve_backend
@@ -110,15 +115,19 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> l
 def run(cfg: Config, layers: list[int] | None = None, force: bool = False, progress: bool = True) -> dict:
     """Train (or resume, or finish) the SAEs of the config; returns {(layer, hook): cfg.json}.
     Every lock is taken before any SAE is trained: a concurrent train is refused now, not halfway."""
+    rank, _ = dist.rank_world()
     todo, trained = [], {}
     for p in plan(cfg, layers, force):
         if p.status == "done" and p.out.exists():
-            print(f"train: {p.name}: already trained in {p.out}; skipping (--force retrains it)")
+            if rank == 0:
+                print(f"train: {p.name}: already trained in {p.out}; skipping (--force retrains it)")
         else:  # to train, or a finished SAE whose swap a kill cut short: only under its lock
             todo.append(p)
-    with fsio.target_locks(cfg.run_dir, "train", [(p.layer, p.hook) for p in todo]):
+    # Under torchrun rank 0 holds the locks and writes every file; the others compute.
+    locks = fsio.target_locks(cfg.run_dir, "train", [(p.layer, p.hook) for p in todo]) if rank == 0 else nullcontext()
+    with locks, dist.group():
         for p in todo:
-            trained[(p.layer, p.hook)] = train(p, progress=progress)
+            trained[(p.layer, p.hook)] = train(p, progress=progress and rank == 0)
     return trained
 
 
@@ -313,12 +322,21 @@ def _cpu(module: torch.nn.Module) -> dict:
 # --------------------------------------------------------------------------- training
 def train(p: Plan, progress: bool = True) -> dict:
     """Train (or resume, or finish) the SAE of a plan; the caller holds its lock. Returns its cfg.json."""
-    if (done := _settle(p)) is not None:
+    rank, world = dist.rank_world()
+    main = rank == 0
+    done = _settle(p) if main else None
+    dist.barrier()  # the others look at the folders once rank 0 has settled them
+    if not main:
+        p.status = _status(p, p.out)
+        if p.status == "done":
+            return saved_cfg(p.out)
+    if done is not None:
         return done
     tc, B, work = p.tc, p.tc.batch_size, p.work
-    if p.status == "fresh" and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    if main:
+        if p.status == "fresh" and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
 
     state = TrainState(tc, p.d_in, p.device)
     if p.status == "resume":
@@ -327,26 +345,32 @@ def train(p: Plan, progress: bool = True) -> dict:
         state.scale = _init(state.sae, p)
         if state.ema is not None:
             state.ema.load_state_dict(state.sae.state_dict())
-    _rewrite_metrics(work, last_step=state.step)  # a killed run may have logged past its checkpoint
+    if main:
+        _rewrite_metrics(work, last_step=state.step)  # a killed run may have logged past its checkpoint
     rf = p.row_filter()
     rf.nonfinite = state.nonfinite
     x_eval = eval_rows(p.store, p.layer, p.hook, p.eval_chunks or p.train_chunks, tc.eval_tokens, p.row_filter())
-    _announce(p, state.step, x_eval.shape[0])
+    if main:
+        _announce(p, state.step, x_eval.shape[0])
     loader = BatchLoader(p.store, p.layer, p.hook, p.train_chunks, B, tc.seed, p.window_chunks, rf, p.device,
                          tc.reader_threads, start=state.cursor, cache=_cache_rows(p))
 
     bar = tqdm(total=tc.n_steps * B, initial=state.step * B, unit="tok", unit_scale=True,
                desc=f"train L{p.layer} {p.hook}", disable=not progress, dynamic_ncols=True)
     t_log = time.time()
-    metrics = open(work / "metrics.jsonl", "a")
+    metrics = open(work / "metrics.jsonl", "a") if main else None
     batches = iter(loader)
     try:
         while state.step < tc.n_steps:
             x, state.cursor = next(batches)
+            if world > 1:  # every rank reads the same batch and computes its own rows of it
+                x = x[rank::world]
             lr = learning_rate(tc, state.step)
             n_dormant = train_step(state, state.sae.preprocess(x) * state.scale, lr, tc, p.matmul_dtype)
             bar.update(B)
             step = state.step
+            if not main:
+                continue
             if step % tc.log_every == 0 or step == tc.n_steps:
                 now, steps = time.time(), step - state.log_from
                 loss, fvu, nmse, aux = (state.log_sums / steps).tolist()
@@ -369,8 +393,11 @@ def train(p: Plan, progress: bool = True) -> dict:
     finally:
         bar.close()
         batches.close()
-        metrics.close()
-    return _finish(p, state, x_eval)
+        if metrics is not None:
+            metrics.close()
+    result = _finish(p, state, x_eval) if main else None
+    dist.barrier()  # the others return once rank 0 has published the SAE
+    return result if main else saved_cfg(p.out)
 
 
 def _cache_rows(p: Plan) -> bool:
@@ -381,7 +408,8 @@ def _cache_rows(p: Plan) -> bool:
 
 def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
                matmul_dtype: torch.dtype | None = None) -> int:
-    """One optimizer step on a normalised batch x [B, d]; returns how many latents were dormant."""
+    """One optimizer step on a normalised batch x [B, d] (under torchrun, this rank's rows of it, the
+    gradients and counters summed over the ranks); returns how many latents were dormant."""
     sae, opt = state.sae, state.opt
     for g in opt.param_groups:
         g["lr"] = lr
@@ -392,6 +420,11 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
     loss, fvu, aux, nmse = sae_loss(x, o, tc.aux_alpha)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if dist.rank_world()[1] > 1:
+        # Each rank's loss is its rows' share of the batch's (global denominators, sae_loss):
+        # the sum of the ranks' gradients is the one-process gradient.
+        for prm in sae.parameters():
+            dist.all_reduce_(prm.grad)
     sae.remove_parallel_grad()
     if tc.grad_clip:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), tc.grad_clip)
@@ -404,8 +437,9 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
         # scatter-add, not boolean indexing: no host sync, and duplicates are harmless
         fires = torch.zeros_like(state.since_fired)
         fires.scatter_add_(0, o.idx.reshape(-1), (o.vals > 0).long().reshape(-1))
-        state.since_fired = (state.since_fired + x.shape[0]) * (fires == 0)
-        state.log_sums += torch.stack([loss, fvu, nmse, aux]).detach()
+        dist.all_reduce_(fires)
+        state.since_fired = (state.since_fired + _global_rows(x)) * (fires == 0)
+        state.log_sums += dist.all_reduce_(torch.stack([loss, fvu, nmse, aux]).detach())
     state.step += 1
     return n_dormant
 
@@ -424,17 +458,35 @@ def learning_rate(tc: TrainConfig, step: int) -> float:
     return tc.lr * min(ramp, tail)
 
 
+def _global_rows(x: torch.Tensor) -> int:
+    """Rows of the whole batch: x's own under one process, every rank's under torchrun."""
+    if dist.rank_world()[1] == 1:
+        return x.shape[0]
+    return int(dist.all_reduce_(torch.tensor(x.shape[0], device=x.device)))
+
+
 def sae_loss(x: torch.Tensor, o, aux_alpha: float):
-    """(loss, fvu, aux, nmse): FVU + aux_alpha * AuxK, plus OpenAI's per-token normalised MSE for the log."""
+    """(loss, fvu, aux, nmse): FVU + aux_alpha * AuxK, plus OpenAI's per-token normalised MSE for the log.
+
+    Under torchrun x is this rank's rows of the batch: the denominators (the batch's variance, the
+    residual's energy, its row count) are the whole batch's, so each rank's terms are its share of
+    the one-process values and they sum to them."""
     e = x - o.x_hat
-    fvu = e.pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30)
+    with torch.no_grad():
+        if dist.rank_world()[1] == 1:
+            n, var = x.shape[0], (x - x.mean(0)).pow(2).sum()
+        else:
+            n = _global_rows(x)
+            mean = dist.all_reduce_(x.sum(0)) / n
+            var = dist.all_reduce_((x - mean).pow(2).sum())
+    fvu = e.pow(2).sum() / var.clamp_min(1e-30)
     aux = torch.zeros((), device=x.device)
     if o.aux_hat is not None:
         # dormant latents learn to predict what the live ones missed (the residual, detached)
         r = e.detach()
-        aux = (o.aux_hat - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-30)
+        aux = (o.aux_hat - r).pow(2).sum() / dist.all_reduce_(r.pow(2).sum()).clamp_min(1e-30)
     with torch.no_grad():
-        nmse = (e.pow(2).sum(1) / x.pow(2).sum(1).clamp_min(1e-30)).mean()
+        nmse = (e.pow(2).sum(1) / x.pow(2).sum(1).clamp_min(1e-30)).sum() / n
     return fvu + aux_alpha * aux, fvu, aux, nmse
 
 
