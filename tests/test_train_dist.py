@@ -4,26 +4,45 @@ give the one-process SAE (to fp32 rounding), with one set of files."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as td
 
 from pipeline.sae import TopKSAE
-from test_train import REPO, config, random_store, sae_folder, write_config
+from test_train import REPO, config, random_store, sae_folder, work_folder, write_config
 
 pytestmark = pytest.mark.skipif(not td.is_available() or not td.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this torch build")
 
 
+def _cmd(cfg: str, ranks: int) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, "-m", "stages.cli", "train", cfg]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+            "-m", "stages.cli", "train", cfg]
+
+
 def _train(cfg: str, ranks: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "stages.cli", "train", cfg]
-    if ranks > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "stages.cli", "train", cfg]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    return subprocess.run(_cmd(cfg, ranks), capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def _rank_pid(agent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker of `rank` (a child of the agent with RANK=rank), or None."""
+    for pid in Path(f"/proc/{agent}/task/{agent}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
 
 
 def test_two_ranks_train_the_one_process_sae(tmp_path):
@@ -49,3 +68,33 @@ def test_two_ranks_train_the_one_process_sae(tmp_path):
     train2 = [r for r in rows if r["split"] == "train"]
     for a, b in zip(train1, train2):
         assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-4) and b["dormant_frac"] == a["dormant_frac"]
+
+
+def test_a_killed_rank_stops_the_run_and_every_rank_resumes_from_the_checkpoint(tmp_path):
+    # Rank 1 killed after the first checkpoint: torchrun stops rank 0 (nobody hangs), and the
+    # rerun, every rank from rank 0's checkpoint, ends on the very weights of an unbroken run.
+    raw = lambda run: config(run, n_tokens=256 * 400, checkpoint_every=10, eval_every=500, log_every=50)  # noqa: E731
+    runs = {name: tmp_path / name for name in ("broken", "unbroken")}
+    for run in runs.values():
+        random_store(run, dtype="float32")
+    cfgs = {name: write_config(tmp_path / f"{name}.yaml", raw(run)) for name, run in runs.items()}
+
+    agent = subprocess.Popen(_cmd(cfgs["broken"], 2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    checkpoint = work_folder(runs["broken"]) / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim = _rank_pid(agent.pid, 1)
+    assert checkpoint.exists() and victim is not None, "the run ended before a checkpoint and a kill"
+    os.kill(victim, signal.SIGKILL)
+    agent.communicate(timeout=120)
+    assert agent.returncode != 0 and not sae_folder(runs["broken"]).exists()
+
+    resumed = _train(cfgs["broken"], 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint at step" in resumed.stdout
+    unbroken = _train(cfgs["unbroken"], 2)
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+    a, b = (TopKSAE.load(sae_folder(run)).state_dict() for run in runs.values())
+    assert all(torch.equal(a[name], b[name]) for name in a)
