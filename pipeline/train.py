@@ -270,6 +270,27 @@ class TrainState:
         self.log_sums = torch.zeros(4, device=device)  # loss, fvu, nmse, aux since the last train row
         self.log_from = 0  # the step of the last train row
         self._elapsed, self._since = 0.0, time.time()
+        # Adam steps each weight matrix inside the backward, as soon as its gradient is whole, and
+        # frees that gradient: only one [n, d] gradient is alive at a time (at n 131072, d 768 the
+        # two together were most of a step's memory). Adam's update is per parameter, so this is
+        # the same arithmetic as one step after the backward. Not for schedule-free (one shared
+        # step count) nor with grad_clip (it needs every gradient first).
+        self.hooks = []
+        if tc.optimizer == "adam" and not tc.grad_clip:
+            self.hooks = [w.register_post_accumulate_grad_hook(self._step_in_backward)
+                          for w in (self.sae.W_dec, self.sae.W_enc)]
+
+    def _step_in_backward(self, w: torch.nn.Parameter):
+        dist.all_reduce_(w.grad)
+        if w is self.sae.W_dec:
+            self.sae.remove_parallel_grad()
+        others = [(q, q.grad) for q in self.sae.parameters() if q is not w]
+        for q, _ in others:  # the optimizer steps every parameter holding a gradient: just this one now
+            q.grad = None
+        self.opt.step()
+        for q, g in others:
+            q.grad = g
+        w.grad = None
 
     @property
     def elapsed(self) -> float:
@@ -422,9 +443,11 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
     loss.backward()
     if dist.rank_world()[1] > 1:
         # Each rank's loss is its rows' share of the batch's (global denominators, sae_loss):
-        # the sum of the ranks' gradients is the one-process gradient.
+        # the sum of the ranks' gradients is the one-process gradient. (The weight matrices
+        # stepped inside the backward were summed there; their gradients are gone.)
         for prm in sae.parameters():
-            dist.all_reduce_(prm.grad)
+            if prm.grad is not None:
+                dist.all_reduce_(prm.grad)
     sae.remove_parallel_grad()
     if tc.grad_clip:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), tc.grad_clip)

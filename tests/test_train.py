@@ -124,6 +124,31 @@ def test_sparse_training_step_matches_dense_autograd(monkeypatch, aux_dense_rati
         torch.testing.assert_close(ours[name], p.grad, msg=name)
 
 
+@pytest.mark.parametrize("aux_dense_ratio", [0, 1000], ids=["auxk-sparse", "auxk-dense"])
+def test_adam_inside_the_backward_is_the_step_after_it(monkeypatch, aux_dense_ratio):
+    # TrainState steps W_dec and W_enc from hooks as their gradients complete (and frees them);
+    # bit for bit the weights of one optimizer step after the whole backward, AuxK on.
+    from pipeline.config import TrainConfig
+    from pipeline.train import TrainState, train_step
+
+    monkeypatch.setattr(sae_module, "AUX_DENSE_RATIO", aux_dense_ratio)
+    tc = TrainConfig(n_latents=64, k=4, batch_size=40, lr=1e-2, k_aux=8, dormant_tokens=40, backend="torch")
+    states = [TrainState(tc, 16, torch.device("cpu")) for _ in range(2)]
+    assert len(states[0].hooks) == 2
+    states[1].sae.load_state_dict(states[0].sae.state_dict())
+    for h in states[1].hooks:  # the plain path: every gradient, then one step
+        h.remove()
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        x = torch.randn(40, 16, generator=g)
+        dormant = [train_step(s, x, 1e-2, tc) for s in states]
+        assert dormant[0] == dormant[1] and (step < 1 or dormant[0] > 0)
+        assert states[0].sae.W_dec.grad is None and states[0].sae.W_enc.grad is None
+    for (name, a), b in zip(states[0].sae.named_parameters(), states[1].sae.parameters()):
+        assert torch.equal(a, b), name
+    assert all(torch.equal(a, b) for a, b in zip(states[0].since_fired, states[1].since_fired))
+
+
 def test_decoder_constraint_and_scalar_folding():
     torch.manual_seed(0)
     sae = TopKSAE(8, 32, 3, backend="torch")
