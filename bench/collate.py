@@ -142,14 +142,11 @@ def plain_write(out: Path, recs, text, ctx: int, n: int):
         (out / f"{i}.json").write_text(_dumps(info))
 
 
-def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 def records_bench(args):
     """--records: collate's writer against the plain per-latent one, interleaved."""
     from pipeline import records
     from pipeline.config import load_config
+    from pipeline.fsio import tree_size
     from pipeline.paths import sae_dir
     from pipeline.sae import TopKSAE
     from pipeline.scan import scan
@@ -179,12 +176,12 @@ def records_bench(args):
             t = time.perf_counter()
             records.write_records(out, col, recs, text, cfg, meta)
             ours.append(n / (time.perf_counter() - t))
-            size["ours"] = _size(out)
+            size["ours"] = tree_size(out)
             shutil.rmtree(out)
             t = time.perf_counter()
             plain_write(tmp / f"plain{r}", recs, text, store.context_size, n_plain)
             plain.append(n_plain / (time.perf_counter() - t))
-            size["plain"] = _size(tmp / f"plain{r}") * n / n_plain
+            size["plain"] = tree_size(tmp / f"plain{r}") * n / n_plain
             shutil.rmtree(tmp / f"plain{r}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

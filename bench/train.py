@@ -137,18 +137,24 @@ def run_one(args, path, n, d, k) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def step_state(n: int, d: int, k: int, batch: int, device: torch.device):
+    """(TrainState, its TrainConfig, a batch) for timing pipeline.train.train_step itself: Adam, no dormant
+    latents (so no AuxK), the torch backend."""
+    from pipeline.config import TrainConfig
+    from pipeline.train import TrainState
+
+    tc = TrainConfig(n_latents=n, k=k, batch_size=batch, lr=1e-4, k_aux=1, dormant_tokens=10**12, backend="torch")
+    return TrainState(tc, d, device), tc, torch.randn(batch, d)
+
+
 def versus_floor(n: int, d: int, k: int, batch: int, rounds: int) -> dict:
     """ms of pipeline.train.train_step (the real step: forward, loss, backward, the configured optimizer,
     decoder constraint; no dormant latents, so no AuxK) against its floor, the encoder GEMM + top-k alone,
     timed interleaved in one process; medians of `rounds`."""
-    from pipeline.config import TrainConfig
     from pipeline.model import resolve_device
-    from pipeline.train import TrainState, train_step
+    from pipeline.train import train_step
 
-    dev = resolve_device("cpu")  # as train does: also the allocator setting
-    tc = TrainConfig(n_latents=n, k=k, batch_size=batch, lr=1e-4, k_aux=1, dormant_tokens=10**12, backend="torch")
-    state = TrainState(tc, d, dev)
-    x = torch.randn(batch, d)
+    state, tc, x = step_state(n, d, k, batch, resolve_device("cpu"))  # as train does: also the allocator setting
     W, b = state.sae.W_enc.detach().clone(), torch.zeros(n)
 
     def floor():
@@ -177,14 +183,11 @@ def step_memory(n: int, d: int, k: int, batch: int, whole: bool) -> dict:
     steps (weights, Adam's state, the batch), with the encoder top-k in the default blocks or (whole)
     from all of z at once. Linux's VmHWM is reset just before the step (clear_refs 5)."""
     from pipeline import kernels
-    from pipeline.config import TrainConfig
-    from pipeline.train import TrainState, train_step
+    from pipeline.train import train_step
 
     if whole:
         kernels.TOPK_BLOCK_BYTES = 1 << 62
-    tc = TrainConfig(n_latents=n, k=k, batch_size=batch, lr=1e-4, k_aux=1, dormant_tokens=10**12, backend="torch")
-    state = TrainState(tc, d, torch.device("cpu"))  # no resolve_device: glibc may hand freed memory back
-    x = torch.randn(batch, d)
+    state, tc, x = step_state(n, d, k, batch, torch.device("cpu"))  # no resolve_device: glibc may hand memory back
     train_step(state, x, 1e-4, tc)  # allocates Adam's state
     state.opt.zero_grad(set_to_none=True)
     base = rss_bytes()
@@ -217,14 +220,10 @@ def memory_table(n: int, d: int, k: int, batch: int):
 def blocked_vs_whole(n: int, d: int, k: int, batch: int, rounds: int, block_bytes: int) -> dict:
     """ms of train_step with z in blocks of block_bytes against z whole, interleaved; medians."""
     from pipeline import kernels
-    from pipeline.config import TrainConfig
     from pipeline.model import resolve_device
-    from pipeline.train import TrainState, train_step
+    from pipeline.train import train_step
 
-    dev = resolve_device("cpu")
-    tc = TrainConfig(n_latents=n, k=k, batch_size=batch, lr=1e-4, k_aux=1, dormant_tokens=10**12, backend="torch")
-    state = TrainState(tc, d, dev)
-    x = torch.randn(batch, d)
+    state, tc, x = step_state(n, d, k, batch, resolve_device("cpu"))
     times = {"whole": [], "blocked": []}
     for i in range(rounds + 2):
         for name, bytes_ in (("whole", 1 << 62), ("blocked", block_bytes)):

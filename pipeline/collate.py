@@ -39,7 +39,7 @@ import torch
 from pipeline import records, viewer
 from pipeline.config import CollateConfig, Config
 from pipeline.errors import UserError
-from pipeline.fsio import recover_swap, swap_dir, target_locks
+from pipeline.fsio import recover_swap, swap_dir, target_locks, tree_size
 from pipeline.model import resolve_device
 from pipeline.paths import records_dir, sae_dir
 from pipeline.sae import TopKSAE, saved_cfg, verify_saved
@@ -147,7 +147,7 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, sae
     shutil.rmtree(partial / "_scratch")
 
     records.write_done(partial, layer, hook, sae.n_latents, col.n_tokens, want)
-    size = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file())
+    size = tree_size(partial)
     swap_dir(partial, out)
     print(f"collate {layer}/{hook}: {summary['n_latents']} latents, {summary['dead']} dead (never fired), "
           f"{summary['ultra_rare']} ultra-rare (density < {cfg.ultra_rare_density:g}), "

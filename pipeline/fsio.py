@@ -172,3 +172,8 @@ def disk_error_message(e: OSError) -> str | None:
     where = f" writing {e.filename}" if e.filename else ""
     return (f"{why}{where}; free space or fix permissions (or choose another run_dir) and rerun the same command: "
             "finished results are intact and interrupted work resumes")
+
+
+def tree_size(folder) -> int:
+    """Bytes in the files under `folder` (what a stage reports it left on disk)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

@@ -438,7 +438,8 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
     n_dormant = int(dormant.sum())
     k_aux = min(tc.k_aux, n_dormant) if tc.aux_alpha > 0 else 0
     o = sae.forward_train(x, dormant, k_aux, matmul_dtype)
-    loss, fvu, aux, nmse = sae_loss(x, o, tc.aux_alpha)
+    rows = _global_rows(x)
+    loss, fvu, aux, nmse = sae_loss(x, o, tc.aux_alpha, rows)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if dist.rank_world()[1] > 1:
@@ -461,7 +462,7 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
         fires = torch.zeros_like(state.since_fired)
         fires.scatter_add_(0, o.idx.reshape(-1), (o.vals > 0).long().reshape(-1))
         dist.all_reduce_(fires)
-        state.since_fired = (state.since_fired + _global_rows(x)) * (fires == 0)
+        state.since_fired = (state.since_fired + rows) * (fires == 0)
         state.log_sums += dist.all_reduce_(torch.stack([loss, fvu, nmse, aux]).detach())
     state.step += 1
     return n_dormant
@@ -488,18 +489,19 @@ def _global_rows(x: torch.Tensor) -> int:
     return int(dist.all_reduce_(torch.tensor(x.shape[0], device=x.device)))
 
 
-def sae_loss(x: torch.Tensor, o, aux_alpha: float):
+def sae_loss(x: torch.Tensor, o, aux_alpha: float, rows: int | None = None):
     """(loss, fvu, aux, nmse): FVU + aux_alpha * AuxK, plus OpenAI's per-token normalised MSE for the log.
 
     Under torchrun x is this rank's rows of the batch: the denominators (the batch's variance, the
     residual's energy, its row count) are the whole batch's, so each rank's terms are its share of
-    the one-process values and they sum to them."""
+    the one-process values and they sum to them. `rows`: the whole batch's row count, when the
+    caller has it (_global_rows)."""
     e = x - o.x_hat
     with torch.no_grad():
+        n = rows or _global_rows(x)
         if dist.rank_world()[1] == 1:
-            n, var = x.shape[0], (x - x.mean(0)).pow(2).sum()
+            var = (x - x.mean(0)).pow(2).sum()
         else:
-            n = _global_rows(x)
             mean = dist.all_reduce_(x.sum(0)) / n
             var = dist.all_reduce_((x - mean).pow(2).sum())
     fvu = e.pow(2).sum() / var.clamp_min(1e-30)
