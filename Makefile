@@ -33,9 +33,9 @@ $(DEMO_DATA): pipeline/demo_corpus.py | setup
 harvest: setup $(DEMO_DATA)
 	$(BIN)/saepipe harvest $(CONFIG) $(LAYER_FLAG) $(ARGS)
 
-# Check the run's store: every chunk present and its checksum intact (RUN_DIR defaults to CONFIG's run_dir).
+# Check the run's store: every chunk present and its checksum intact (CONFIG's store, wherever it is, or RUN_DIR=...).
 verify: setup
-	$(BIN)/saepipe verify "$(or $(RUN_DIR),$$($(BIN)/python -c 'from pipeline.config import load_config; print(load_config("$(CONFIG)").run_dir)'))"
+	$(BIN)/saepipe verify "$(or $(RUN_DIR),$(CONFIG))"
 
 train: setup
 	$(BIN)/saepipe train $(CONFIG) $(LAYER_FLAG) $(ARGS)

@@ -44,7 +44,7 @@ from pipeline.model import resolve_device
 from pipeline.paths import records_dir, sae_dir
 from pipeline.sae import TopKSAE, saved_cfg, verify_saved
 from pipeline.scan import scan
-from pipeline.store import ActivationStore
+from pipeline.store import ActivationStore, Location
 from pipeline.windows import TokenText, cut_windows, pick, store_tokenizer
 
 
@@ -95,7 +95,7 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> I
     collate is refused now, not halfway."""
     c, run_dir = cfg.collate, cfg.run_path
     device = resolve_device(c.device, key="collate.device")
-    store = ActivationStore(run_dir)
+    store = ActivationStore(Location.of(cfg))
     pairs = cfg.targets("collate", layers)
     with target_locks(run_dir, "collate", pairs):
         targets = []

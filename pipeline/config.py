@@ -270,6 +270,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     collate: CollateConfig = field(default_factory=CollateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    store: str | None = setting(None, "where the activation store lives; null = `<run_dir>/activations.zarr`. Another "
+                                      "folder, or an fsspec URL: s3://bucket/prefix/acts.zarr, gs://..., memory://... "
+                                      "(progress logs, locks, SAEs and records stay in run_dir)")
+    store_options: dict | None = setting(None, "fsspec options for a URL store, e.g. {endpoint_url: "
+                                               "http://127.0.0.1:9000} for a local S3 server; keep credentials in "
+                                               "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir)
@@ -277,12 +284,30 @@ class Config:
     def validate(self, where):
         for section in (self.model, self.harvest, self.train, self.collate, self.eval):
             section.validate(where)
+        self._validate_store(where)
         for hook in self.harvest.hooks:
             if hook not in NAMED_HOOKS and not _is_module_path(hook):
                 raise ConfigError(
                     f"{where}: unknown hook {hook!r}; use one of {', '.join(NAMED_HOOKS)} "
                     "or a dotted module path inside the block (e.g. mlp.act)"
                 )
+
+    def _validate_store(self, where):
+        url = self.store
+        if url is None or "://" not in url:
+            if self.store_options:
+                raise ConfigError(f"{where}: store_options apply to a URL store only (store: s3://...); "
+                                  f"store is {url!r}: drop store_options or give store a URL")
+            return
+        protocol = url.split("://", 1)[0]
+        import fsspec  # only URL stores need it
+
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{where}: store = {url!r}: no filesystem for {protocol}:// ({why}); install its "
+                              "fsspec package (s3fs for s3://, gcsfs for gs://) or fix the URL") from None
 
     def targets(self, stage: str, layers: list[int] | None = None) -> list[tuple[int, str]]:
         """The (layer, hook) pairs a stage works on: `--layers` or the stage's own layers/hooks,
@@ -410,6 +435,8 @@ def _coerce(value, tp):
                 return False, None
             out.append(c)
         return True, out
+    if tp is dict or origin is dict:
+        return isinstance(value, dict), value
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:
@@ -438,6 +465,8 @@ def _type_name(tp) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
+    if tp is dict or typing.get_origin(tp) is dict:
+        return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 

@@ -53,7 +53,7 @@ from pipeline.model import (ActivationCapture, check_context_size, load_causal_l
                             resume_after_block, splice)
 from pipeline.paths import EVAL_FILE, sae_dir
 from pipeline.sae import LN_EPS, TopKSAE, saved_cfg, saved_marker
-from pipeline.store import ActivationStore, store_path
+from pipeline.store import ActivationStore, Location
 
 KEYS = ("ce_clean", "ce_spliced", "ce_zero", "delta_ce", "ce_recovered", "kl", "fvu", "l0", "dead_frac", "n_tokens")
 
@@ -135,8 +135,8 @@ def _window_shape(cfg: Config, sae_cfg: dict) -> tuple[int, bool, int]:
     """(context_size, prepend_bos, windows to skip): the store's, so eval windows are cut exactly
     as the harvested ones were and start where they stop."""
     attrs = {}
-    if (store_path(cfg.run_path) / "zarr.json").exists():
-        attrs = ActivationStore(cfg.run_path).attrs
+    if Location.of(cfg).exists():
+        attrs = ActivationStore(Location.of(cfg)).attrs
     context_size = attrs.get("context_size") or sae_cfg.get("context_size") or cfg.harvest.context_size
     prepend_bos = attrs.get("prepend_bos", sae_cfg.get("prepend_bos", cfg.harvest.prepend_bos))
     skip = attrs.get("n_sequences", cfg.harvest.n_tokens // cfg.harvest.context_size)

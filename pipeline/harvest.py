@@ -51,7 +51,7 @@ from pipeline.errors import UserError
 from pipeline.fsio import run_lock
 from pipeline.model import ActivationCapture, check_context_size, load_model, resolve_hook_points
 from pipeline.store import (REPAIR_HINT, ActivationStore, MetadataError, ProgressLog, chunk_exists, create_store,
-                            default_chunk_rows, n_chunks_of, set_complete, store_path, write_chunk)
+                            Location, default_chunk_rows, n_chunks_of, set_complete, write_chunk)
 from pipeline.writer import ChunkJob, ChunkWriter
 
 _FORCE_HINT = "`saepipe harvest CONFIG --force` (make harvest ARGS=--force)"
@@ -117,12 +117,12 @@ def run(cfg: Config, layers: list[int] | None = None, progress: bool = True,
     if world > 1 and (repair or force):
         raise UserError("--repair and --force rewrite arrays all ranks share: run them as one process, "
                         "not under torchrun")
-    run_dir = cfg.run_path
+    run_dir, where = cfg.run_path, Location.of(cfg)
     _check_writable(run_dir)
     targets = cfg.targets("harvest", layers)
     if _already_harvested(cfg, targets, run_fingerprint(cfg), quick=not (repair or force)):
         print(f"harvest: {', '.join(f'layer {l} {h}' for l, h in targets)} already harvested in "
-              f"{store_path(run_dir)}; nothing to do")
+              f"{where.path}; nothing to do")
         return {"harvested": []}
 
     model, tokenizer = load_model(cfg.model.name, cfg.model.revision, cfg.model.dtype, cfg.model.device)
@@ -139,7 +139,7 @@ def run(cfg: Config, layers: list[int] | None = None, progress: bool = True,
         p = plan(cfg, targets, model, tokens, prepend_bos, repair, force)
         for line in p.notes() if rank == 0 else []:
             print(line)
-        store = create_store(run_dir, _run_attrs(cfg, len(tokens), prepend_bos, p.fingerprint))
+        store = create_store(where, _run_attrs(cfg, len(tokens), prepend_bos, p.fingerprint))
         _write_tokens(store, p)
         todo = {a.key: (_prepare_array(store, cfg, p, a), a.chunks) for a in p.arrays if a.action != "skip"}
         if rank == 0:
@@ -152,11 +152,11 @@ def run(cfg: Config, layers: list[int] | None = None, progress: bool = True,
         dist.barrier()
         if not forward:
             what = f"rewrote {len(p.tokens_bad)} tokens chunks; the" if p.tokens_bad else "the"
-            print(f"harvest: {what} layers {sorted({l for l, _ in targets})} in {store_path(run_dir)} are "
+            print(f"harvest: {what} layers {sorted({l for l, _ in targets})} in {where.path} are "
                   f"complete{' and sound' if repair else ''}; nothing to do")
             return {"harvested": []}
         done = sorted(forward)
-        print(f"harvest: wrote {', '.join(f'layer {l} {h}' for l, h in done)} to {store_path(run_dir)}")
+        print(f"harvest: wrote {', '.join(f'layer {l} {h}' for l, h in done)} to {where.path}")
         return {"harvested": done, **stats}
 
 
@@ -167,7 +167,7 @@ def plan(cfg: Config, targets: list[tuple[int, str]], model, tokens: np.ndarray,
     arrays of other settings unless `force`. Call it under the run's lock."""
     hc = cfg.harvest
     fingerprint = run_fingerprint(cfg)
-    store = _existing_store(cfg.run_path)
+    store = _existing_store(Location.of(cfg))
     if store is not None:
         _check_same_run(store, len(tokens), prepend_bos, fingerprint)
     d_models = _probe_widths(model, targets, tokens)
@@ -285,7 +285,7 @@ def _already_harvested(cfg: Config, targets, fingerprint: dict, quick: bool) -> 
     """Refuse a store made with other run-wide settings, before the model loads. Then, when
     `quick`: True when every target array is complete, made with these settings and all its
     chunks are present (one stat each; `saepipe verify` checks their contents too)."""
-    store = _existing_store(cfg.run_path)
+    store = _existing_store(Location.of(cfg))
     if store is None:
         return False
     _compare_run(store, fingerprint)
@@ -310,12 +310,12 @@ def _already_harvested(cfg: Config, targets, fingerprint: dict, quick: bool) -> 
     return True
 
 
-def _existing_store(run_dir: Path) -> ActivationStore | None:
+def _existing_store(where: Location) -> ActivationStore | None:
     """The run's store opened for reading; None when there is none yet (or a kill came before
     its attributes were written: create_store writes them then)."""
-    if not (store_path(run_dir) / "zarr.json").exists():
+    if not where.exists():
         return None
-    store = ActivationStore(run_dir)
+    store = ActivationStore(where)
     return store if store.attrs.get("context_size") else None
 
 

@@ -1,4 +1,5 @@
-"""The activation store: `<run_dir>/activations.zarr`, a Zarr v3 group.
+"""The activation store: `<run_dir>/activations.zarr` (or the config's `store`:
+another folder, or any fsspec URL such as s3://bucket/prefix), a Zarr v3 group.
 
     tokens                 int32 [n_sequences, context_size], written once
     layers/<L>/<hook>      [n_sequences * context_size, d_model], chunked along rows
@@ -23,11 +24,18 @@ Integrity guarantees:
   and fsyncs the log. A chunk lost or torn by a kill or a power cut is
   therefore never counted as done, and the array attribute `complete` (its
   zarr.json fsynced) is set only once every chunk is logged.
+- On an object store (`Location.remote`) the same checks read through zarr's
+  FsspecStore: the checksum is of the object's bytes, and a read-only store
+  finds a missing chunk from the GET itself (no HEAD before it).
+  There is nothing to fsync: an object PUT is whole and durable once the call
+  returns, so a chunk is logged after its PUT. Progress logs and locks stay
+  in the (local) run_dir.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import google_crc32c
@@ -37,7 +45,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from pipeline import dtypes
 from pipeline.errors import UserError
@@ -49,6 +57,79 @@ REPAIR_HINT = "rewrite the bad chunks with `saepipe harvest CONFIG --repair` (CO
 
 def store_path(run_dir) -> Path:
     return Path(run_dir) / STORE_NAME
+
+
+def is_url(where) -> bool:
+    """An fsspec URL (s3://, gs://, memory://, file://), as against a local path."""
+    return "://" in str(where)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a run's store lives: the run_dir (progress logs, locks) is always local; the
+    store is `<run_dir>/activations.zarr` unless `url` names another folder or an fsspec URL."""
+    run_dir: Path
+    url: str | None = None
+    options: dict = field(default_factory=dict)  # fsspec options of a URL (endpoint_url, anon, ...)
+
+    @classmethod
+    def of(cls, cfg) -> "Location":
+        """The location a Config names (`store`, `store_options`)."""
+        return cls(Path(cfg.run_dir), cfg.store, dict(cfg.store_options or {}))
+
+    @property
+    def remote(self) -> bool:
+        return self.url is not None and is_url(self.url)
+
+    @property
+    def path(self) -> Path | str:
+        """What messages call the store: its folder, or its URL."""
+        if self.remote:
+            return self.url.rstrip("/")
+        return Path(self.url) if self.url else store_path(self.run_dir)
+
+    def zarr_store(self, read_only: bool):
+        if not self.remote:
+            return str(self.path)
+        # Listings are not cached: a cached listing would call a chunk written since "missing".
+        options = {"use_listings_cache": False, **self.options}
+        store = FsspecStore.from_url(self.path, storage_options=options, read_only=read_only)
+        return _MissingChunksRaise(store) if read_only else store
+
+    def exists(self) -> bool:
+        """Whether the store's group metadata is there (a store to open, not create)."""
+        if not self.remote:
+            return (self.path / "zarr.json").exists()
+        try:
+            return sync(self.zarr_store(read_only=True).exists("zarr.json"))
+        except Exception as e:  # noqa: BLE001 - no such bucket, refused connection, bad credentials
+            raise self.unreachable(e) from None
+
+    def unreachable(self, e: Exception) -> UserError:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return UserError(f"cannot reach the store {self.path} ({type(e).__name__}: {why}); check the URL, "
+                         "store_options (e.g. endpoint_url) and the credentials in the environment")
+
+
+class MissingChunk(KeyError):
+    pass
+
+
+class _MissingChunksRaise(WrapperStore):
+    """A read-only remote store on which reading a chunk that is not there raises, where zarr
+    alone would hand back fill values: presence is then checked by the GET itself, not by a
+    HEAD before it (one request a chunk instead of two)."""
+
+    async def get(self, key, prototype, byte_range=None):
+        buf = await self._store.get(key, prototype, byte_range)
+        if buf is None and "/c/" in f"/{key}" and not key.endswith("zarr.json"):
+            raise MissingChunk(key)
+        return buf
+
+
+def locate(where) -> Location:
+    """A Location from itself or from a run_dir (the store at its default place)."""
+    return where if isinstance(where, Location) else Location(Path(where))
 
 
 def array_name(layer: int, hook: str) -> str:
@@ -100,9 +181,10 @@ def chunk_file(arr: zarr.Array, c: int) -> Path | None:
     return Path(store.root) / chunk_key(arr, c) if isinstance(store, LocalStore) else None
 
 
-def chunk_location(arr: zarr.Array, c: int) -> str:
+def chunk_location(arr: zarr.Array, c: int, root: Path | str | None = None) -> str:
+    """The chunk's file, or its key under `root` (the store's URL) on other stores."""
     path = chunk_file(arr, c)
-    return str(path) if path is not None else f"{arr.store_path.store}/{chunk_key(arr, c)}"
+    return str(path) if path is not None else f"{root or arr.store_path.store}/{chunk_key(arr, c)}"
 
 
 def has_crc(arr: zarr.Array) -> bool:
@@ -125,7 +207,10 @@ def read_raw_chunk(arr: zarr.Array, c: int) -> bytes | None:
             return path.read_bytes()
         except FileNotFoundError:
             return None
-    buf = sync(arr.store_path.store.get(chunk_key(arr, c), prototype=default_buffer_prototype()))
+    try:
+        buf = sync(arr.store_path.store.get(chunk_key(arr, c), prototype=default_buffer_prototype()))
+    except MissingChunk:
+        return None
     return None if buf is None else buf.to_bytes()
 
 
@@ -203,10 +288,16 @@ class ChunkError(UserError):
     """A chunk that is missing or corrupt: the store is damaged."""
 
     def __init__(self, store_dir: Path, arr: zarr.Array, c: int, problem: str):
+        where = chunk_location(arr, c, store_dir)
         super().__init__(
-            f"{store_dir}: array {arr.store_path.path} chunk {c} is {problem} ({chunk_location(arr, c)}); "
-            f"{REPAIR_HINT}, and check the whole store with `saepipe verify {store_dir.parent}`"
+            f"{store_dir}: array {arr.store_path.path} chunk {c} is {problem} ({where}); "
+            f"{REPAIR_HINT}, and check the whole store with `saepipe verify {_verify_arg(store_dir)}`"
         )
+
+
+def _verify_arg(store_dir) -> str:
+    """What `saepipe verify` takes for this store: its run_dir, or (a store elsewhere) the config."""
+    return str(store_dir.parent) if isinstance(store_dir, Path) and store_dir.name == STORE_NAME else "CONFIG"
 
 
 class MetadataError(UserError):
@@ -214,7 +305,7 @@ class MetadataError(UserError):
 
     def __init__(self, store_dir: Path, name: str, err: Exception):
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
-        super().__init__(f"{store_dir}: the metadata of {name} ({store_dir / name / 'zarr.json'}) cannot be read "
+        super().__init__(f"{store_dir}: the metadata of {name} ({store_dir}/{name}/zarr.json) cannot be read "
                          f"({why}); {REPAIR_HINT}")
 
 
@@ -261,14 +352,21 @@ class ProgressLog:
 class ActivationStore:
     """Read access to a harvested run (and the small write helpers harvest uses)."""
 
-    def __init__(self, run_dir, mode: str = "r"):
-        self.run_dir = Path(run_dir)
-        self.path = store_path(run_dir)
-        if mode == "r" and not (self.path / "zarr.json").exists():
+    def __init__(self, where, mode: str = "r"):
+        """`where`: a run_dir (the store in it) or a Location."""
+        self.location = locate(where)
+        self.run_dir = self.location.run_dir
+        self.path = self.location.path
+        # Read-only, the arrays are opened once: on an object store every open is a request.
+        self._nodes: dict[str, zarr.Array | None] | None = {} if mode == "r" else None
+        if mode == "r" and not self.location.exists():
             raise UserError(f"no activation store at {self.path}; run `make harvest` first")
         try:
-            self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
+            self.group = zarr.open_group(self.location.zarr_store(read_only=mode == "r"),
+                                         mode="r" if mode == "r" else "a")
         except Exception as e:  # noqa: BLE001 - a damaged zarr.json, whatever the parser says
+            if self.location.remote and not isinstance(e, (ValueError, KeyError)):
+                raise self.location.unreachable(e) from None
             raise UserError(f"{self.path}/zarr.json cannot be read ({str(e).splitlines()[0] if str(e) else e!r}); "
                             "the run's store is damaged beyond chunk repair: harvest into a new run_dir") from None
 
@@ -283,10 +381,25 @@ class ActivationStore:
 
     def node(self, name: str) -> zarr.Array | None:
         """The array at `name`, None when there is none; MetadataError when its zarr.json is damaged."""
+        if self._nodes is not None and name in self._nodes:
+            return self._nodes[name]
         try:
-            return self.group[name] if name in self.group else None
+            node = self.group[name] if name in self.group else None
         except Exception as e:  # noqa: BLE001 - a damaged zarr.json, whatever the parser says
             raise MetadataError(self.path, name, e) from None
+        if self._nodes is not None:
+            self._nodes[name] = node
+        return node
+
+    def list_dir(self, prefix: str) -> list[str]:
+        """The names one level below `prefix` in the store (folders and files alike), [] when none."""
+        async def names():
+            return [n async for n in self.group.store.list_dir(prefix)]
+
+        try:
+            return sync(names())
+        except FileNotFoundError:
+            return []
 
     def has_tokens(self) -> bool:
         arr = self.node("tokens")
@@ -363,9 +476,10 @@ class ActivationStore:
         rows, n = arr.chunks[0], arr.shape[0]
         start, stop = max(0, start), min(stop, n)
         chunks = range(start // rows, -(-stop // rows)) if stop > start else range(0)
-        for c in chunks:
-            if not chunk_exists(arr, c):
-                raise ChunkError(self.path, arr, c, "missing")
+        if not isinstance(arr.store_path.store, _MissingChunksRaise):  # (there, the read itself says)
+            for c in chunks:
+                if not chunk_exists(arr, c):
+                    raise ChunkError(self.path, arr, c, "missing")
         try:
             return arr[start:stop]
         except Exception:
@@ -432,18 +546,25 @@ def write_chunk(arr: zarr.Array, c: int, data: np.ndarray) -> None:
     sync_chunk(arr, c)
 
 
-def create_store(run_dir, attrs: dict) -> ActivationStore:
-    """Open (creating if needed) the store group for writing, with group attributes."""
-    path = store_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(path), mode="a")
-    if not group.attrs.get("context_size"):
-        group.attrs.update(attrs)
-        sync_node(group)
-    return ActivationStore(run_dir, mode="a")
+def create_store(where, attrs: dict) -> ActivationStore:
+    """Open (creating if needed) the store group for writing, with group attributes.
+    `where`: a run_dir (the store in it) or a Location."""
+    loc = locate(where)
+    if not loc.remote:
+        loc.path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        group = zarr.open_group(loc.zarr_store(read_only=False), mode="a")
+        if not group.attrs.get("context_size"):
+            group.attrs.update(attrs)
+            sync_node(group)
+    except Exception as e:  # noqa: BLE001 - no such bucket, refused connection, bad credentials
+        if not loc.remote or isinstance(e, UserError):
+            raise
+        raise loc.unreachable(e) from None
+    return ActivationStore(loc, mode="a")
 
 
-def write_synthetic(run_dir, acts: torch.Tensor, tokens: np.ndarray, layer: int = 0, hook: str = "resid_post",
+def write_synthetic(where, acts: torch.Tensor, tokens: np.ndarray, layer: int = 0, hook: str = "resid_post",
                     storage_dtype: str = "float32", chunk_rows: int | None = None, codec: str = "lz4",
                     attrs: dict | None = None) -> ActivationStore:
     """A complete store from in-memory arrays, for tests and benchmarks (progress logged as harvest does).
@@ -455,7 +576,8 @@ def write_synthetic(run_dir, acts: torch.Tensor, tokens: np.ndarray, layer: int 
     base = {"model": "synthetic", "revision": "none", "context_size": ctx, "n_sequences": n_seq,
             "n_tokens": n_seq * ctx, "prepend_bos": False, "dataset": {"path": "synthetic"},
             "tokenizer": "synthetic"}
-    store = create_store(run_dir, {**base, **(attrs or {})})
+    store = create_store(where, {**base, **(attrs or {})})
+    run_dir = store.run_dir
     chunk_rows = chunk_rows or default_chunk_rows(acts.shape[1], dtypes.itemsize(storage_dtype), ctx)
     tok = store.create_tokens(n_seq, chunk_rows // ctx)
     tok[:] = tokens.astype(np.int32)

@@ -60,7 +60,7 @@ from pipeline.loader import (CACHE_BYTES, BatchLoader, Cursor, RowFilter, count_
 from pipeline.model import resolve_device
 from pipeline.paths import DONE, sae_dir
 from pipeline.sae import TopKSAE, saved_cfg
-from pipeline.store import ActivationStore
+from pipeline.store import ActivationStore, Location
 
 CHECKPOINT = "checkpoint.pt"
 # A finished SAE folder holds exactly these (DONE written last, by TopKSAE.save).
@@ -108,7 +108,7 @@ def partial_dir(out: Path) -> Path:
 # --------------------------------------------------------------------------- plan and run
 def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> list[Plan]:
     """Every SAE to train, planned and checked before any is trained."""
-    store = ActivationStore(cfg.run_dir)
+    store = ActivationStore(Location.of(cfg))
     return [plan_sae(cfg, store, layer, hook, force) for layer, hook in cfg.targets("train", layers)]
 
 

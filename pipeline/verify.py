@@ -98,10 +98,12 @@ class Report:
         return None
 
 
-def plan(run_dir) -> Plan:
-    store = ActivationStore(run_dir)
+def plan(where) -> Plan:
+    """`where`: a run_dir, or a Location (a store elsewhere, e.g. on S3)."""
+    store = ActivationStore(where)
+    run_dir = store.run_dir
     checks = []
-    for name in _array_names(store, Path(run_dir)):
+    for name in _array_names(store, run_dir):
         try:
             arr = store.node(name)
         except MetadataError:
@@ -121,14 +123,14 @@ def plan(run_dir) -> Plan:
     return Plan(store, checks, _sae_folders(run_dir))
 
 
-def run(run_dir, threads: int = 4) -> Report:
-    p = plan(run_dir)
+def run(where, threads: int = 4) -> Report:
+    p = plan(where)
     return Report(p.store, _check_arrays(p.arrays, threads), [(f, verify_saved(f)) for f in p.saes])
 
 
 def _array_names(store: ActivationStore, run_dir: Path) -> list[str]:
-    """Every array the store should hold: what zarr lists, the folders on disk and the progress
-    logs, so an array whose zarr.json is lost or damaged is still seen."""
+    """Every array the store should hold: what zarr lists, the store's folders (or prefixes) and
+    the progress logs, so an array whose zarr.json is lost or damaged is still seen."""
     names = set()
     try:
         with warnings.catch_warnings():  # zarr warns about a folder without zarr.json: reported below
@@ -136,15 +138,13 @@ def _array_names(store: ActivationStore, run_dir: Path) -> list[str]:
             names |= {array_name(layer, hook) for layer, hook in store.entries(complete_only=False)}
     except Exception:  # noqa: BLE001 - a damaged zarr.json below; the listings below still name it
         pass
-    layers_dir = store.path / "layers"
-    if layers_dir.is_dir():
-        names |= {f"layers/{d.name}/{h.name}" for d in layers_dir.iterdir() if d.is_dir() and d.name.isdigit()
-                  for h in d.iterdir() if h.is_dir()}
+    names |= {f"layers/{layer}/{hook}" for layer in store.list_dir("layers") if layer.isdigit()
+              for hook in store.list_dir(f"layers/{layer}") if hook != "zarr.json"}
     for log in (run_dir / "progress").glob("*.rank*.log"):
         layer, _, hook = log.name.rsplit(".rank", 1)[0].partition(".")
         if layer.isdigit():
             names.add(array_name(int(layer), hook))
-    if names or (store.path / "tokens").is_dir() or _has_node(store, "tokens"):
+    if names or "tokens" in store.list_dir("") or _has_node(store, "tokens"):
         names.add("tokens")
     layers = sorted((int(n.split("/")[1]), n) for n in names if n != "tokens")
     return (["tokens"] if "tokens" in names else []) + [n for _, n in layers]

@@ -108,19 +108,30 @@ def harvest(config, layers, overrides, repair, force):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run", metavar="RUN_DIR|CONFIG", type=click.Path())
+@_SET
 @click.option("--threads", default=4, show_default=True, type=click.IntRange(1, 64),
               help="Chunk files read at once.")
 @_user_errors
-def verify(run_dir, threads):
-    """Check every chunk of <run_dir>/activations.zarr: present, checksum intact, logged as written.
+def verify(run, overrides, threads):
+    """Check every chunk of a run's store: present, checksum intact, logged as written.
 
-    Exit 0 when the store is sound; 2 with one line naming the bad arrays and
-    chunks, which `saepipe harvest CONFIG --repair` rewrites.
+    RUN_DIR checks <run_dir>/activations.zarr; a CONFIG (a .yaml file) checks the
+    store it names, wherever it lives (`store: s3://...`). Exit 0 when the store
+    is sound; 2 with one line naming the bad arrays and chunks, which `saepipe
+    harvest CONFIG --repair` rewrites.
     """
+    from pathlib import Path
+
     from stages import verify as stage
 
-    stage.run(run_dir, threads)
+    if Path(run).is_file():
+        from pipeline.store import Location
+
+        run = Location.of(_load(run, overrides))
+    elif overrides:
+        raise click.UsageError("--set needs a CONFIG, not a RUN_DIR")
+    stage.run(run, threads)
 
 
 @main.command()

@@ -1,4 +1,4 @@
-"""`saepipe verify RUN_DIR`: check every chunk of a run's activation store
+"""`saepipe verify RUN_DIR|CONFIG`: check every chunk of a run's activation store
 (present, checksum intact, logged as written) and every trained SAE (weights
 match the sha256 of their `done` marker); print one line per array and SAE.
 
@@ -15,9 +15,10 @@ from pipeline import verify
 from pipeline.errors import UserError
 
 
-def run(run_dir, threads: int = 4) -> verify.Report:
+def run(where, threads: int = 4) -> verify.Report:
+    """`where`: a run_dir, or a pipeline.store.Location (a config's store)."""
     t0 = time.perf_counter()
-    report = verify.run(run_dir, threads)
+    report = verify.run(where, threads)
     for line in report.lines():
         print(line)
     problem = report.problem()

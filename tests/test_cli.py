@@ -13,7 +13,8 @@ from stages.cli import main
     (lambda t: ["train", str(t / "none.yaml"), "--bogus"], "No such option '--bogus'"),
     (lambda t: ["export", str(t), "--format", "onnx", "--out", str(t / "x")], "'onnx' is not one of"),
     (lambda t: ["export", str(t), "--format", "saelens", "--out", str(t / "file.txt")], "is a file"),
-    (lambda t: ["verify", str(t / "file.txt")], "is a file"),
+    (lambda t: ["verify", str(t / "file.txt")], "expected a mapping of sections"),  # a file: read as a CONFIG
+    (lambda t: ["verify", str(t), "--set", "a=1"], "--set needs a CONFIG"),
     (lambda t: ["nosuch"], "No such command 'nosuch'"),
 ])
 def test_click_errors_are_one_line(tmp_path, args, needle):
