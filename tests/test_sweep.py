@@ -1,0 +1,210 @@
+"""train.sweep: several SAEs of one (layer, hook) from one pass over the batches. Each member must be
+bit for bit the SAE a plain run of its overrides makes, read the store no more than one plain run,
+resume exactly when a kill leaves its members at different steps, and reach collate, eval and steer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import train as trainer
+from pipeline.config import config_from_dict
+from pipeline.paths import records_dir, sae_dir
+from pipeline.sae import TopKSAE, saved_marker
+from pipeline.store import ActivationStore
+from stages import train as stage
+from test_train import cli, config, random_store, snapshot, write_config
+
+# The plain config, a named member, and one whose name is derived; the third also takes another
+# init sample (the first rows of the shared one) and another input normalisation.
+SWEEP = [{}, {"k": 4, "name": "narrow"}, {"n_latents": 64, "k": 4, "init_sample": 1000, "normalize": "scalar"}]
+FOLDERS = ["resid_post", "resid_post@narrow", "resid_post@n_latents64_k4_init_sample1000_normalizescalar"]
+TIMING = {"train_seconds", "tokens_per_s", "elapsed_s"}
+
+
+def store(run_dir):
+    # 16 chunks of 512 rows, one held out: the 50-step budget is 1.7 epochs, so the loader keeps
+    # the rows it read (each chunk read once: read counts are exact, not a race with prefetching)
+    random_store(run_dir, n_rows=8 * 1024)
+
+
+def raw_config(run_dir, **train) -> dict:
+    return config(run_dir, **{"n_tokens": 256 * 50, "dormant_tokens": 1024, **train})
+
+
+def counting_reads(monkeypatch) -> Counter:
+    """Every chunk read from the store, by (layer, hook, chunk)."""
+    reads, read_chunk = Counter(), ActivationStore.read_chunk
+
+    def counted(self, layer, hook, chunk, *args, **kwargs):
+        reads[(layer, hook, chunk)] += 1
+        return read_chunk(self, layer, hook, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(ActivationStore, "read_chunk", counted)
+    return reads
+
+
+def without(row: dict, keys=TIMING) -> dict:
+    return {k: v for k, v in row.items() if k not in keys}
+
+
+def result(folder: Path) -> tuple:
+    """What a member must share with its plain run: weights, cfg.json and metrics but their timings."""
+    cfg = without(json.loads((folder / "cfg.json").read_text()))
+    rows = [without(json.loads(line)) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return (folder / "sae.safetensors").read_bytes(), cfg, rows
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory):
+    """Each member trained alone, as the plain config with its overrides; and the reads of one of them."""
+    out, reads = [], None
+    with pytest.MonkeyPatch.context() as mp:
+        for i, member in enumerate(SWEEP):
+            run_dir = tmp_path_factory.mktemp(f"plain{i}")
+            store(run_dir)
+            counted = counting_reads(mp) if i == 0 else None
+            stage.run(config_from_dict(raw_config(run_dir, **without(member, {"name"}))), progress=False)
+            if i == 0:
+                reads = dict(counted)
+                mp.undo()
+            out.append(result(sae_dir(run_dir, 1, "resid_post")))
+    return out, reads
+
+
+def test_a_sweep_of_three_is_three_plain_runs_bit_for_bit_from_one_read_of_each_chunk(tmp_path, monkeypatch,
+                                                                                      plain_runs):
+    refs, plain_reads = plain_runs
+    store(tmp_path / "run")
+    reads = counting_reads(monkeypatch)
+    done = stage.run(config_from_dict(raw_config(tmp_path / "run", sweep=SWEEP)), progress=False)
+    monkeypatch.undo()
+
+    assert set(done) == {(1, "resid_post"), (1, "resid_post", "narrow"),
+                         (1, "resid_post", FOLDERS[2].split("@")[1])}
+    saes = Path(tmp_path / "run" / "saes" / "1")
+    assert sorted(p.name for p in saes.iterdir()) == sorted(FOLDERS)  # no work folder left
+    for folder, ref in zip(FOLDERS, refs):
+        got = result(saes / folder)
+        assert got[0] == ref[0], f"{folder}: weights differ from its plain run"
+        assert got[1] == ref[1], folder
+        assert got[2] == ref[2], folder
+    assert json.loads((saes / FOLDERS[2] / "cfg.json").read_text())["input_scale"] != 1.0  # scalar: its own init
+
+    # One plain run reads each chunk: once for the NaN/Inf count, the init sample's chunks, the
+    # held-out chunk for eval, each training chunk once (then kept). The sweep reads exactly that.
+    assert reads == plain_reads
+    assert max(plain_reads.values()) <= 3 and sum(plain_reads.values()) == 16 + 15 + 1 + 15
+
+
+def test_members_at_different_steps_after_a_kill_resume_to_the_unbroken_sweep(tmp_path, monkeypatch, plain_runs):
+    refs, _ = plain_runs
+    store(tmp_path / "run")
+    cfg = config_from_dict(raw_config(tmp_path / "run", sweep=SWEEP))
+    work = [sae_dir(tmp_path / "run", 1, "resid_post", m).with_name(f + ".partial")
+            for m, f in zip([None, "narrow", FOLDERS[2].split("@")[1]], FOLDERS)]
+
+    # Keep the third member's checkpoint of step 20; finish the first member, then die while
+    # finishing the second: the second is left at its step-40 checkpoint, the first is done.
+    save, finish, kept = trainer._save_checkpoint, trainer._finish, tmp_path / "step20.pt"
+
+    def saving(path, fingerprint, state):
+        save(path, fingerprint, state)
+        if path.parent == work[2] and state.step == 20:
+            shutil.copy(path, kept)
+
+    class Killed(Exception):
+        pass
+
+    def finishing(p, state, x_eval):
+        if p.member == "narrow":
+            raise Killed
+        return finish(p, state, x_eval)
+
+    monkeypatch.setattr(trainer, "_save_checkpoint", saving)
+    monkeypatch.setattr(trainer, "_finish", finishing)
+    with pytest.raises(Killed):
+        stage.run(cfg, progress=False)
+    monkeypatch.undo()
+    shutil.copy(kept, work[2] / "checkpoint.pt")  # as if the kill came before its step-40 save
+    assert (sae_dir(tmp_path / "run", 1, "resid_post") / "done").exists()
+    steps = [torch.load(w / "checkpoint.pt", weights_only=True)["state"]["step"] for w in work[1:]]
+    assert steps == [40, 20]
+
+    resumed = []
+    monkeypatch.setattr(trainer, "_announce", lambda p, step, n: resumed.append((p.member, step)))
+    stage.run(cfg, progress=False)
+    assert resumed == [("narrow", 40), (FOLDERS[2].split("@")[1], 20)]  # the finished member is skipped
+    saes = Path(tmp_path / "run" / "saes" / "1")
+    for folder, ref in zip(FOLDERS, refs):
+        assert result(saes / folder) == ref, folder
+    assert sorted(p.name for p in saes.iterdir()) == sorted(FOLDERS)
+
+
+def test_force_retrains_every_member_and_a_rerun_skips_them(tmp_path):
+    store(tmp_path / "run")
+    cfg = write_config(tmp_path / "c.yaml", raw_config(tmp_path / "run", n_tokens=256 * 5, sweep=[{}, {"k": 4}]))
+    assert cli("train", cfg)[0] == 0
+    before = snapshot(tmp_path / "run")
+    code, out = cli("train", cfg)
+    assert code == 0 and out.count("already trained") == 2 and snapshot(tmp_path / "run") == before
+    code, out = cli("train", cfg, "--force")
+    assert code == 0 and "already trained" not in out and snapshot(tmp_path / "run") != before
+
+
+def test_a_member_and_a_plain_train_of_its_folder_refuse_each_other(tmp_path):
+    from pipeline import fsio
+
+    store(tmp_path / "run")
+    raw = raw_config(tmp_path / "run", n_tokens=256 * 5, sweep=[{}, {"k": 4}])
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    plain = write_config(tmp_path / "plain.yaml", raw_config(tmp_path / "run", n_tokens=256 * 5))
+    other = write_config(tmp_path / "other.yaml", raw_config(tmp_path / "run", n_tokens=256 * 5, sweep=[{"k": 2}]))
+    # A plain train holds the plain folder's lock: the sweep (whose {} member is that folder) is refused.
+    with fsio.target_locks(tmp_path / "run", "train", [(1, "resid_post")]):
+        code, out = cli("train", cfg)
+        assert code == 2 and out.count("\n") == 1 and "another `saepipe train` is working on layer 1 hook " \
+            "resid_post of" in out, out
+        assert cli("train", other)[0] == 0  # another member's folder is not locked
+    # A sweep holds each member's own lock: a second train of that member is refused, the plain folder is free.
+    with fsio.target_locks(tmp_path / "run", "train", [(1, "resid_post", "k4")]):
+        code, out = cli("train", cfg)
+        assert code == 2 and out.count("\n") == 1 and "working on layer 1 hook resid_post@k4 of" in out, out
+        assert cli("train", plain)[0] == 0
+    assert not sae_dir(tmp_path / "run", 1, "resid_post", "k4").exists()
+    assert (sae_dir(tmp_path / "run", 1, "resid_post", "k2") / "done").exists()
+
+
+# --------------------------------------------------------------------------- bad input
+BAD = {
+    "batch size": ([{"k": 4, "batch_size": 128}], "train.sweep[0] overrides train.batch_size, which every SAE of "
+                                                   "a sweep shares"),
+    "seed": ([{}, {"seed": 3}], "train.sweep[1] overrides train.seed"),
+    "logistics": ([{"checkpoint_every": 5}], "train.sweep[0] overrides train.checkpoint_every"),
+    "unknown key": ([{"kk": 4}], "unknown key 'kk' in train.sweep[0]"),
+    "repeated name": ([{"k": 4}, {"k": 4}], "train.sweep[1] and train.sweep[0] are both name 'k4'"),
+    "repeated plain": ([{}, {"name": "x"}, {}], "train.sweep[2] and train.sweep[0] are both the plain config"),
+    "nested": ([{"sweep": [{}]}], "train.sweep[0] holds a sweep of its own"),
+    "bad value": ([{"k": 0}], "train.sweep[0]: train.k = 0 must be > 0"),
+    "bad type": ([{"k": "many"}], "train.sweep[0].k = 'many' should be an integer"),
+    "bad name": ([{"name": "../x"}], "train.sweep[0].name = '../x': use letters, digits"),
+    "empty": ([], "train.sweep is empty"),
+    "k above the width": ([{}, {"k": 20, "n_latents": 16}], "layer 1 resid_post@k20_n_latents16: train.k = 20 "
+                                                            "exceeds train.n_latents = 16"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_sweeps_are_one_line_and_write_nothing(tmp_path, case):
+    sweep, message = BAD[case]
+    store(tmp_path / "run")
+    cfg = write_config(tmp_path / "c.yaml", raw_config(tmp_path / "run", sweep=sweep))
+    before = snapshot(tmp_path / "run")
+    code, out = cli("train", cfg)
+    assert code == 2 and out.count("\n") == 1 and out.startswith("saepipe: error: ") and message in out, out
+    assert snapshot(tmp_path / "run") == before
