@@ -363,6 +363,12 @@ class Config:
         hooks = next(s.hooks for s in (getattr(self, n) for n in chain) if s.hooks)
         return [(layer, hook) for layer in dict.fromkeys(layers) for hook in dict.fromkeys(hooks)]
 
+    def sae_targets(self, stage: str, layers: list[int] | None = None) -> list[tuple[int, str, str | None]]:
+        """Every SAE a stage after train works on: (layer, hook, member) for each of targets() and each
+        member of train.sweep (member None: the plain folder; the only one without a sweep)."""
+        names = [name for name, _ in self.train.members()]
+        return [(layer, hook, name) for layer, hook in self.targets(stage, layers) for name in names]
+
 
 # Where a stage without its own layers/hooks takes them from (harvest always has both).
 _FALLBACK = {"harvest": ("harvest",), "train": ("train", "harvest"), "collate": ("collate", "train", "harvest"),

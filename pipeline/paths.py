@@ -39,6 +39,12 @@ def leaf(hook: str, member: str | None = None) -> str:
     return hook if member is None else f"{hook}{MEMBER_MARK}{member}"
 
 
+def member_folder(plain, member: str | None) -> Path:
+    """A sweep member's folder beside the plain one (`saes/3/resid_post` -> `saes/3/resid_post@k64`)."""
+    plain = Path(plain)
+    return plain if member is None else plain.with_name(leaf(plain.name, member))
+
+
 def split_leaf(name: str) -> tuple[str, str | None]:
     """leaf()'s inverse: (hook, member or None)."""
     hook, mark, member = name.partition(MEMBER_MARK)

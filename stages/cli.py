@@ -132,8 +132,9 @@ def verify(run_dir, threads):
 def train(config, layers, overrides, force):
     """Train one TopK SAE per harvested (layer, hook) into <run_dir>/saes/<L>/<hook>/.
 
-    An interrupted run resumes from its last checkpoint; finished SAEs are
-    skipped unless --force.
+    With train.sweep, one SAE per member from one pass over the batches, a named
+    member's in <hook>@<name>/. An interrupted run resumes from its last
+    checkpoint; finished SAEs are skipped unless --force.
     """
     from pipeline.config import parse_layers
     from stages import train as stage
@@ -171,9 +172,11 @@ def collate(config, layers, overrides, force):
 @click.option("--prompt", required=True, help="The text to continue.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096),
               help="Tokens generated per continuation (greedy).")
+@click.option("--member", default=None, metavar="NAME",
+              help="The train.sweep member whose SAE steers; default: the plain one (the sweep's {} entry).")
 @_SET
 @_user_errors
-def steer(config, layer, hook, latent, strengths, prompt, max_new_tokens, overrides):
+def steer(config, layer, hook, latent, strengths, prompt, max_new_tokens, member, overrides):
     """Generate with a latent's decoder direction added to the hooked activation.
 
     Prints the unsteered greedy continuation and one steered continuation per
@@ -181,7 +184,7 @@ def steer(config, layer, hook, latent, strengths, prompt, max_new_tokens, overri
     """
     from stages import steer as stage
 
-    stage.run(_load(config, overrides), layer, latent, list(strengths), prompt, hook, max_new_tokens)
+    stage.run(_load(config, overrides), layer, latent, list(strengths), prompt, hook, max_new_tokens, member)
 
 
 @main.command(name="eval")
@@ -209,12 +212,14 @@ def eval_(config, layers, overrides, force):
 @click.option("--format", "fmt", type=click.Choice(["saelens", "sparsify"]), required=True,
               help="Folder layout to write.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to create.")
+@click.option("--member", default=None, metavar="NAME",
+              help="Export the train.sweep member NAME of SAE_DIR's hook (the folder SAE_DIR@NAME beside it).")
 @_user_errors
-def export(sae_dir, fmt, out):
+def export(sae_dir, fmt, out, member):
     """Export a trained SAE folder for SAELens (SAE.load_from_disk) or sparsify."""
     from stages import export as stage
 
-    stage.run(sae_dir, fmt, out)
+    stage.run(sae_dir, fmt, out, member)
 
 
 if __name__ == "__main__":

@@ -208,3 +208,60 @@ def test_bad_sweeps_are_one_line_and_write_nothing(tmp_path, case):
     code, out = cli("train", cfg)
     assert code == 2 and out.count("\n") == 1 and out.startswith("saepipe: error: ") and message in out, out
     assert snapshot(tmp_path / "run") == before
+
+
+# --------------------------------------------------------------------------- the stages after train
+def test_collate_eval_steer_and_export_reach_every_member(tmp_path):
+    from helpers import harvest_config, make_model, write_corpus
+    from safetensors.torch import load_file
+
+    from pipeline import collate, harvest, steer, viewer
+    from pipeline import eval as evaluator
+
+    make_model("llama", tmp_path / "model", n_layers=2, d_model=32)
+    raw = harvest_config(tmp_path / "model", write_corpus(tmp_path / "corpus.jsonl"), tmp_path / "run")
+    raw["train"] = {"n_latents": 64, "k": 8, "batch_size": 64, "n_tokens": 64 * 10, "eval_tokens": 64,
+                    "sweep": [{}, {"k": 4}]}
+    raw["collate"] = {"batch_size": 64, "n_top": 3, "n_random": 2, "device": "cpu"}
+    raw["eval"] = {"n_tokens": 4 * 16, "batch_size": 4, "device": "cpu"}
+    cfg = config_from_dict(raw)
+    harvest.run(cfg, progress=False)
+    stage.run(cfg, progress=False)
+    folders = {m: sae_dir(tmp_path / "run", 1, "resid_post", m) for m in (None, "k4")}
+    shas = {m: saved_marker(f)["sha256"] for m, f in folders.items()}
+    assert len(set(shas.values())) == 2
+
+    collate.run(cfg)
+    for m, k in ((None, 8), ("k4", 4)):
+        out = records_dir(tmp_path / "run", 1, "resid_post", m)
+        done = json.loads((out / "done").read_text())
+        assert done["fingerprint"]["sae.sha256"] == shas[m], m  # made from that member's SAE
+        assert json.loads((out / "summary.json").read_text())["k"] == k and (out / "viewer.html").exists()
+    page = viewer.index_page(tmp_path / "run").read_text()
+    assert 'href="1/resid_post/viewer.html"' in page and 'href="1/resid_post%40k4/viewer.html"' in page
+
+    rows = evaluator.run(cfg, progress=False)
+    assert [(layer, hook) for layer, hook, _ in rows] == [(1, "resid_post"), (1, "resid_post@k4")]
+    for m, (_, _, row) in zip(folders, rows):
+        assert json.loads((folders[m] / "eval.json").read_text()) == row and row["sae_sha256"] == shas[m]
+    # The reference: the member's SAE copied where a plain run keeps its SAE, evaluated without a sweep.
+    alone = tmp_path / "alone"
+    shutil.copytree(folders["k4"], sae_dir(alone, 1, "resid_post"))
+    (alone / "saes" / "1" / "resid_post" / "eval.json").unlink()
+    raw_alone = {**raw, "run_dir": str(alone), "train": {**raw["train"], "sweep": None}}
+    [(_, _, ref)] = evaluator.run(config_from_dict(raw_alone), progress=False)
+    assert rows[1][2] == ref
+    assert rows[1][2]["delta_ce"] != rows[0][2]["delta_ce"]
+    assert "CE spliced" in viewer.write_index_page(tmp_path / "run").read_text()
+
+    for m in folders:  # steer takes the member's decoder row
+        p = steer.plan(cfg, 1, 5, [1.0], "The quick", member=m)
+        assert torch.equal(p.direction, TopKSAE.load(folders[m]).W_dec[5])
+    cfg_file = write_config(tmp_path / "c.yaml", raw)
+    code, out = cli("steer", cfg_file, "--layer", 1, "--latent", 5, "--strength", 1, "--prompt", "The",
+                    "--member", "k5")
+    assert code == 2 and out.count("\n") == 1 and "--member 'k5' is not a member" in out and "k4" in out, out
+
+    code, out = cli("export", folders[None], "--member", "k4", "--format", "saelens", "--out", tmp_path / "x")
+    assert code == 0, out
+    assert torch.equal(load_file(tmp_path / "x" / "sae_weights.safetensors")["W_dec"], TopKSAE.load(folders["k4"]).W_dec)
