@@ -1,10 +1,10 @@
 """Benchmark train.sweep: three SAEs from one pass over the batches against three runs one after another.
 
     python bench/sweep.py                       # 65536 rows x d 512 (bf16, zstd), 3 interleaved rounds
-    python bench/sweep.py --rows 32768 --d 768 --rounds 5
+    python bench/sweep.py --rows 49152 --d 768 --n 1024    # small SAEs: reading is a larger share
 
 The store is synthetic (Gaussian rows, bf16, zstd: what harvest writes by default). Each round
-trains the same three members, `{}` (n 4096, k 32), `{k: 16}` and `{n_latents: 2048, k: 32}`,
+trains the same three members, `{}` (n 4096, k 32), `{k: 16}` and `{n_latents: n / 2, k: 32}`,
 once as a sweep and once as three plain runs in a row, every one from scratch (--force), through
 pipeline.train.run with its prints silenced. Reported: the chunk reads of each (ActivationStore.
 read_chunk counted: the NaN/Inf pass, the init sample, the eval rows and the batches) and the
@@ -32,11 +32,12 @@ from pipeline import train as trainer  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.store import ActivationStore, write_synthetic  # noqa: E402
 
-MEMBERS = [{}, {"k": 16}, {"n_latents": 2048, "k": 32}]
+def members(n: int) -> list[dict]:
+    return [{}, {"k": 16}, {"n_latents": n // 2, "k": 32}]
 
 
-def raw_config(run_dir: Path, rows: int, batch: int, sweep=None, **member) -> dict:
-    train = {"n_latents": 4096, "k": 32, "batch_size": batch, "n_tokens": (rows * 3 // 4) // batch * batch,
+def raw_config(run_dir: Path, rows: int, batch: int, n: int, sweep=None, **member) -> dict:
+    train = {"n_latents": n, "k": 32, "batch_size": batch, "n_tokens": (rows * 3 // 4) // batch * batch,
              "init_sample": 8192, "eval_tokens": 8192, "log_every": 10, "eval_every": 10_000,
              "checkpoint_every": 10_000, "device": "cpu", **member}
     if sweep is not None:
@@ -60,6 +61,7 @@ def main():
     ap.add_argument("--rows", type=int, default=65536, help="rows in the store")
     ap.add_argument("--d", type=int, default=512, help="d_model")
     ap.add_argument("--batch", type=int, default=1024, help="tokens per step")
+    ap.add_argument("--n", type=int, default=4096, help="n_latents of the plain member (another has half)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds, medians reported")
     args = ap.parse_args()
 
@@ -76,11 +78,12 @@ def main():
         store = write_synthetic(run, x, np.zeros((args.rows // 128, 128), dtype=np.int32), storage_dtype="bfloat16",
                                 codec="zstd")
         n_chunks = store.n_chunks(0, "resid_post")
-        sweep = [raw_config(run, args.rows, args.batch, sweep=MEMBERS)]
-        alone = [raw_config(run, args.rows, args.batch, **m) for m in MEMBERS]
+        sweep = [raw_config(run, args.rows, args.batch, args.n, sweep=members(args.n))]
+        alone = [raw_config(run, args.rows, args.batch, args.n, **m) for m in members(args.n)]
         steps = sweep[0]["train"]["n_tokens"] // args.batch
         print(f"cpu ({torch.get_num_threads()} threads); store {args.rows} rows x d {args.d}, bf16 zstd, "
-              f"{n_chunks} chunks; {steps} steps x {args.batch} tokens per SAE; members {MEMBERS}")
+              f"{n_chunks} chunks; {steps} steps x {args.batch} tokens per SAE; n_latents {args.n}, k 32, "
+              f"members {members(args.n)}")
         times = {"sweep": [], "alone": []}
         counts = {}
         for r in range(args.rounds):
