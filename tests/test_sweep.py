@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline import train as trainer
 from pipeline.config import config_from_dict
@@ -146,6 +147,46 @@ def test_members_at_different_steps_after_a_kill_resume_to_the_unbroken_sweep(tm
     assert sorted(p.name for p in saes.iterdir()) == sorted(FOLDERS)
 
 
+def test_a_sigkilled_sweep_resumes_to_the_unbroken_one(tmp_path, plain_runs):
+    import signal
+    import subprocess
+    import time
+
+    from test_train import REPO, SAEPIPE
+
+    refs, _ = plain_runs
+    store(tmp_path / "run")
+    cfg = tmp_path / "c.yaml"  # keys in their order: a derived name follows the order the overrides are written in
+    cfg.write_text(yaml.safe_dump(raw_config(tmp_path / "run", sweep=SWEEP), sort_keys=False))
+    saes = Path(tmp_path / "run" / "saes" / "1")
+    proc = subprocess.Popen([SAEPIPE, "train", cfg], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not any(saes.glob("*.partial/checkpoint.pt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(saes.glob("*.partial/checkpoint.pt")) and not any((saes / f).exists() for f in FOLDERS), \
+        proc.stderr.read()
+    done = subprocess.run([SAEPIPE, "train", cfg], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and "resuming from the checkpoint at step 20" in done.stdout, done.stderr
+    for folder, ref in zip(FOLDERS, refs):
+        assert result(saes / folder) == ref, folder
+
+
+def test_rows_dropped_for_nan_count_for_every_member(tmp_path):
+    # One row filter serves the shared loader: every member must still record the rows it never saw.
+    for name in ("run", "plain"):
+        random_store(tmp_path / name, n_rows=8 * 1024, nan_rows=(3, 700, 5000))
+    raw = raw_config(tmp_path / "run", n_tokens=256 * 32, skip_nonfinite=True)  # past one epoch: every chunk read
+    stage.run(config_from_dict({**raw, "train": {**raw["train"], "sweep": [{}, {"k": 4}]}}), progress=False)
+    stage.run(config_from_dict({**raw, "run_dir": str(tmp_path / "plain"), "train": {**raw["train"], "k": 4}}),
+              progress=False)
+    member, plain = sae_dir(tmp_path / "run", 1, "resid_post", "k4"), sae_dir(tmp_path / "plain", 1, "resid_post")
+    assert result(member)[:2] == result(plain)[:2]
+    for folder in (member, plain, sae_dir(tmp_path / "run", 1, "resid_post")):
+        assert json.loads((folder / "cfg.json").read_text())["dropped_nonfinite"] == 3, folder
+
+
 def test_force_retrains_every_member_and_a_rerun_skips_them(tmp_path):
     store(tmp_path / "run")
     cfg = write_config(tmp_path / "c.yaml", raw_config(tmp_path / "run", n_tokens=256 * 5, sweep=[{}, {"k": 4}]))
@@ -265,3 +306,27 @@ def test_collate_eval_steer_and_export_reach_every_member(tmp_path):
     code, out = cli("export", folders[None], "--member", "k4", "--format", "saelens", "--out", tmp_path / "x")
     assert code == 0, out
     assert torch.equal(load_file(tmp_path / "x" / "sae_weights.safetensors")["W_dec"], TopKSAE.load(folders["k4"]).W_dec)
+
+
+# --------------------------------------------------------------------------- torchrun
+def test_two_ranks_train_the_one_process_sweep(tmp_path):
+    import torch.distributed as td
+
+    if not td.is_available() or not td.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    from test_train_dist import _train
+
+    folders = {}
+    for ranks in (1, 2):
+        run = tmp_path / f"run{ranks}"
+        random_store(run, n_rows=8 * 1024, dtype="float32")
+        cfg = write_config(tmp_path / f"t{ranks}.yaml", raw_config(run, n_tokens=256 * 20, sweep=SWEEP[:2]))
+        out = _train(cfg, ranks)
+        assert out.returncode == 0, out.stderr[-3000:]
+        folders[ranks] = [run / "saes" / "1" / f for f in FOLDERS[:2]]
+    for one, two in zip(*folders.values()):
+        a, b = TopKSAE.load(one), TopKSAE.load(two)
+        assert a.k == (8 if one.name == "resid_post" else 4)
+        for name, w in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[name], w, rtol=1e-4, atol=1e-5, msg=f"{one.name} {name}")
+        assert b.cfg["eval"]["fvu"] == pytest.approx(a.cfg["eval"]["fvu"], rel=1e-4)
