@@ -153,7 +153,8 @@ def collate(config, layers, overrides, force):
 
     Output: <run_dir>/records/<L>/<hook>/ (viewer_data/ holding the records,
     index.json, summary.json, viewer.html) and <run_dir>/records/index.html
-    linking every layer's viewer. Finished layers are skipped unless --force;
+    linking every layer's viewer; with train.sweep, each member's records in
+    <hook>@<name>/. Finished layers are skipped unless --force;
     records made with other settings or another SAE are redone.
     """
     from pipeline.config import parse_layers
@@ -198,8 +199,9 @@ def eval_(config, layers, overrides, force):
 
     On held-out windows (the harvest's corpus past the harvested windows): CE
     clean, spliced and zero-ablated, delta_ce, ce_recovered, KL(clean||spliced),
-    fvu, l0, dead_frac. Writes <run_dir>/saes/<L>/<hook>/eval.json and prints a
-    table; finished evals of the same SAE weights are skipped unless --force.
+    fvu, l0, dead_frac. Writes <run_dir>/saes/<L>/<hook>/eval.json (and each
+    train.sweep member's, in <hook>@<name>/) and prints a table; finished evals
+    of the same SAE weights are skipped unless --force.
     """
     from pipeline.config import parse_layers
     from stages import eval as stage
