@@ -77,6 +77,7 @@ bench: setup
 	$(BIN)/python bench/harvest.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/collate.py
+	$(BIN)/python bench/sweep.py
 
 clean:
 	rm -rf runs $(DEMO_DATA)

@@ -2,7 +2,9 @@
 
 For every (layer, hook): the stored activations through <run_dir>/saes/<L>/<hook>/,
 written to <run_dir>/records/<L>/<hook>/ with a static viewer, then one index
-page, <run_dir>/records/index.html, linking every finished layer's viewer.
+page, <run_dir>/records/index.html, linking every finished layer's viewer. With
+train.sweep, every member's SAE (<hook>@<member>, pipeline.paths) gets its own
+records folder the same way, one pass over the store each.
 
     plan   lock every (layer, hook), then decide what to do and check every
            input the work needs (store arrays, tokens, SAEs, tokenizer) before
@@ -41,7 +43,7 @@ from pipeline.config import CollateConfig, Config
 from pipeline.errors import UserError
 from pipeline.fsio import recover_swap, swap_dir, target_locks, tree_size
 from pipeline.model import resolve_device
-from pipeline.paths import records_dir, sae_dir
+from pipeline.paths import leaf, records_dir, sae_dir
 from pipeline.sae import TopKSAE, saved_cfg, verify_saved
 from pipeline.scan import scan
 from pipeline.store import ActivationStore, Location
@@ -59,6 +61,11 @@ class Target:
     sae: Path  # the SAE folder
     out: Path  # the records folder
     changes: list[str] | None  # None: no finished records; []: finished from these very inputs
+    member: str | None = None  # the train.sweep member; None: the plain SAE
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer}/{leaf(self.hook, self.member)}"
 
 
 @dataclass
@@ -73,7 +80,8 @@ class Plan:
     lens: records.Lens | str | None  # the logit lens' weights, or why there is none; None: nothing to do
 
 
-def _check_sae(folder: Path, layer: int, hook: str, d_model: int):
+def _check_sae(folder: Path, layer: int, hook: str, d_model: int, member: str | None = None):
+    hook = leaf(hook, member)
     if not folder.exists():
         raise UserError(f"no trained SAE for layer {layer} hook {hook} (looked in {folder}); "
                         f"run `make train LAYERS={layer}` first")
@@ -96,14 +104,14 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> I
     c, run_dir = cfg.collate, cfg.run_path
     device = resolve_device(c.device, key="collate.device")
     store = ActivationStore(Location.of(cfg))
-    pairs = cfg.targets("collate", layers)
-    with target_locks(run_dir, "collate", pairs):
+    saes = cfg.sae_targets("collate", layers)
+    with target_locks(run_dir, "collate", saes):
         targets = []
-        for layer, hook in pairs:
-            out, folder = records_dir(run_dir, layer, hook), sae_dir(run_dir, layer, hook)
+        for layer, hook, member in saes:
+            out, folder = records_dir(run_dir, layer, hook, member), sae_dir(run_dir, layer, hook, member)
             recover_swap(out)  # a swap a kill interrupted: finished or undone before we look
             changes = records.changed_settings(out, records.fingerprint(c, folder))
-            targets.append(Target(layer, hook, folder, out, changes))
+            targets.append(Target(layer, hook, folder, out, changes, member))
         todo = [t for t in targets if force or t.changes != []]
 
         tokenizer = lens = None
@@ -111,7 +119,7 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> I
             store.tokens  # raises when the tokens are missing
             for t in todo:
                 store.array(t.layer, t.hook)
-                _check_sae(t.sae, t.layer, t.hook, store.d_model(t.layer, t.hook))
+                _check_sae(t.sae, t.layer, t.hook, store.d_model(t.layer, t.hook), t.member)
             tokenizer = store_tokenizer(store)
             lens = records.load_lens(store.attrs, device)
         yield Plan(c, run_dir, device, store, targets, todo, tokenizer, lens)
@@ -122,16 +130,17 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> I
 
 
 def collate_sae(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, sae_folder: Path, tokenizer,
-                cfg: CollateConfig, out: Path, device, lens: records.Lens | str | None = None) -> Path:
+                cfg: CollateConfig, out: Path, device, lens: records.Lens | str | None = None,
+                member: str | None = None) -> Path:
     """Scan, cut windows and write into `<out>.partial/`, then swap it in. The caller
     holds this (layer, hook)'s lock. Returns the viewer's path. `lens`: load_lens()'s
-    result (None: no model given)."""
+    result (None: no model given); `member`: the train.sweep member the SAE is."""
     out = Path(out)
     want = records.fingerprint(cfg, sae_folder)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    meta = {"layer": layer, "hook": hook, "d_in": sae.d_in, "k": sae.k}
+    meta = {"layer": layer, "hook": hook, "d_in": sae.d_in, "k": sae.k, **({"member": member} if member else {})}
 
     try:
         col = scan(store, layer, hook, sae, cfg, device)
@@ -149,7 +158,7 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, sae
     records.write_done(partial, layer, hook, sae.n_latents, col.n_tokens, want)
     size = tree_size(partial)
     swap_dir(partial, out)
-    print(f"collate {layer}/{hook}: {summary['n_latents']} latents, {summary['dead']} dead (never fired), "
+    print(f"collate {layer}/{leaf(hook, member)}: {summary['n_latents']} latents, {summary['dead']} dead (never fired), "
           f"{summary['ultra_rare']} ultra-rare (density < {cfg.ultra_rare_density:g}), "
           f"{col.n_tokens} tokens; {size / 2**20:.1f} MiB in {out}")
     return out / "viewer.html"
@@ -177,12 +186,12 @@ def run(cfg: Config, layers: list[int] | None = None, force: bool = False) -> li
     with plan(cfg, layers, force) as p:
         for t in p.targets:
             if t not in p.todo:
-                print(f"collate {t.layer}/{t.hook}: already done in {t.out} (--force to redo)")
+                print(f"collate {t.name}: already done in {t.out} (--force to redo)")
             elif t.changes:
-                print(f"collate {t.layer}/{t.hook}: redoing {t.out}, made from other inputs: {'; '.join(t.changes)}")
+                print(f"collate {t.name}: redoing {t.out}, made from other inputs: {'; '.join(t.changes)}")
         for t in p.todo:
             sae = TopKSAE.load(t.sae, device=p.device)
-            collate_sae(p.store, t.layer, t.hook, sae, t.sae, p.tokenizer, p.cfg, t.out, p.device, p.lens)
+            collate_sae(p.store, t.layer, t.hook, sae, t.sae, p.tokenizer, p.cfg, t.out, p.device, p.lens, t.member)
             del sae
             if p.device.type == "cuda":
                 torch.cuda.empty_cache()

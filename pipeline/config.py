@@ -12,6 +12,7 @@ config reference is generated:
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,10 +168,65 @@ class TrainConfig:
     skip_nonfinite: bool = setting(False, "drop rows holding NaN/Inf instead of refusing to train")
     check_finite: bool = setting(True, "count NaN/Inf rows in one read pass before training (off: found mid-run)",
                                  logistics=True)
+    sweep: list[dict] | None = setting(None, "several SAEs per (layer, hook) from one pass over the batches: a list "
+                                             "of overrides of this section, one per SAE, e.g. `[{}, {k: 64}, "
+                                             "{n_latents: 4096, k: 16, name: wide}]` (`{}` = this config, in the "
+                                             "plain folder; the others in `<hook>@<name>`, the name derived from "
+                                             "the overrides when not given); the batch stream's keys and the "
+                                             "logistics stay shared (README, \"Several SAEs in one pass\")")
 
     @property
     def n_steps(self) -> int:
         return max(1, self.n_tokens // self.batch_size)
+
+    def members(self, where: str = "train.sweep") -> list[tuple[str | None, TrainConfig]]:
+        """(name, config) of every SAE this section trains per (layer, hook): without a sweep,
+        [(None, self)]; with one, each entry's overrides applied to this section (name None for
+        the plain config, which keeps the plain folder). Refuses what one shared stream of batches
+        cannot give (SWEEP_SHARED, the logistics), unknown keys and repeated names."""
+        if self.sweep is None:
+            return [(None, self)]
+        if not self.sweep:
+            raise ConfigError(f"{where}: train.sweep is empty; list at least one SAE's overrides, e.g. [{{}}, {{k: 64}}]"
+                              " (or leave it out)")
+        hints = typing.get_type_hints(TrainConfig)
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        shared = set(SWEEP_SHARED) | set(logistics(TrainConfig))
+        out, seen = [], {}
+        for i, entry in enumerate(self.sweep):
+            at = f"train.sweep[{i}]"
+            overrides = {}
+            for key, value in entry.items():
+                if key == "name":
+                    continue
+                if key not in fields:
+                    raise ConfigError(f"{where}: unknown key {key!r} in {at}; use keys of the train section "
+                                      f"(e.g. n_latents, k, lr, aux_alpha) or name")
+                if key == "sweep":
+                    raise ConfigError(f"{where}: {at} holds a sweep of its own; sweeps do not nest: list every "
+                                      "SAE as one entry of train.sweep")
+                if key in shared:
+                    raise ConfigError(
+                        f"{where}: {at} overrides train.{key}, which every SAE of a sweep shares (one stream of "
+                        f"batches, one run's logistics); set it in the train section, or train that SAE in its "
+                        f"own run")
+                overrides[key] = _check_type(value, hints[key], f"{at}.{key}", where)
+            name = entry.get("name")
+            if name is not None:
+                if not isinstance(name, str) or not _MEMBER_NAME.fullmatch(name) or name.endswith(_RESERVED):
+                    raise ConfigError(f"{where}: {at}.name = {name!r}: use letters, digits and _ . + - (a folder "
+                                      f"name; not ending in {' or '.join(_RESERVED)})")
+            elif overrides:
+                name = "_".join(_name_part(k, v) for k, v in overrides.items())
+            if name in seen:
+                what = f"name {name!r}" if name is not None else "the plain config ({})"
+                raise ConfigError(f"{where}: {at} and train.sweep[{seen[name]}] are both {what}; give one of them "
+                                  f"another `name`, or drop the repeat")
+            seen[name] = i
+            member = dataclasses.replace(self, sweep=None, **overrides)
+            member.validate(f"{where}: {at}")
+            out.append((name, member))
+        return out
 
     def validate(self, where):
         if self.n_latents is not None:
@@ -214,6 +270,21 @@ class TrainConfig:
             _positive(where, f"train.{key}", getattr(self, key))
         if self.shuffle_chunks is not None:
             _positive(where, "train.shuffle_chunks", self.shuffle_chunks)
+        self.members(where)
+
+
+# What the one stream of batches of a sweep is made of (pipeline.loader, train.plan_sae), so every
+# member shares it: the batches, their count, their order, the rows held out and the rows dropped.
+# The logistics (run_lock, checkpoint steps, eval rows, device) are shared too.
+SWEEP_SHARED = ("batch_size", "n_tokens", "seed", "eval_fraction", "shuffle_chunks", "exclude_bos", "skip_nonfinite")
+_MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+_RESERVED = (".partial", ".old", ".tmp")  # the suffixes of a folder's work, swap and temp names (fsio, train)
+
+
+def _name_part(key: str, value) -> str:
+    """`k` 16 -> `k16`; a folder-safe piece of a member's derived name."""
+    text = "-".join(map(str, value)) if isinstance(value, list) else "null" if value is None else str(value)
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", f"{key}{text}")
 
 
 @dataclass
@@ -316,6 +387,12 @@ class Config:
         layers = layers or next(s.layers for s in (getattr(self, n) for n in chain) if s.layers)
         hooks = next(s.hooks for s in (getattr(self, n) for n in chain) if s.hooks)
         return [(layer, hook) for layer in dict.fromkeys(layers) for hook in dict.fromkeys(hooks)]
+
+    def sae_targets(self, stage: str, layers: list[int] | None = None) -> list[tuple[int, str, str | None]]:
+        """Every SAE a stage after train works on: (layer, hook, member) for each of targets() and each
+        member of train.sweep (member None: the plain folder; the only one without a sweep)."""
+        names = [name for name, _ in self.train.members()]
+        return [(layer, hook, name) for layer, hook in self.targets(stage, layers) for name in names]
 
 
 # Where a stage without its own layers/hooks takes them from (harvest always has both).
@@ -465,9 +542,8 @@ def _type_name(tp) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
-    if tp is dict or typing.get_origin(tp) is dict:
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            dict: "a mapping"}.get(tp, str(tp))
 
 
 def _choice(where, key, value, choices):

@@ -28,6 +28,8 @@ standard next-token shift (window position t predicts token t + 1):
     sae_sha256                      the SAE weights these numbers belong to
 
 A finished eval (eval.json naming the same SAE sha256) is skipped unless force.
+With train.sweep, every member's SAE (<hook>@<member>, pipeline.paths) is one more
+SAE of the same pass: its own spliced and zero-ablated runs, its own eval.json.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from pipeline.errors import UserError
 from pipeline.fsio import target_locks, write_atomic
 from pipeline.model import (ActivationCapture, check_context_size, load_causal_lm, record_block_outputs,
                             resume_after_block, splice)
-from pipeline.paths import EVAL_FILE, sae_dir
+from pipeline.paths import EVAL_FILE, leaf, sae_dir
 from pipeline.sae import LN_EPS, TopKSAE, saved_cfg, saved_marker
 from pipeline.store import ActivationStore, Location
 
@@ -69,6 +71,11 @@ class Target:
     folder: Path  # the SAE folder; eval.json goes in it
     sha256: str  # of the SAE's weights
     done: dict | None  # eval.json of a finished eval of these very weights
+    member: str | None = None  # the train.sweep member; None: the plain SAE
+
+    @property
+    def key(self) -> tuple[int, str, str | None]:
+        return self.layer, self.hook, self.member
 
 
 @dataclass
@@ -78,8 +85,8 @@ class Plan:
     todo: list[Target]
     model: object | None  # None when there is nothing to do
     windows: np.ndarray | None  # int32 [n, context_size]: the held-out windows
-    saes: dict  # (layer, hook) -> TopKSAE on the device, taking raw activations
-    pass_through: dict  # (layer, hook) -> whether position 0 (BOS) passes through unchanged
+    saes: dict  # Target.key -> TopKSAE on the device, taking raw activations
+    pass_through: dict  # Target.key -> whether position 0 (BOS) passes through unchanged
 
 
 def read_done(folder: Path, sha256: str | None) -> dict | None:
@@ -97,16 +104,16 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False,
          progress: bool = True) -> Iterator[Plan]:
     """The Plan, valid while the `with` holds every (layer, hook)'s eval lock."""
     c, run_dir = cfg.eval, cfg.run_path
-    pairs = cfg.targets("eval", layers)
-    with target_locks(run_dir, "eval", pairs):
+    saes = cfg.sae_targets("eval", layers)
+    with target_locks(run_dir, "eval", saes):
         targets = []
-        for layer, hook in pairs:
-            folder = sae_dir(run_dir, layer, hook)
+        for layer, hook, member in saes:
+            folder = sae_dir(run_dir, layer, hook, member)
             marker = saved_marker(folder)
             if marker is None or saved_cfg(folder) is None:
-                raise UserError(f"no trained SAE for layer {layer} hook {hook} (looked in {folder}); "
+                raise UserError(f"no trained SAE for layer {layer} hook {leaf(hook, member)} (looked in {folder}); "
                                 f"train it first: saepipe train CONFIG --layers {layer}")
-            targets.append(Target(layer, hook, folder, marker["sha256"], read_done(folder, marker["sha256"])))
+            targets.append(Target(layer, hook, folder, marker["sha256"], read_done(folder, marker["sha256"]), member))
         todo = [t for t in targets if force or t.done is None]
         if not todo:
             yield Plan(c, targets, [], None, None, {}, {})
@@ -122,8 +129,8 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False,
         saes, pass_through = {}, {}
         for t in todo:
             sae = TopKSAE.load(t.folder, device=device)
-            saes[(t.layer, t.hook)] = sae
-            pass_through[(t.layer, t.hook)] = bool(sae.cfg.get("exclude_bos")) and bool(sae.cfg.get("prepend_bos"))
+            saes[t.key] = sae
+            pass_through[t.key] = bool(sae.cfg.get("exclude_bos")) and bool(sae.cfg.get("prepend_bos"))
         context_size, prepend_bos, skip = _window_shape(cfg, next(iter(saes.values())).cfg)
         check_context_size(model, context_size)
         _check_hooks(model, todo, saes, context_size)
@@ -170,7 +177,7 @@ def _check_hooks(model, todo: list[Target], saes: dict, context_size: int):
         if shape != (1, ids.shape[1], d_model):
             raise UserError(f"hook {t.hook!r} of layer {t.layer} outputs shape {list(shape)}, not the residual shape "
                             f"[batch, tokens, {d_model}]; eval splices SAEs into resid_post, attn_out or mlp_out")
-        d_in = saes[(t.layer, t.hook)].d_in
+        d_in = saes[t.key].d_in
         if d_in != d_model:
             raise UserError(f"the SAE in {t.folder} takes d_in = {d_in}, but the model's d_model is {d_model}; "
                             f"retrain it: saepipe train CONFIG --layers {t.layer} --force")
@@ -276,7 +283,7 @@ def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
             # The clean pass also records the output of the block before each hooked one, so the
             # spliced and zero-ablated passes start there instead of recomputing the same prefix.
             before = {}
-            with record_block_outputs(model, [layer - 1 for layer, _ in p.saes if layer > 0], before):
+            with record_block_outputs(model, sorted({key[0] - 1 for key in p.saes if key[0] > 0}), before):
                 logits = model(input_ids=ids, attention_mask=mask).logits
             logp_clean = F.log_softmax(logits[:, :-1].float(), dim=-1)
             del logits
@@ -288,9 +295,9 @@ def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
                         (resume_after_block(model, layer - 1, before[layer - 1]) if layer > 0 else nullcontext()):
                     return model(input_ids=ids, attention_mask=mask).logits
 
-            for (layer, hook), sae in p.saes.items():
-                s, pass_bos = sums[(layer, hook)], p.pass_through[(layer, hook)]
-                logits = forward(layer, hook, _replacer(sae, pass_bos, stats[(layer, hook)]))
+            for key, sae in p.saes.items():
+                (layer, hook, _), s, pass_bos = key, sums[key], p.pass_through[key]
+                logits = forward(layer, hook, _replacer(sae, pass_bos, stats[key]))
                 logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
                 s.ce_spliced -= logp.gather(-1, targets.unsqueeze(-1)).double().sum()
                 s.kl += (p_clean * (logp_clean - logp)).sum(-1).double().sum()
@@ -313,21 +320,22 @@ def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
 
 def run(cfg: Config, layers: list[int] | None = None, force: bool = False,
         progress: bool = True) -> list[tuple[int, str, dict]]:
-    """Evaluate what is not done; (layer, hook, numbers) for every target, skipped ones included."""
+    """Evaluate what is not done; (layer, hook, numbers) for every target, skipped ones included
+    (a sweep member's hook is its folder's name, `<hook>@<member>`)."""
     with plan(cfg, layers, force, progress) as p:
         for t in p.targets:
             if t not in p.todo:
-                print(f"eval: layer {t.layer} hook {t.hook}: done for these SAE weights; skipping "
+                print(f"eval: layer {t.layer} hook {leaf(t.hook, t.member)}: done for these SAE weights; skipping "
                       "(--force to redo)")
         results = evaluate(p, progress) if p.todo else {}
         rows = []
         for t in p.targets:
             if t in p.todo:
-                row = {**_finite(results[(t.layer, t.hook)]), "sae_sha256": t.sha256}
+                row = {**_finite(results[t.key]), "sae_sha256": t.sha256}
                 write_atomic(t.folder / EVAL_FILE, json.dumps(row, indent=2, allow_nan=False) + "\n")
             else:
                 row = t.done
-            rows.append((t.layer, t.hook, row))
+            rows.append((t.layer, leaf(t.hook, t.member), row))
         if p.todo and viewer.index_page(cfg.run_path).exists():  # collate's index page shows these numbers
             viewer.write_index_page(cfg.run_path)
         return rows

@@ -28,6 +28,7 @@ import torch
 import pipeline
 from pipeline import fsio
 from pipeline.errors import UserError
+from pipeline.paths import member_folder
 from pipeline.sae import TopKSAE
 
 FORMATS = ("saelens", "sparsify")
@@ -35,7 +36,9 @@ FORMATS = ("saelens", "sparsify")
 _TL_HOOKS = {"resid_post": "hook_resid_post", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
 
 
-def export(sae_dir, fmt: str, out) -> Path:
+def export(sae_dir, fmt: str, out, member: str | None = None) -> Path:
+    """Write the SAE of `sae_dir` (with `member`: the train.sweep member's folder beside it) into `out`."""
+    sae_dir = member_folder(sae_dir, member)
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)

@@ -24,6 +24,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.paths import leaf
 
 
 def fsync_dir(path) -> None:
@@ -123,12 +124,14 @@ def run_lock(run_dir, stage: str, what: str | None = None):
 
 
 @contextmanager
-def target_locks(run_dir, stage: str, pairs):
-    """One `run_lock` per (layer, hook) a stage will work on, all taken before any work,
-    so a second process on any of them is refused up front, not halfway."""
+def target_locks(run_dir, stage: str, targets):
+    """One `run_lock` per (layer, hook) or (layer, hook, member) a stage will work on, all taken
+    before any work, so a second process on any of them is refused up front, not halfway. A member
+    None is the plain (layer, hook): the lock follows the folder (pipeline.paths.leaf)."""
     with ExitStack() as stack:
-        for layer, hook in pairs:
-            stack.enter_context(run_lock(run_dir, f"{stage}.{layer}.{hook}", f"layer {layer} hook {hook} of {run_dir}"))
+        for layer, hook, *member in targets:
+            name = leaf(hook, *member)
+            stack.enter_context(run_lock(run_dir, f"{stage}.{layer}.{name}", f"layer {layer} hook {name} of {run_dir}"))
         yield
 
 

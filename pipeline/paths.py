@@ -1,9 +1,14 @@
 """Where each stage keeps its results under run_dir: the one owner of the layout.
 
-    <run_dir>/activations.zarr            harvest (pipeline.store)
-    <run_dir>/saes/<layer>/<hook>/        train: one SAE, `done` marker last
-    <run_dir>/records/<layer>/<hook>/     collate: records and viewer, `done` marker last
-    <run_dir>/records/index.html          collate: links every layer's viewer
+    <run_dir>/activations.zarr                  harvest (pipeline.store)
+    <run_dir>/saes/<layer>/<hook>/              train: one SAE, `done` marker last
+    <run_dir>/saes/<layer>/<hook>@<member>/     train: a named member of train.sweep, the same files
+    <run_dir>/records/<layer>/<hook>/           collate: records and viewer, `done` marker last
+    <run_dir>/records/<layer>/<hook>@<member>/  collate: a sweep member's records
+    <run_dir>/records/index.html                collate: links every layer's (and member's) viewer
+
+A sweep member without a name (the `{}` entry: the plain config) uses the plain
+folder, so it is the SAE a train without the sweep makes and finds.
 """
 
 from __future__ import annotations
@@ -12,16 +17,35 @@ from pathlib import Path
 
 DONE = "done"  # the marker a stage writes last into a finished folder
 EVAL_FILE = "eval.json"  # saepipe eval's numbers, inside the SAE's folder
+# Between a hook and a member's name in a folder name: no hook name holds it (config checks hooks).
+MEMBER_MARK = "@"
 
 
-def sae_dir(run_dir, layer: int, hook: str) -> Path:
-    return Path(run_dir) / "saes" / str(layer) / hook
+def sae_dir(run_dir, layer: int, hook: str, member: str | None = None) -> Path:
+    return Path(run_dir) / "saes" / str(layer) / leaf(hook, member)
 
 
-def records_dir(run_dir, layer: int, hook: str) -> Path:
-    return records_root(run_dir) / str(layer) / hook
+def records_dir(run_dir, layer: int, hook: str, member: str | None = None) -> Path:
+    return records_root(run_dir) / str(layer) / leaf(hook, member)
 
 
 def records_root(run_dir) -> Path:
     """Every layer's records; holds the index page linking their viewers."""
     return Path(run_dir) / "records"
+
+
+def leaf(hook: str, member: str | None = None) -> str:
+    """The folder name of a hook's SAE (or records): `<hook>`, or `<hook>@<member>` for a named member."""
+    return hook if member is None else f"{hook}{MEMBER_MARK}{member}"
+
+
+def member_folder(plain, member: str | None) -> Path:
+    """A sweep member's folder beside the plain one (`saes/3/resid_post` -> `saes/3/resid_post@k64`)."""
+    plain = Path(plain)
+    return plain if member is None else plain.with_name(leaf(plain.name, member))
+
+
+def split_leaf(name: str) -> tuple[str, str | None]:
+    """leaf()'s inverse: (hook, member or None)."""
+    hook, mark, member = name.partition(MEMBER_MARK)
+    return hook, (member if mark else None)

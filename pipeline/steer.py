@@ -10,6 +10,9 @@ so a decoder row is already in the model's activation space; an SAE trained on
 per-token layer-normed inputs reconstructs x as x_hat * std(x) + mean(x), so
 its row is scaled by each token's std(x) the same way.
 
+With train.sweep, `member` picks the sweep member whose SAE steers (its folder
+`<hook>@<member>`); none picks the plain one, the `{}` entry.
+
     plan   check everything cheap first (prompt, SAE folder, latent index), then
            load the causal LM and the hook point
     run    the unsteered continuation, then one per strength; a table of them
@@ -26,7 +29,7 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.paths import DONE, sae_dir
+from pipeline.paths import DONE, leaf, sae_dir
 from pipeline.sae import TopKSAE
 
 
@@ -54,8 +57,19 @@ def _hook(cfg: Config, layer: int, hook: str | None) -> str:
     return hooks[0]
 
 
+def _member(cfg: Config, member: str | None) -> str | None:
+    """--member, checked against the config's train.sweep; None (the plain SAE) only when it trains one."""
+    names = [name for name, _ in cfg.train.members()]
+    if member in names:
+        return member
+    listed = ", ".join("{} (no --member)" if n is None else n for n in names)
+    if member is None:
+        raise UserError(f"the config's train.sweep has no plain entry ({{}}); pick a member with --member: {listed}")
+    raise UserError(f"--member {member!r} is not a member of the config's train.sweep; choose one of: {listed}")
+
+
 def plan(cfg: Config, layer: int, latent: int, strengths: list[float], prompt: str, hook: str | None = None,
-         max_new_tokens: int = 32) -> Plan:
+         max_new_tokens: int = 32, member: str | None = None) -> Plan:
     from pipeline.model import load_causal_lm, resolve_hook_points
 
     if not prompt.strip():
@@ -64,15 +78,15 @@ def plan(cfg: Config, layer: int, latent: int, strengths: list[float], prompt: s
         raise UserError("no --strength given; pass one or more, e.g. --strength 4 --strength 8")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens = {max_new_tokens} must be at least 1")
-    hook = _hook(cfg, layer, hook)
-    folder = sae_dir(cfg.run_path, layer, hook)
+    hook, member = _hook(cfg, layer, hook), _member(cfg, member)
+    folder = sae_dir(cfg.run_path, layer, hook, member)
     if not (folder / DONE).exists():
-        raise UserError(f"no trained SAE for layer {layer} hook {hook} (looked in {folder}); "
+        raise UserError(f"no trained SAE for layer {layer} hook {leaf(hook, member)} (looked in {folder}); "
                         f"run `saepipe train CONFIG --layers {layer}` first")
     sae = TopKSAE.load(folder)
     if not 0 <= latent < sae.n_latents:
-        raise UserError(f"--latent {latent} is out of range: the SAE of layer {layer} hook {hook} has latents "
-                        f"0..{sae.n_latents - 1}")
+        raise UserError(f"--latent {latent} is out of range: the SAE of layer {layer} hook {leaf(hook, member)} has "
+                        f"latents 0..{sae.n_latents - 1}")
 
     model, tokenizer = load_causal_lm(cfg.model.name, cfg.model.revision, cfg.model.dtype, cfg.model.device)
     resolve_hook_points(model, [(layer, hook)])  # a layer past the model's last is refused in one line
@@ -122,10 +136,10 @@ def steered(p: Plan, strength: float) -> list[int]:
 
 
 def run(cfg: Config, layer: int, latent: int, strengths: list[float], prompt: str, hook: str | None = None,
-        max_new_tokens: int = 32, echo=print) -> dict[str, list[int]]:
+        max_new_tokens: int = 32, echo=print, member: str | None = None) -> dict[str, list[int]]:
     """Print the clean and the steered continuations, one row each; return their token ids
     ("clean" and one key per strength, as given)."""
-    p = plan(cfg, layer, latent, strengths, prompt, hook, max_new_tokens)
+    p = plan(cfg, layer, latent, strengths, prompt, hook, max_new_tokens, member)
     eos = p.tokenizer.eos_token_id
     rows = {"clean": greedy(p.model, p.prompt_ids, p.max_new_tokens, eos)}
     for s in p.strengths:
@@ -134,7 +148,7 @@ def run(cfg: Config, layer: int, latent: int, strengths: list[float], prompt: st
     def text(ids):  # json quotes keep newlines and edge spaces visible on one line
         return json.dumps(p.tokenizer.decode(ids, skip_special_tokens=False), ensure_ascii=False)
 
-    echo(f"steer layer {p.layer} hook {p.hook} latent {p.latent}, greedy, {p.max_new_tokens} new tokens")
+    echo(f"steer layer {p.layer} hook {leaf(p.hook, member)} latent {p.latent}, greedy, {p.max_new_tokens} new tokens")
     echo(f"prompt: {json.dumps(prompt, ensure_ascii=False)}")
     width = max(len("strength"), *(len(k) for k in rows))
     echo(f"{'strength':>{width}}  continuation")

@@ -1,9 +1,9 @@
-"""Train one TopK SAE per (layer, hook) of the activation store.
+"""Train TopK SAEs on the (layer, hook)s of the activation store: one each, or a sweep of several.
 
 `plan()` resolves and checks everything first (widths, k, the store, NaN/Inf
 rows, an earlier run in the output folder), so bad input fails before a byte
-is written. `run()` then takes every SAE's lock and `train()`s each by the
-recipe of DESIGN.md:
+is written. `run()` then takes every SAE's lock and `train()`s the SAEs of each
+(layer, hook) together, by the recipe of DESIGN.md:
 
     loss = ||x - x_hat||^2 / ||x - mean(x)||^2  +  aux_alpha * AuxK
     Adam (tiny eps) under warmup then cosine decay, or schedule-free sign descent; decoder rows kept unit-norm
@@ -15,7 +15,19 @@ tokens) to predict what the live ones missed. Everything a step depends on is
 one `TrainState`, checkpointed atomically, and batches are a pure function of
 (seed, step), so a killed run resumes to the same weights as an unbroken one.
 
-The folders of one SAE (`pipeline.paths.sae_dir`, called `out` here):
+A sweep (`train.sweep`, config.TrainConfig.members) is several SAEs of one
+(layer, hook) fed from one BatchLoader: each batch is read and decoded once and
+every member steps on it, each on its own TrainState, with its own init, log,
+eval, checkpoint and finish, so a member is bit for bit the SAE a run of the
+plain config with that member's overrides makes. What the stream is made of
+(batch size, budget, seed, held-out chunks, dropped rows) the members share by
+construction (config.SWEEP_SHARED); so do the rows read once for init and eval.
+Members checkpoint at the same steps, but a kill may land between two of their
+saves: the loader then starts at the earliest member's step and a member that
+is ahead lets the batches it has seen go by.
+
+The folders of one SAE (`pipeline.paths.sae_dir`, called `out` here; a named
+member's is `<hook>@<member>`):
 
     <out>.partial/   the work: checkpoint.pt, metrics.jsonl; at the end the loss
                      and density figures, then sae.save() (sae.safetensors,
@@ -27,12 +39,16 @@ The folders of one SAE (`pipeline.paths.sae_dir`, called `out` here):
 So `<out>` is always a complete SAE or absent, --force never loses the old one
 before the new exists, and state is read from the markers alone:
 `.partial` with `done` = finished, only the swap remains; `.partial` with a
-checkpoint of this config = resume; anything else = start over.
+checkpoint of this config = resume; anything else = start over. The lock is the
+folder's (`fsio.target_locks`), so two trains of one SAE (a sweep's `{}` member
+and a plain train share the plain folder) refuse each other, and different
+members may train at once.
 
 Under torchrun (README, "Several processes") training is data-parallel: every
 rank reads the same batches and computes its own rows of each, the gradients
-and counters are summed over the ranks (pipeline.dist), and rank 0 alone holds
-the lock and writes the files above.
+and counters are summed over the ranks (pipeline.dist), member after member in
+the same order on every rank, and rank 0 alone holds the locks and writes the
+files above.
 """
 
 from __future__ import annotations
@@ -58,7 +74,7 @@ from pipeline.kernels import resolve_backend
 from pipeline.loader import (CACHE_BYTES, BatchLoader, Cursor, RowFilter, count_nonfinite, derive_seed, eval_rows,
                              split_chunks, trainable_rows)
 from pipeline.model import resolve_device
-from pipeline.paths import DONE, sae_dir
+from pipeline.paths import DONE, leaf, sae_dir
 from pipeline.sae import TopKSAE, saved_cfg
 from pipeline.store import ActivationStore, Location
 
@@ -66,8 +82,9 @@ CHECKPOINT = "checkpoint.pt"
 # A finished SAE folder holds exactly these (DONE written last, by TopKSAE.save).
 OUTPUTS = ("metrics.jsonl", "loss.png", "loss.svg", "density.png", "density.svg", "sae.safetensors", "cfg.json",
            DONE)
-# What a resume must match: the train config but its logistics, and expansion_factor (folded into n_latents).
-_NOT_FINGERPRINTED = {*logistics(TrainConfig), "expansion_factor"}
+# What a resume must match: the train config but its logistics, expansion_factor (folded into n_latents)
+# and the sweep (a member's config has none: it is the plain config with the member's overrides).
+_NOT_FINGERPRINTED = {*logistics(TrainConfig), "expansion_factor", "sweep"}
 
 
 @dataclass
@@ -87,10 +104,16 @@ class Plan:
     eval_chunks: list[int]
     window_chunks: int
     rows_per_epoch: int
+    member: str | None = None  # the sweep member's name; None: the plain folder
 
     @property
     def name(self) -> str:
-        return f"layer {self.layer} {self.hook}"
+        return f"layer {self.layer} {leaf(self.hook, self.member)}"
+
+    @property
+    def key(self) -> tuple:
+        """run()'s key for this SAE: (layer, hook), and the member's name for a named member."""
+        return (self.layer, self.hook) if self.member is None else (self.layer, self.hook, self.member)
 
     @property
     def work(self) -> Path:
@@ -107,13 +130,21 @@ def partial_dir(out: Path) -> Path:
 
 # --------------------------------------------------------------------------- plan and run
 def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> list[Plan]:
-    """Every SAE to train, planned and checked before any is trained."""
+    """Every SAE to train (each member of a sweep, per (layer, hook)), planned and checked before any is trained."""
     store = ActivationStore(Location.of(cfg))
-    return [plan_sae(cfg, store, layer, hook, force) for layer, hook in cfg.targets("train", layers)]
+    plans = []
+    for layer, hook in cfg.targets("train", layers):
+        group = [plan_sae(cfg, store, layer, hook, force, member, check_finite=False)
+                 for member, _ in cfg.train.members()]
+        fresh = [p for p in group if p.status == "fresh"]
+        if fresh:  # one read pass per (layer, hook), however many members start there
+            _check_finite(fresh[0])
+        plans += group
+    return plans
 
 
 def run(cfg: Config, layers: list[int] | None = None, force: bool = False, progress: bool = True) -> dict:
-    """Train (or resume, or finish) the SAEs of the config; returns {(layer, hook): cfg.json}.
+    """Train (or resume, or finish) the SAEs of the config; returns {Plan.key: cfg.json}.
     Every lock is taken before any SAE is trained: a concurrent train is refused now, not halfway."""
     rank, _ = dist.rank_world()
     todo, trained = [], {}
@@ -124,23 +155,27 @@ def run(cfg: Config, layers: list[int] | None = None, force: bool = False, progr
         else:  # to train, or a finished SAE whose swap a kill cut short: only under its lock
             todo.append(p)
     # Under torchrun rank 0 holds the locks and writes every file; the others compute.
-    locks = fsio.target_locks(cfg.run_dir, "train", [(p.layer, p.hook) for p in todo]) if rank == 0 else nullcontext()
+    locks = (fsio.target_locks(cfg.run_dir, "train", [(p.layer, p.hook, p.member) for p in todo]) if rank == 0
+             else nullcontext())
     with locks, dist.group():
-        for p in todo:
-            trained[(p.layer, p.hook)] = train(p, progress=progress and rank == 0)
+        for target in dict.fromkeys((p.layer, p.hook) for p in todo):
+            trained.update(train([p for p in todo if (p.layer, p.hook) == target], progress=progress and rank == 0))
     return trained
 
 
-def plan_sae(cfg: Config, store: ActivationStore, layer: int, hook: str, force: bool = False) -> Plan:
-    tc = cfg.train
-    name = f"layer {layer} {hook}"
+def plan_sae(cfg: Config, store: ActivationStore, layer: int, hook: str, force: bool = False,
+             member: str | None = None, check_finite: bool = True) -> Plan:
+    """One SAE: the plain config's, or the sweep member's named `member`."""
+    tc = dict(cfg.train.members())[member]
+    name = f"layer {layer} {leaf(hook, member)}"
     store.array(layer, hook)  # missing or partly harvested: one clear error
     d = store.d_model(layer, hook)
     n = tc.n_latents or tc.expansion_factor * d
     if tc.k > n:  # the one check of k against the width: the width may depend on d_model
         how = (f"train.n_latents = {n}" if tc.n_latents
                else f"n_latents = {n} (train.expansion_factor {tc.expansion_factor} x d_model {d})")
-        raise UserError(f"train.k = {tc.k} exceeds {how}; lower k or raise n_latents")
+        at = "" if member is None else f"{name}: "
+        raise UserError(f"{at}train.k = {tc.k} exceeds {how}; lower k or raise n_latents")
     device = resolve_device(tc.device, key="train.device")
     tc = dataclasses.replace(
         tc, n_latents=n,
@@ -164,9 +199,9 @@ def plan_sae(cfg: Config, store: ActivationStore, layer: int, hook: str, force: 
                         f"{name}; lower it or harvest more tokens")
     window_chunks = max(tc.shuffle_chunks, -(-4 * tc.batch_size // store.chunk_rows(layer, hook)))
 
-    out = sae_dir(cfg.run_dir, layer, hook)
+    out = sae_dir(cfg.run_dir, layer, hook, member)
     p = Plan(store, layer, hook, out, "", force, tc, d, fingerprint, device, _matmul_dtype(tc.autocast, device),
-             train_chunks, eval_chunks, window_chunks, rows_per_epoch)
+             train_chunks, eval_chunks, window_chunks, rows_per_epoch, member)
     # Planning writes nothing: a swap a kill interrupted is only undone under the lock, in train(),
     # and until then the old folder aside is what recover_swap will give back the name.
     shown = out if out.exists() or not fsio.old_name(out).exists() else fsio.old_name(out)
@@ -174,7 +209,7 @@ def plan_sae(cfg: Config, store: ActivationStore, layer: int, hook: str, force: 
     if p.status == "fresh" and shown.exists() and not force:
         print(f"train: {name}: {out} holds no finished SAE (no intact `{DONE}` marker); training a new one, "
               "which replaces it once finished")
-    if p.status == "fresh":
+    if p.status == "fresh" and check_finite:
         _check_finite(p)
     return p
 
@@ -341,84 +376,135 @@ def _cpu(module: torch.nn.Module) -> dict:
 
 
 # --------------------------------------------------------------------------- training
-def train(p: Plan, progress: bool = True) -> dict:
-    """Train (or resume, or finish) the SAE of a plan; the caller holds its lock. Returns its cfg.json."""
+def train(plans: list[Plan], progress: bool = True) -> dict:
+    """Train (or resume, or finish) the SAEs of one (layer, hook), one or a sweep's members, from one
+    stream of batches; the caller holds their locks. Returns {Plan.key: cfg.json}."""
     rank, world = dist.rank_world()
     main = rank == 0
-    done = _settle(p) if main else None
+    settled = {p.key: _settle(p) for p in plans} if main else {}
     dist.barrier()  # the others look at the folders once rank 0 has settled them
-    if not main:
-        p.status = _status(p, p.out)
-        if p.status == "done":
-            return saved_cfg(p.out)
-    if done is not None:
-        return done
-    tc, B, work = p.tc, p.tc.batch_size, p.work
+    results, members = {}, []
+    for p in plans:
+        if not main:
+            p.status = _status(p, p.out)
+            if p.status == "done":
+                results[p.key] = saved_cfg(p.out)
+                continue
+        elif settled[p.key] is not None:
+            results[p.key] = settled[p.key]
+            continue
+        members.append(p)
+    if not members:
+        return results
+    # Everything the stream is made of is the same for every member (config.SWEEP_SHARED).
+    first, tc = members[0], members[0].tc
+    B = tc.batch_size
     if main:
-        if p.status == "fresh" and work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
+        for p in members:
+            if p.status == "fresh" and p.work.exists():
+                shutil.rmtree(p.work)
+            p.work.mkdir(parents=True, exist_ok=True)
 
-    state = TrainState(tc, p.d_in, p.device)
-    if p.status == "resume":
-        state.load_state_dict(_load_checkpoint(work / CHECKPOINT)["state"])
-    else:
-        state.scale = _init(state.sae, p)
-        if state.ema is not None:
-            state.ema.load_state_dict(state.sae.state_dict())
+    states, sample = [], None
+    for p in members:
+        state = TrainState(p.tc, p.d_in, p.device)
+        if p.status == "resume":
+            state.load_state_dict(_load_checkpoint(p.work / CHECKPOINT)["state"])
+        else:
+            if sample is None:  # read once: a member with a smaller init_sample takes the first rows of it
+                sample = _init_sample(first, max(q.tc.init_sample for q in members))
+            state.scale = _init(state.sae, p, sample)
+            if state.ema is not None:
+                state.ema.load_state_dict(state.sae.state_dict())
+        if main:
+            _rewrite_metrics(p.work, last_step=state.step)  # a killed run may have logged past its checkpoint
+        states.append(state)
+    del sample
+    # One row filter for the one loader: its NaN/Inf counts (chunk -> rows, the same whoever read
+    # the chunk) are every member's, resumed ones' included.
+    rf = first.row_filter()
+    for state in states:
+        rf.nonfinite.update(state.nonfinite)
+    for state in states:
+        state.nonfinite = rf.nonfinite
+    x_eval = eval_rows(first.store, first.layer, first.hook, first.eval_chunks or first.train_chunks,
+                       tc.eval_tokens, first.row_filter())
     if main:
-        _rewrite_metrics(work, last_step=state.step)  # a killed run may have logged past its checkpoint
-    rf = p.row_filter()
-    rf.nonfinite = state.nonfinite
-    x_eval = eval_rows(p.store, p.layer, p.hook, p.eval_chunks or p.train_chunks, tc.eval_tokens, p.row_filter())
-    if main:
-        _announce(p, state.step, x_eval.shape[0])
-    loader = BatchLoader(p.store, p.layer, p.hook, p.train_chunks, B, tc.seed, p.window_chunks, rf, p.device,
-                         tc.reader_threads, start=state.cursor, cache=_cache_rows(p))
+        for p, state in zip(members, states):
+            _announce(p, state.step, x_eval.shape[0])
+        if len(members) > 1:
+            print(f"train: layer {first.layer} {first.hook}: {len(members)} SAEs from one pass over the batches "
+                  f"({', '.join(leaf(p.hook, p.member) for p in members)})")
+    # A kill between two members' checkpoints leaves them at different steps: the stream starts at
+    # the earliest, and a member ahead of it lets the batches it has trained on go by.
+    behind = min(states, key=lambda st: st.step)
+    loader = BatchLoader(first.store, first.layer, first.hook, first.train_chunks, B, tc.seed, first.window_chunks,
+                         rf, first.device, tc.reader_threads, start=behind.cursor, cache=_cache_rows(first))
 
-    bar = tqdm(total=tc.n_steps * B, initial=state.step * B, unit="tok", unit_scale=True,
-               desc=f"train L{p.layer} {p.hook}", disable=not progress, dynamic_ncols=True)
-    t_log = time.time()
-    metrics = open(work / "metrics.jsonl", "a") if main else None
+    what = f"train L{first.layer} {first.hook}" + (f" x{len(members)} SAEs" if len(members) > 1 else "")
+    bar = tqdm(total=tc.n_steps * B, initial=behind.step * B, unit="tok", unit_scale=True, desc=what,
+               disable=not progress, dynamic_ncols=True)
+    t_log, postfix = [time.time()] * len(members), {}
+    metrics = [open(p.work / "metrics.jsonl", "a") for p in members] if main else []
     batches = iter(loader)
     try:
-        while state.step < tc.n_steps:
-            x, state.cursor = next(batches)
+        for step in range(behind.step, tc.n_steps):
+            x, cursor = next(batches)
             if world > 1:  # every rank reads the same batch and computes its own rows of it
                 x = x[rank::world]
-            lr = learning_rate(tc, state.step)
-            n_dormant = train_step(state, state.sae.preprocess(x) * state.scale, lr, tc, p.matmul_dtype)
+            for i, (p, state) in enumerate(zip(members, states)):
+                if state.step > step:
+                    continue
+                state.cursor = cursor
+                lr = learning_rate(p.tc, step)
+                n_dormant = train_step(state, state.sae.preprocess(x) * state.scale, lr, p.tc, p.matmul_dtype)
+                if main:
+                    t_log[i], shown = _after_step(p, state, metrics[i], rf, x_eval, lr, n_dormant, t_log[i])
+                    if shown and len(members) == 1:
+                        bar.set_postfix(shown, refresh=False)
+                    elif shown:
+                        postfix[p.member or "{}"] = shown["fvu"]
+                        bar.set_postfix(postfix, refresh=False)
             bar.update(B)
-            step = state.step
-            if not main:
-                continue
-            if step % tc.log_every == 0 or step == tc.n_steps:
-                now, steps = time.time(), step - state.log_from
-                loss, fvu, nmse, aux = (state.log_sums / steps).tolist()
-                row = {"split": "train", "step": step, "tokens": step * B, "loss": loss, "fvu": fvu, "nmse": nmse,
-                       "aux_loss": aux, "dormant_frac": n_dormant / tc.n_latents, "lr": lr,
-                       "tokens_per_s": steps * B / max(now - t_log, 1e-9), "elapsed_s": state.elapsed}
-                if rf.dropped_nonfinite:
-                    row["dropped_nonfinite"] = rf.dropped_nonfinite
-                _append(metrics, row)
-                bar.set_postfix(fvu=f"{fvu:.4f}", dormant=f"{n_dormant / tc.n_latents:.1%}", refresh=False)
-                state.log_sums.zero_()
-                state.log_from, t_log = step, now
-            if step % tc.eval_every == 0 and step < tc.n_steps:
-                ev = evaluate(state.weights(), x_eval, state.scale, B, p.matmul_dtype)
-                del ev["density"]
-                _append(metrics, {"split": "eval", "step": step, "tokens": step * B, **ev})
-            if step % tc.checkpoint_every == 0 and step < tc.n_steps:
-                metrics.flush()
-                _save_checkpoint(work / CHECKPOINT, p.fingerprint, state)
     finally:
         bar.close()
         batches.close()
-        if metrics is not None:
-            metrics.close()
-    result = _finish(p, state, x_eval) if main else None
-    dist.barrier()  # the others return once rank 0 has published the SAE
-    return result if main else saved_cfg(p.out)
+        for f in metrics:
+            f.close()
+    if main:
+        for p, state in zip(members, states):
+            results[p.key] = _finish(p, state, x_eval)
+    dist.barrier()  # the others return once rank 0 has published the SAEs
+    if not main:
+        results.update({p.key: saved_cfg(p.out) for p in members})
+    return results
+
+
+def _after_step(p: Plan, state: TrainState, metrics, rf: RowFilter, x_eval: torch.Tensor, lr: float,
+                n_dormant: int, t_log: float) -> tuple[float, dict | None]:
+    """Rank 0, after a member's step: its train row, eval row and checkpoint when due. Returns when
+    its last train row was written, and what the progress bar shows of it when one was."""
+    tc, B, step, shown = p.tc, p.tc.batch_size, state.step, None
+    if step % tc.log_every == 0 or step == tc.n_steps:
+        now, steps = time.time(), step - state.log_from
+        loss, fvu, nmse, aux = (state.log_sums / steps).tolist()
+        row = {"split": "train", "step": step, "tokens": step * B, "loss": loss, "fvu": fvu, "nmse": nmse,
+               "aux_loss": aux, "dormant_frac": n_dormant / tc.n_latents, "lr": lr,
+               "tokens_per_s": steps * B / max(now - t_log, 1e-9), "elapsed_s": state.elapsed}
+        if rf.dropped_nonfinite:
+            row["dropped_nonfinite"] = rf.dropped_nonfinite
+        _append(metrics, row)
+        shown = {"fvu": f"{fvu:.4f}", "dormant": f"{n_dormant / tc.n_latents:.1%}"}
+        state.log_sums.zero_()
+        state.log_from, t_log = step, now
+    if step % tc.eval_every == 0 and step < tc.n_steps:
+        ev = evaluate(state.weights(), x_eval, state.scale, B, p.matmul_dtype)
+        del ev["density"]
+        _append(metrics, {"split": "eval", "step": step, "tokens": step * B, **ev})
+    if step % tc.checkpoint_every == 0 and step < tc.n_steps:
+        metrics.flush()
+        _save_checkpoint(p.work / CHECKPOINT, p.fingerprint, state)
+    return t_log, shown
 
 
 def _cache_rows(p: Plan) -> bool:
@@ -532,20 +618,27 @@ def _settle(p: Plan) -> dict | None:
     return None
 
 
-def _init(sae: TopKSAE, p: Plan) -> float:
-    """Tied random init; input scale and b_pre from a sample of training rows. Returns the scale."""
-    tc, rf = p.tc, p.row_filter()
-    sae.reset_parameters(torch.Generator().manual_seed(derive_seed(tc.seed, -1)))
-    g = torch.Generator().manual_seed(derive_seed(tc.seed, -2))
+def _init_sample(p: Plan, n: int) -> torch.Tensor:
+    """The init sample: the first n rows of the training chunks in an order drawn from the seed. A
+    smaller sample is the first rows of a larger one, so a sweep reads it once for every member."""
+    rf = p.row_filter()
+    g = torch.Generator().manual_seed(derive_seed(p.tc.seed, -2))
     order = torch.randperm(len(p.train_chunks), generator=g).tolist()
     parts, have = [], 0
     for i in order:
-        if have >= tc.init_sample:
+        if have >= n:
             break
         c = p.train_chunks[i]
         parts.append(rf(c, p.store.read_chunk(p.layer, p.hook, c)).float())
         have += parts[-1].shape[0]
-    x = sae.preprocess(torch.cat(parts)[: tc.init_sample])
+    return torch.cat(parts)[:n]
+
+
+def _init(sae: TopKSAE, p: Plan, sample: torch.Tensor) -> float:
+    """Tied random init; input scale and b_pre from the init sample (_init_sample). Returns the scale."""
+    tc = p.tc
+    sae.reset_parameters(torch.Generator().manual_seed(derive_seed(tc.seed, -1)))
+    x = sae.preprocess(sample[: tc.init_sample])
     # scalar: one factor so the mean row norm is sqrt(d); folded into the saved weights
     scale = math.sqrt(x.shape[1]) / x.norm(dim=1).mean().item() if tc.normalize == "scalar" else 1.0
     x = x * scale
@@ -694,7 +787,8 @@ def _saved_cfg(p: Plan, state: TrainState, ev: dict) -> dict:
         "prepend_bos": attrs.get("prepend_bos"), "exclude_bos": tc.exclude_bos,
         "tokens_trained": tokens, "steps": tc.n_steps, "epochs": tokens / p.rows_per_epoch,
         "eval": ev, "eval_chunks": p.eval_chunks, "dropped_nonfinite": sum(state.nonfinite.values()),
-        "train_seconds": state.elapsed, "train": {**dataclasses.asdict(tc), "n_steps": tc.n_steps},
+        "train_seconds": state.elapsed,
+        "train": {**{k: v for k, v in dataclasses.asdict(tc).items() if k != "sweep"}, "n_steps": tc.n_steps},
         "fingerprint": p.fingerprint, "package_version": pipeline.__version__,
     }
 

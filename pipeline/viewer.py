@@ -40,7 +40,7 @@ from typing import Iterator
 from urllib.parse import quote
 
 from pipeline import fsio
-from pipeline.paths import DONE, EVAL_FILE, records_dir, records_root, sae_dir
+from pipeline.paths import DONE, EVAL_FILE, leaf, records_dir, records_root, sae_dir, split_leaf
 from pipeline.sae import saved_cfg, saved_marker
 
 SHARD_SIZE = 64
@@ -150,8 +150,8 @@ def index_page(run_dir) -> Path:
     return records_root(run_dir) / "index.html"
 
 
-def finished_records(run_dir) -> list[tuple[int, str]]:
-    """Every (layer, hook) whose records folder is finished (holds its `done` marker)."""
+def finished_records(run_dir) -> list[tuple[int, str, str | None]]:
+    """Every (layer, hook, sweep member or None) whose records folder is finished (holds its `done` marker)."""
     root = index_page(run_dir).parent
     found = []
     for layer_dir in root.iterdir() if root.is_dir() else []:
@@ -161,8 +161,8 @@ def finished_records(run_dir) -> list[tuple[int, str]]:
             # <hook>.partial and <hook>.old are a collate or a swap under way, not records.
             if folder.name.endswith((".partial", ".old")) or not (folder / DONE).is_file():
                 continue
-            found.append((int(layer_dir.name), folder.name))
-    return sorted(found)
+            found.append((int(layer_dir.name), *split_leaf(folder.name)))
+    return sorted(found, key=lambda t: (t[0], t[1], t[2] or ""))
 
 
 def _read_json(path: Path) -> dict:
@@ -182,9 +182,9 @@ def _num(x, digits: int = 4, percent: bool = False) -> str:
     return f"{x:,}" if isinstance(x, int) else f"{x:.{digits}g}"
 
 
-def _lm_eval(run_dir, layer: int, hook: str) -> dict:
+def _lm_eval(run_dir, layer: int, hook: str, member: str | None = None) -> dict:
     """saepipe eval's numbers (the SAE folder's eval.json) while they belong to the SAE there now."""
-    sae = sae_dir(run_dir, layer, hook)
+    sae = sae_dir(run_dir, layer, hook, member)
     now = (saved_marker(sae) or {}).get("sha256")
     lm = _read_json(sae / EVAL_FILE)
     return lm if now is not None and lm.get("sae_sha256") == now else {}
@@ -193,8 +193,8 @@ def _lm_eval(run_dir, layer: int, hook: str) -> dict:
 _LM_HEAD = ("<th>CE clean</th><th>CE spliced</th><th>&Delta;CE</th><th>CE recovered</th><th>KL</th>")
 
 
-def _row(run_dir, layer: int, hook: str, with_lm: bool) -> str:
-    out, sae = records_dir(run_dir, layer, hook), sae_dir(run_dir, layer, hook)
+def _row(run_dir, layer: int, hook: str, member: str | None, with_lm: bool) -> str:
+    out, sae = records_dir(run_dir, layer, hook, member), sae_dir(run_dir, layer, hook, member)
     s = _read_json(out / "summary.json")
     ev = (saved_cfg(sae) or {}).get("eval")
     ev = ev if isinstance(ev, dict) else {}
@@ -206,8 +206,8 @@ def _row(run_dir, layer: int, hook: str, with_lm: bool) -> str:
     note = " (its SAE is gone)" if now is None else "" if made_from == now else " (the SAE changed since: rerun collate)"
     cells = [
         str(layer),
-        html.escape(hook),
-        f'<a href="{html.escape(quote(f"{layer}/{hook}/viewer.html"))}">viewer</a>{html.escape(note)}',
+        html.escape(leaf(hook, member)),  # a sweep member shows as hook@member, its folder's name
+        f'<a href="{html.escape(quote(f"{layer}/{leaf(hook, member)}/viewer.html"))}">viewer</a>{html.escape(note)}',
         _num(s.get("n_latents")),
         _num(s.get("dead")),
         _num(s.get("ultra_rare")),
@@ -216,7 +216,7 @@ def _row(run_dir, layer: int, hook: str, with_lm: bool) -> str:
         _num(dead_frac, percent=True),
     ]
     if with_lm:
-        lm = _lm_eval(run_dir, layer, hook)
+        lm = _lm_eval(run_dir, layer, hook, member)
         cells += [_num(lm.get(k), percent=k == "ce_recovered")
                   for k in ("ce_clean", "ce_spliced", "delta_ce", "ce_recovered", "kl")]
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
@@ -228,20 +228,20 @@ def write_index_page(run_dir) -> Path:
     page = index_page(run_dir)
     found = finished_records(run_dir)
     # The LM-eval columns appear once some listed SAE has been through `saepipe eval`.
-    with_lm = any(_lm_eval(run_dir, layer, hook) for layer, hook in found)
-    rows = "\n".join(_row(run_dir, layer, hook, with_lm) for layer, hook in found)
+    with_lm = any(_lm_eval(run_dir, *found_one) for found_one in found)
+    rows = "\n".join(_row(run_dir, *found_one, with_lm) for found_one in found)
     text = Template(template("records_index.html")).substitute(
         run_dir=html.escape(str(Path(run_dir).resolve())), lm_head=_LM_HEAD if with_lm else "",
         rows=rows or f'<tr><td colspan="{14 if with_lm else 9}">none yet</td></tr>')
     fsio.write_atomic(page, text)
-    for layer, hook in found:
-        _write_eval_script(run_dir, layer, hook)
+    for found_one in found:
+        _write_eval_script(run_dir, *found_one)
     return page
 
 
-def _write_eval_script(run_dir, layer: int, hook: str):
+def _write_eval_script(run_dir, layer: int, hook: str, member: str | None = None):
     """viewer_data/eval.js: saepipe eval's numbers for the viewer's overview ({} when there are
     none for the SAE there now). Rewritten with the index page, after every collate and eval."""
-    data = records_dir(run_dir, layer, hook) / "viewer_data"
+    data = records_dir(run_dir, layer, hook, member) / "viewer_data"
     if data.is_dir():  # records from before the viewer had data files have no overview to fill
-        fsio.write_atomic(data / "eval.js", _js_call("eval", _json(_lm_eval(run_dir, layer, hook))))
+        fsio.write_atomic(data / "eval.js", _js_call("eval", _json(_lm_eval(run_dir, layer, hook, member))))

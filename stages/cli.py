@@ -143,8 +143,9 @@ def verify(run, overrides, threads):
 def train(config, layers, overrides, force):
     """Train one TopK SAE per harvested (layer, hook) into <run_dir>/saes/<L>/<hook>/.
 
-    An interrupted run resumes from its last checkpoint; finished SAEs are
-    skipped unless --force.
+    With train.sweep, one SAE per member from one pass over the batches, a named
+    member's in <hook>@<name>/. An interrupted run resumes from its last
+    checkpoint; finished SAEs are skipped unless --force.
     """
     from pipeline.config import parse_layers
     from stages import train as stage
@@ -163,7 +164,8 @@ def collate(config, layers, overrides, force):
 
     Output: <run_dir>/records/<L>/<hook>/ (viewer_data/ holding the records,
     index.json, summary.json, viewer.html) and <run_dir>/records/index.html
-    linking every layer's viewer. Finished layers are skipped unless --force;
+    linking every layer's viewer; with train.sweep, each member's records in
+    <hook>@<name>/. Finished layers are skipped unless --force;
     records made with other settings or another SAE are redone.
     """
     from pipeline.config import parse_layers
@@ -182,9 +184,11 @@ def collate(config, layers, overrides, force):
 @click.option("--prompt", required=True, help="The text to continue.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096),
               help="Tokens generated per continuation (greedy).")
+@click.option("--member", default=None, metavar="NAME",
+              help="The train.sweep member whose SAE steers; default: the plain one (the sweep's {} entry).")
 @_SET
 @_user_errors
-def steer(config, layer, hook, latent, strengths, prompt, max_new_tokens, overrides):
+def steer(config, layer, hook, latent, strengths, prompt, max_new_tokens, member, overrides):
     """Generate with a latent's decoder direction added to the hooked activation.
 
     Prints the unsteered greedy continuation and one steered continuation per
@@ -192,7 +196,7 @@ def steer(config, layer, hook, latent, strengths, prompt, max_new_tokens, overri
     """
     from stages import steer as stage
 
-    stage.run(_load(config, overrides), layer, latent, list(strengths), prompt, hook, max_new_tokens)
+    stage.run(_load(config, overrides), layer, latent, list(strengths), prompt, hook, max_new_tokens, member)
 
 
 @main.command(name="eval")
@@ -206,8 +210,9 @@ def eval_(config, layers, overrides, force):
 
     On held-out windows (the harvest's corpus past the harvested windows): CE
     clean, spliced and zero-ablated, delta_ce, ce_recovered, KL(clean||spliced),
-    fvu, l0, dead_frac. Writes <run_dir>/saes/<L>/<hook>/eval.json and prints a
-    table; finished evals of the same SAE weights are skipped unless --force.
+    fvu, l0, dead_frac. Writes <run_dir>/saes/<L>/<hook>/eval.json (and each
+    train.sweep member's, in <hook>@<name>/) and prints a table; finished evals
+    of the same SAE weights are skipped unless --force.
     """
     from pipeline.config import parse_layers
     from stages import eval as stage
@@ -220,12 +225,14 @@ def eval_(config, layers, overrides, force):
 @click.option("--format", "fmt", type=click.Choice(["saelens", "sparsify"]), required=True,
               help="Folder layout to write.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to create.")
+@click.option("--member", default=None, metavar="NAME",
+              help="Export the train.sweep member NAME of SAE_DIR's hook (the folder SAE_DIR@NAME beside it).")
 @_user_errors
-def export(sae_dir, fmt, out):
+def export(sae_dir, fmt, out, member):
     """Export a trained SAE folder for SAELens (SAE.load_from_disk) or sparsify."""
     from stages import export as stage
 
-    stage.run(sae_dir, fmt, out)
+    stage.run(sae_dir, fmt, out, member)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Stage 3: per-latent activation records for each trained SAE.
 
-    saepipe collate CONFIG [--layers 3,4] [--force]
+    saepipe collate CONFIG [--layers 3,4] [--force]    (every train.sweep member too)
 
 The work is pipeline.collate's; this prints where to look when it is done.
 """

@@ -1,6 +1,6 @@
 """Stage 4: what each trained SAE does to the language model's loss.
 
-    saepipe eval CONFIG [--layers 3,4] [--force]
+    saepipe eval CONFIG [--layers 3,4] [--force]    (every train.sweep member too)
 
 The work is pipeline.eval's; this prints one table row per SAE.
 """

@@ -5,7 +5,8 @@
 The work is pipeline.train's: every (layer, hook) is planned and checked
 before any is trained, every SAE's lock taken before any is trained, finished
 SAEs skipped unless --force, interrupted ones resumed from their checkpoint.
-Output: <run_dir>/saes/<layer>/<hook>/ (see pipeline/train.py).
+With train.sweep, the members of each (layer, hook) train from one pass over its batches.
+Output: <run_dir>/saes/<layer>/<hook>/ and <hook>@<member>/ (see pipeline/train.py).
 """
 
 from __future__ import annotations
