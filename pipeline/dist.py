@@ -2,9 +2,10 @@
 
 torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for each process it
 starts. A stage that runs on several ranks opens `group()` once; inside it,
-`barrier()` waits until every rank has reached the same point. The group is
-gloo, which runs everywhere (barriers move no tensors worth a GPU backend).
-Without torchrun (WORLD_SIZE unset or 1) both are no-ops, so the one-process
+`barrier()` waits until every rank has reached the same point and
+`all_reduce_()` sums a tensor over the ranks. The group is NCCL when the ranks
+compute on CUDA devices (train's gradients and counters live there), else gloo
+(CPU training, and harvest, whose barriers move no tensors). Without torchrun (WORLD_SIZE unset or 1) both are no-ops, so the one-process
 path is the same code.
 """
 
@@ -23,16 +24,31 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def backend_for(device=None) -> str:
+    """The collective backend for ranks whose tensors live on `device` (a torch.device; None: CPU)."""
+    import torch.distributed as td
+
+    return "nccl" if device is not None and device.type == "cuda" and td.is_nccl_available() else "gloo"
+
+
 @contextmanager
-def group() -> Iterator[None]:
-    """The process group of this torchrun launch while the `with` holds (nothing for one process)."""
+def group(device=None) -> Iterator[None]:
+    """The process group of this torchrun launch while the `with` holds (nothing for one process);
+    `device`: where the tensors it reduces live (this rank's GPU picks NCCL)."""
     import torch.distributed as td
 
     _, world = rank_world()
     if world == 1 or td.is_initialized():
         yield
         return
-    td.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    backend = backend_for(device)
+    if backend == "nccl":  # bind this rank's GPU, so barriers and collectives run there
+        import torch
+
+        torch.cuda.set_device(device)
+        td.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S), device_id=device)
+    else:
+        td.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
         yield
     finally:
@@ -44,7 +60,12 @@ def barrier():
     import torch.distributed as td
 
     if td.is_available() and td.is_initialized():
-        td.barrier()
+        if td.get_backend() == "nccl":
+            import torch
+
+            td.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            td.barrier()
 
 
 def all_reduce_(t):

@@ -157,7 +157,7 @@ def run(cfg: Config, layers: list[int] | None = None, force: bool = False, progr
     # Under torchrun rank 0 holds the locks and writes every file; the others compute.
     locks = (fsio.target_locks(cfg.run_dir, "train", [(p.layer, p.hook, p.member) for p in todo]) if rank == 0
              else nullcontext())
-    with locks, dist.group():
+    with locks, dist.group(todo[0].device if todo else None):  # NCCL when the ranks train on GPUs
         for target in dict.fromkeys((p.layer, p.hook) for p in todo):
             trained.update(train([p for p in todo if (p.layer, p.hook) == target], progress=progress and rank == 0))
     return trained

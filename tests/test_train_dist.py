@@ -98,3 +98,11 @@ def test_a_killed_rank_stops_the_run_and_every_rank_resumes_from_the_checkpoint(
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
     a, b = (TopKSAE.load(sae_folder(run)).state_dict() for run in runs.values())
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_ranks_on_gpus_reduce_with_nccl_and_on_cpu_with_gloo():
+    from pipeline import dist
+
+    assert dist.backend_for(None) == "gloo" and dist.backend_for(torch.device("cpu")) == "gloo"
+    # A CPU build of torch has no NCCL: CUDA ranks would then fall back to gloo, which reduces CUDA tensors too.
+    assert dist.backend_for(torch.device("cuda", 1)) == ("nccl" if td.is_nccl_available() else "gloo")
