@@ -12,6 +12,7 @@ path is the same code.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from contextlib import contextmanager
 from typing import Iterator
@@ -68,10 +69,36 @@ def barrier():
             td.barrier()
 
 
-def all_reduce_(t):
+def all_reduce_(t, group=None):
     """Sum `t` over the ranks, in place (inside group(); a no-op for one process). Returns t."""
     import torch.distributed as td
 
     if td.is_available() and td.is_initialized():
-        td.all_reduce(t)
+        td.all_reduce(t, group=group)
     return t
+
+
+def side_group():
+    """A gloo group of every rank for collectives a background thread runs (the batch loader's),
+    so they never interleave with the main thread's on the main group; None for one process.
+    Every rank must call it at the same point."""
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()):
+        return None
+    return td.new_group(backend="gloo")
+
+
+def all_gather_rows(x, n_rows: list[int], group) -> list:
+    """Every rank's rows: `x` [n_rows[rank], ...] here, n_rows[r] rows on rank r (any dtype, as raw
+    bytes, padded to the longest). Returns the W tensors, rank order."""
+    import torch
+    import torch.distributed as td
+
+    flat = x.reshape(x.shape[0], math.prod(x.shape[1:])).contiguous().view(torch.uint8)
+    longest = max(n_rows)
+    pad = torch.zeros(longest, flat.shape[1], dtype=torch.uint8)
+    pad[:flat.shape[0]] = flat
+    out = [torch.empty_like(pad) for _ in n_rows]
+    td.all_gather(out, pad, group=group)
+    return [o[:n].view(x.dtype).reshape(n, *x.shape[1:]) for o, n in zip(out, n_rows)]

@@ -17,7 +17,11 @@ Held-out chunks, spread evenly over the store, are never part of the stream;
 
 Reading: a background thread assembles windows ahead of the trainer (one
 window in hand, `prefetch` more queued), each read by a pool of threads
-(zarr decompression releases the GIL). On CUDA each window is pinned so
+(zarr decompression releases the GIL). Under torchrun every rank trains on the
+same stream, but reads only its share of each window's chunks (positions rank,
+rank + W, ...) and an all-gather over a side group hands it the others'
+(pipeline.dist), so the store is read once however many ranks there are and
+the window each rank assembles is the one a single process reads. On CUDA each window is pinned so
 batches go to the GPU with non-blocking copies. With `cache`, every chunk is
 read and decompressed once and kept (filtered) in memory for later epochs: the
 trainer asks for it when the training rows fit in CACHE_BYTES and the budget
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline import dist
 from pipeline.errors import UserError
 from pipeline.store import ActivationStore
 
@@ -118,6 +123,7 @@ class BatchLoader:
         self.reader_threads, self.prefetch = reader_threads, prefetch
         self.pin = device.type == "cuda"
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None  # chunk -> its filtered rows
+        self.group = dist.side_group()  # under torchrun: the ranks share each window's reads
 
     def window_ids(self, epoch: int, window: int) -> list[int]:
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
@@ -126,27 +132,59 @@ class BatchLoader:
         return [self.chunks[i] for i in ids]
 
     def read_window(self, epoch: int, window: int, pool: ThreadPoolExecutor) -> torch.Tensor:
-        parts = pool.map(self._chunk, self.window_ids(epoch, window))
-        x = torch.cat(list(parts))
+        x = torch.cat(self._chunks(self.window_ids(epoch, window), pool))
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, window))
         x = x[torch.randperm(x.shape[0], generator=g)]
         return x.pin_memory() if self.pin else x
 
-    def _chunk(self, c: int) -> torch.Tensor:
-        x = None if self.cache is None else self.cache.get(c)
-        if x is None:
-            x = self.filter(c, self.store.read_chunk(self.layer, self.hook, c))
-            if self.cache is not None:
-                self.cache[c] = x
-        return x
+    def _chunks(self, ids: list[int], pool: ThreadPoolExecutor) -> list[torch.Tensor]:
+        """The filtered rows of chunks `ids`, in order: from the cache, else read (under torchrun,
+        each rank its share, then gathered). Every rank's cache holds the same chunks."""
+        have = {} if self.cache is None else {c: self.cache[c] for c in ids if c in self.cache}
+        todo = [c for c in ids if c not in have]
+        if self.group is None:
+            read = dict(zip(todo, pool.map(self._read, todo)))
+        else:
+            read = self._read_shared(todo, pool)
+        if self.cache is not None:
+            self.cache.update(read)
+        return [have[c] if c in have else read[c] for c in ids]
 
-    def _windows(self, out: queue.Queue, stop: threading.Event):
-        """Producer thread: windows from the start cursor on, in order, forever."""
+    def _read(self, c: int) -> torch.Tensor:
+        return self.filter(c, self.store.read_chunk(self.layer, self.hook, c))
+
+    def _read_shared(self, ids: list[int], pool: ThreadPoolExecutor) -> dict[int, torch.Tensor]:
+        """Rank r reads ids r, r + W, ...; the rows of all of them (and the NaN/Inf rows each dropped,
+        for the log) come back to every rank."""
+        rank, world = dist.rank_world()
+        mine = ids[rank::world]
+        got = list(pool.map(self._read, mine))
+        meta = torch.zeros(len(ids), 2, dtype=torch.long)  # rows kept, non-finite rows dropped
+        for j, (c, x) in enumerate(zip(mine, got)):
+            meta[rank + j * world] = torch.tensor([x.shape[0], self.filter.nonfinite.get(c, 0)])
+        dist.all_reduce_(meta, self.group)
+        rows = meta[:, 0].tolist()
+        local = torch.cat(got) if got else torch.empty(0, self.store.d_model(self.layer, self.hook),
+                                                         dtype=self.store.dtype(self.layer, self.hook))
+        per_rank = dist.all_gather_rows(local, [sum(rows[r::world]) for r in range(world)], self.group)
+        out = {}
+        for r, block in enumerate(per_rank):
+            for c, part in zip(ids[r::world], block.split(rows[r::world])):
+                out[c] = part
+        for c, dropped in zip(ids, meta[:, 1].tolist()):
+            if dropped:
+                self.filter.nonfinite[c] = dropped
+        return out
+
+    def _windows(self, out: queue.Queue, stop: threading.Event, gate: "_Gate"):
+        """Producer thread: windows from the start cursor on, in order, as far as the gate allows."""
         epoch, window = self.start.epoch, self.start.window
         try:
             with ThreadPoolExecutor(self.reader_threads) as pool:
-                while not stop.is_set():
+                produced = 0
+                while gate.wait(produced):
                     item = (epoch, window, self.read_window(epoch, window, pool))
+                    produced += 1
                     while not stop.is_set():
                         try:
                             out.put(item, timeout=0.1)
@@ -167,12 +205,15 @@ class BatchLoader:
     def __iter__(self):
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        thread = threading.Thread(target=self._windows, args=(q, stop), daemon=True, name="batch-loader")
+        # Shared reads are collectives: at close every rank's producer must have read the same windows.
+        gate = _Gate(self.prefetch + 1, finish=self.group is not None)
+        thread = threading.Thread(target=self._windows, args=(q, stop, gate), daemon=True, name="batch-loader")
         thread.start()
 
         def next_window():
             for _ in range(self.n_windows + 1):  # a whole epoch of empty windows: nothing to train on
                 item = q.get()
+                gate.took()
                 if isinstance(item, BaseException):
                     raise item
                 if item[2].shape[0]:
@@ -200,7 +241,36 @@ class BatchLoader:
                 yield batch, Cursor(epoch, window, offset)
         finally:
             stop.set()
-            thread.join(timeout=5)
+            gate.close()
+            thread.join(timeout=None if gate.finish else 5)
+
+
+class _Gate:
+    """How many windows the producer may read: `ahead` more than the consumer has taken. Under
+    torchrun every rank's consumer takes the same windows, so with `finish` (shared reads) a closed
+    gate still lets the producer read up to that count, and every rank's producer ends on the same
+    window: their collectives pair up. Without it, a closed gate stops the producer at once."""
+
+    def __init__(self, ahead: int, finish: bool):
+        self.allowed, self.finish, self.closed = ahead, finish, False
+        self.cv = threading.Condition()
+
+    def took(self):
+        with self.cv:
+            self.allowed += 1
+            self.cv.notify()
+
+    def close(self):
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+
+    def wait(self, produced: int) -> bool:
+        """Whether window number `produced` may be read (waits until it may, or the gate closes)."""
+        with self.cv:
+            while produced >= self.allowed and not self.closed:
+                self.cv.wait()
+            return produced < self.allowed and (self.finish or not self.closed)
 
 
 def count_nonfinite(store: ActivationStore, layer: int, hook: str, threads: int = 4) -> int:

@@ -450,6 +450,10 @@ class ActivationStore:
     def chunk_rows(self, layer: int, hook: str) -> int:
         return int(self.array(layer, hook, False).chunks[0])
 
+    def dtype(self, layer: int, hook: str) -> torch.dtype:
+        """The dtype rows are read as (the logical one)."""
+        return dtypes.torch_dtype(self.array(layer, hook, False).attrs["logical_dtype"])
+
     def row_bytes(self, layer: int, hook: str) -> int:
         """Bytes of one row once read (the logical dtype)."""
         arr = self.array(layer, hook, False)

@@ -45,7 +45,8 @@ and a plain train share the plain folder) refuse each other, and different
 members may train at once.
 
 Under torchrun (README, "Several processes") training is data-parallel: every
-rank reads the same batches and computes its own rows of each, the gradients
+rank draws the same batches (the loader reads each rank's share of the chunks
+and gathers the rest) and computes its own rows of each, the gradients
 and counters are summed over the ranks (pipeline.dist), member after member in
 the same order on every rank, and rank 0 alone holds the locks and writes the
 files above.
@@ -450,7 +451,7 @@ def train(plans: list[Plan], progress: bool = True) -> dict:
     try:
         for step in range(behind.step, tc.n_steps):
             x, cursor = next(batches)
-            if world > 1:  # every rank reads the same batch and computes its own rows of it
+            if world > 1:  # every rank draws the same batch and computes its own rows of it
                 x = x[rank::world]
             for i, (p, state) in enumerate(zip(members, states)):
                 if state.step > step:

@@ -106,3 +106,84 @@ def test_ranks_on_gpus_reduce_with_nccl_and_on_cpu_with_gloo():
     assert dist.backend_for(None) == "gloo" and dist.backend_for(torch.device("cpu")) == "gloo"
     # A CPU build of torch has no NCCL: CUDA ranks would then fall back to gloo, which reduces CUDA tensors too.
     assert dist.backend_for(torch.device("cuda", 1)) == ("nccl" if td.is_nccl_available() else "gloo")
+
+
+_LOADER_RANK = '''
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline import dist
+from pipeline.loader import BatchLoader, RowFilter
+from pipeline.store import ActivationStore
+
+run, out, cache, steps = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+rank, _ = dist.rank_world()
+with dist.group():
+    store = ActivationStore(run)
+    reads, read_chunk = [], store.read_chunk
+    store.read_chunk = lambda layer, hook, c: reads.append(c) or read_chunk(layer, hook, c)
+    rf = RowFilter(store, 1, "resid_post", exclude_bos=True, skip_nonfinite=True)
+    loader = BatchLoader(store, 1, "resid_post", list(range(1, 8)), 96, 3, 3, rf, torch.device("cpu"),
+                         reader_threads=2, cache=cache)
+    batches = iter(loader)
+    got = [next(batches) for _ in range(steps)]
+    batches.close()
+    torch.save({"x": torch.stack([x for x, _ in got]), "cursors": [c for _, c in got], "reads": reads,
+                "nonfinite": dict(rf.nonfinite)}, out / f"rank{rank}.pt")
+'''
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_ranks_read_disjoint_shares_of_each_window_and_draw_the_one_process_batches(tmp_path, cache):
+    # 7 training chunks of 512 rows in windows of 3: each window's chunks are split 2/1 over the ranks,
+    # and the last window (1 chunk) leaves rank 1 none. Some rows hold NaN: each rank drops its own
+    # chunks' and learns the count of the others'. 120 steps of 96 rows are ~3 epochs: with the cache,
+    # the later epochs read nothing.
+    from collections import Counter
+
+    from pipeline.loader import BatchLoader, RowFilter
+    from pipeline.store import ActivationStore
+
+    run, steps = tmp_path / "run", 120
+    random_store(run, n_rows=8 * 512, nan_rows=(600, 1900, 3000))
+    script = tmp_path / "ranks.py"
+    script.write_text(_LOADER_RANK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(run), str(tmp_path), "1" if cache else "0", str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+    # The same loader in one process: what every rank must have drawn.
+    store = ActivationStore(run)
+    rf = RowFilter(store, 1, "resid_post", exclude_bos=True, skip_nonfinite=True)
+    one = BatchLoader(store, 1, "resid_post", list(range(1, 8)), 96, 3, 3, rf, torch.device("cpu"),
+                      reader_threads=2, cache=cache)
+    batches = iter(one)
+    want = [next(batches) for _ in range(steps)]
+    batches.close()
+    for r in ranks:
+        assert torch.equal(r["x"], torch.stack([x for x, _ in want]))
+        assert r["cursors"] == [c for _, c in want]
+        assert r["nonfinite"] == dict(rf.nonfinite) and len(rf.nonfinite) == 3
+
+    # What each rank read: its share (positions rank, rank + 2, ...) of each window's chunks still to
+    # read, window after window, for as many windows as it had read ahead when stopped.
+    def shares(rank: int, n_windows: int) -> Counter:
+        seen, out = set(), Counter()
+        for i in range(n_windows):
+            ids = one.window_ids(*divmod(i, one.n_windows))
+            todo = [c for c in ids if not (cache and c in seen)]
+            seen.update(ids)
+            out.update(todo[rank::2])
+        return out
+
+    used = 1 + want[-1][1].epoch * one.n_windows + want[-1][1].window  # windows the batches drew on
+    for rank, r in enumerate(ranks):
+        assert any(Counter(r["reads"]) == shares(rank, n) for n in range(used, used + 4)), (rank, r["reads"])
+    assert set(ranks[0]["reads"]).isdisjoint(ranks[1]["reads"]) or not cache
+    if cache:  # each chunk read once, by one rank
+        assert sorted(ranks[0]["reads"] + ranks[1]["reads"]) == list(range(1, 8))
