@@ -4,14 +4,16 @@ For every (layer, hook): the stored activations through <run_dir>/saes/<L>/<hook
 written to <run_dir>/records/<L>/<hook>/ with a static viewer, then one index
 page, <run_dir>/records/index.html, linking every finished layer's viewer. With
 train.sweep, every member's SAE (<hook>@<member>, pipeline.paths) gets its own
-records folder the same way, one pass over the store each.
+records folder the same way; the members of one (layer, hook) share pass 1
+(each batch read once, encoded by every member).
 
     plan   lock every (layer, hook), then decide what to do and check every
            input the work needs (store arrays, tokens, SAEs, tokenizer) before
            anything is written: a bad layer fails the whole command up front
     run    for each (layer, hook) to do, collate_sae:
-             scan         pass 1: every row through the SAE into fixed-size
-                          per-latent state (pipeline.scan, pipeline.accumulators)
+             scan         pass 1: every row through the SAE (every member's, for
+                          a sweep) into fixed-size per-latent state
+                          (pipeline.scan, pipeline.accumulators)
              windows      pass 2: re-read only the picked sequences and cut the
                           records' windows (pipeline.windows)
              logit lens   each decoder row through the final norm and unembedding
@@ -45,7 +47,7 @@ from pipeline.fsio import recover_swap, swap_dir, target_locks, tree_size
 from pipeline.model import resolve_device
 from pipeline.paths import leaf, records_dir, sae_dir
 from pipeline.sae import TopKSAE, saved_cfg, verify_saved
-from pipeline.scan import scan
+from pipeline.scan import scan, scan_all
 from pipeline.store import ActivationStore, Location
 from pipeline.windows import TokenText, cut_windows, pick, store_tokenizer
 
@@ -131,10 +133,11 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> I
 
 def collate_sae(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, sae_folder: Path, tokenizer,
                 cfg: CollateConfig, out: Path, device, lens: records.Lens | str | None = None,
-                member: str | None = None) -> Path:
+                member: str | None = None, col=None) -> Path:
     """Scan, cut windows and write into `<out>.partial/`, then swap it in. The caller
     holds this (layer, hook)'s lock. Returns the viewer's path. `lens`: load_lens()'s
-    result (None: no model given); `member`: the train.sweep member the SAE is."""
+    result (None: no model given); `member`: the train.sweep member the SAE is; `col`:
+    its pass 1 when already scanned (scan_all)."""
     out = Path(out)
     want = records.fingerprint(cfg, sae_folder)
     partial = out.with_name(out.name + ".partial")
@@ -143,7 +146,7 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, sae
     meta = {"layer": layer, "hook": hook, "d_in": sae.d_in, "k": sae.k, **({"member": member} if member else {})}
 
     try:
-        col = scan(store, layer, hook, sae, cfg, device)
+        col = col if col is not None else scan(store, layer, hook, sae, cfg, device)
         recs = pick(col, cfg, store.context_size, partial / "_scratch")
         cut_windows(store, layer, hook, sae, recs, cfg, device)
     except UserError:
@@ -189,10 +192,17 @@ def run(cfg: Config, layers: list[int] | None = None, force: bool = False) -> li
                 print(f"collate {t.name}: already done in {t.out} (--force to redo)")
             elif t.changes:
                 print(f"collate {t.name}: redoing {t.out}, made from other inputs: {'; '.join(t.changes)}")
-        for t in p.todo:
-            sae = TopKSAE.load(t.sae, device=p.device)
-            collate_sae(p.store, t.layer, t.hook, sae, t.sae, p.tokenizer, p.cfg, t.out, p.device, p.lens, t.member)
-            del sae
+        for layer, hook in dict.fromkeys((t.layer, t.hook) for t in p.todo):
+            group = [t for t in p.todo if (t.layer, t.hook) == (layer, hook)]
+            saes = [TopKSAE.load(t.sae, device=p.device) for t in group]
+            cols = [None] * len(group)
+            if len(group) > 1:  # a sweep's members: one read of the store for all of them
+                cols = scan_all(p.store, layer, hook, saes, p.cfg, p.device,
+                                desc=f"collate {layer}/{hook} x{len(group)} SAEs")
+            for i, t in enumerate(group):
+                collate_sae(p.store, t.layer, t.hook, saes[i], t.sae, p.tokenizer, p.cfg, t.out, p.device, p.lens,
+                            t.member, cols[i])
+                saes[i] = cols[i] = None  # each member's state goes once its records are written
             if p.device.type == "cuda":
                 torch.cuda.empty_cache()
     viewer.write_index_page(p.run_dir)

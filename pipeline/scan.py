@@ -73,19 +73,29 @@ def one_cpu_thread(device: torch.device):
 
 def scan(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, cfg: CollateConfig, device) -> Collator:
     """Pass 1: stream every row of the layer through the SAE into a Collator."""
+    return scan_all(store, layer, hook, [sae], cfg, device)[0]
+
+
+def scan_all(store: ActivationStore, layer: int, hook: str, saes: list[TopKSAE], cfg: CollateConfig,
+             device, desc: str | None = None) -> list[Collator]:
+    """Pass 1 for several SAEs of one layer (a train.sweep's members): each batch is read
+    once and goes through every SAE into its own Collator."""
     device = torch.device(device)
     n_rows, ctx = store.n_rows(layer, hook), store.context_size
-    col = Collator(sae.n_latents, ctx, cfg, device, excludes_bos(store, cfg.exclude_bos))
+    cols = [Collator(sae.n_latents, ctx, cfg, device, excludes_bos(store, cfg.exclude_bos)) for sae in saes]
 
     def read(c):
         return store.read_chunk(layer, hook, c)
 
     chunks = read_ahead(read, range(store.n_chunks(layer, hook)), cfg.reader_threads)
-    with tqdm(total=n_rows, unit="tok", unit_scale=True, desc=f"collate {layer}/{hook}", smoothing=0.1) as bar:
+    with tqdm(total=n_rows, unit="tok", unit_scale=True, desc=desc or f"collate {layer}/{hook}",
+              smoothing=0.1) as bar:
         for start, x in _row_batches(chunks, batch_rows_for(cfg, ctx)):
-            idx, vals = sae.encode(x.to(device))
-            with one_cpu_thread(idx.device):
-                col.update(start, idx, vals)
+            x = x.to(device)
+            for sae, col in zip(saes, cols):
+                idx, vals = sae.encode(x)
+                with one_cpu_thread(idx.device):
+                    col.update(start, idx, vals)
             bar.update(len(x))
     with one_cpu_thread(device):
-        return col.finish()
+        return [col.finish() for col in cols]

@@ -308,6 +308,40 @@ def test_collate_eval_steer_and_export_reach_every_member(tmp_path):
     assert torch.equal(load_file(tmp_path / "x" / "sae_weights.safetensors")["W_dec"], TopKSAE.load(folders["k4"]).W_dec)
 
 
+def test_collate_of_a_sweep_reads_the_store_once_for_all_members(tmp_path, monkeypatch):
+    # Two members collated together: the records of each alone (the same SAE in a plain run_dir
+    # over the same store), and exactly one pass 1 fewer over the store than collating them apart.
+    from helpers import harvest_config, make_model, write_corpus
+
+    from pipeline import collate, harvest
+
+    make_model("llama", tmp_path / "model", n_layers=2, d_model=32)
+    raw = harvest_config(tmp_path / "model", write_corpus(tmp_path / "corpus.jsonl"), tmp_path / "run")
+    raw["train"] = {"n_latents": 64, "k": 8, "batch_size": 64, "n_tokens": 64 * 10, "eval_tokens": 64,
+                    "sweep": [{}, {"k": 4}]}
+    raw["collate"] = {"batch_size": 64, "n_top": 3, "n_random": 2, "device": "cpu"}
+    cfg = config_from_dict(raw)
+    harvest.run(cfg, progress=False)
+    stage.run(cfg, progress=False)
+    n_chunks = ActivationStore(tmp_path / "run").n_chunks(1, "resid_post")
+
+    reads = counting_reads(monkeypatch)
+    collate.run(cfg)
+    together = sum(reads.values())
+    apart = 0
+    for m in (None, "k4"):
+        alone = tmp_path / f"alone-{m}"
+        shutil.copytree(sae_dir(tmp_path / "run", 1, "resid_post", m), sae_dir(alone, 1, "resid_post"))
+        reads.clear()
+        collate.run(config_from_dict({**raw, "run_dir": str(alone), "store": str(tmp_path / "run/activations.zarr"),
+                                      "train": {**raw["train"], "sweep": None}}))
+        apart += sum(reads.values())
+        mine, theirs = records_dir(tmp_path / "run", 1, "resid_post", m), records_dir(alone, 1, "resid_post")
+        files = sorted(p.relative_to(theirs) for p in theirs.rglob("features_*.js"))  # (the others name the member)
+        assert files and all((mine / f).read_bytes() == (theirs / f).read_bytes() for f in files), m
+    assert apart - together == n_chunks
+
+
 # --------------------------------------------------------------------------- torchrun
 def test_two_ranks_train_the_one_process_sweep(tmp_path):
     import torch.distributed as td
