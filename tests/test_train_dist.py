@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as td
 
-from pipeline.sae import TopKSAE
+from pipeline.sae import TopKSAE, verify_saved
 from test_train import REPO, config, random_store, sae_folder, work_folder, write_config
 
 pytestmark = pytest.mark.skipif(not td.is_available() or not td.is_gloo_available(),
@@ -98,6 +98,27 @@ def test_a_killed_rank_stops_the_run_and_every_rank_resumes_from_the_checkpoint(
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
     a, b = (TopKSAE.load(sae_folder(run)).state_dict() for run in runs.values())
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_rank_killed_at_the_end_of_training_stops_the_run_and_the_sae_stands(tmp_path):
+    # Rank 1 killed while rank 0 writes the SAE's figures (rank 1 waits at the last barrier): the
+    # launch ends rather than hangs (torchrun stops rank 0 wherever it is), and a rerun ends with a
+    # sound SAE and no work folder left, whether rank 0 had published it or not.
+    run = tmp_path / "run"
+    random_store(run, dtype="float32")
+    cfg = write_config(tmp_path / "t.yaml", config(run))
+    agent = subprocess.Popen(_cmd(cfg, 2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    figure = work_folder(run) / "loss.png"
+    deadline = time.time() + 120
+    while not figure.exists() and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    victim = _rank_pid(agent.pid, 1)
+    assert figure.exists() and victim is not None, "the run ended before its figures and a kill"
+    os.kill(victim, signal.SIGKILL)
+    agent.communicate(timeout=120)  # raises if the launch hangs
+    again = _train(cfg, 2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert verify_saved(sae_folder(run)) is None and not work_folder(run).exists()
 
 
 def test_ranks_on_gpus_reduce_with_nccl_and_on_cpu_with_gloo():
