@@ -50,8 +50,9 @@ from pipeline.data import load_texts, make_windows
 from pipeline.errors import UserError
 from pipeline.fsio import run_lock
 from pipeline.model import ActivationCapture, check_context_size, load_model, resolve_hook_points
-from pipeline.store import (REPAIR_HINT, ActivationStore, MetadataError, ProgressLog, chunk_exists, create_store,
-                            Location, default_chunk_rows, n_chunks_of, set_complete, write_chunk)
+from pipeline.store import (REPAIR_HINT, ActivationStore, MetadataError, ProgressLog, create_store,
+                            Location, default_chunk_rows, missing_chunks, n_chunks_of, set_complete,
+                            write_chunk)
 from pipeline.writer import ChunkJob, ChunkWriter
 
 _FORCE_HINT = "`saepipe harvest CONFIG --force` (make harvest ARGS=--force)"
@@ -284,7 +285,7 @@ def _check_writable(run_dir: Path):
 def _already_harvested(cfg: Config, targets, fingerprint: dict, quick: bool) -> bool:
     """Refuse a store made with other run-wide settings, before the model loads. Then, when
     `quick`: True when every target array is complete, made with these settings and all its
-    chunks are present (one stat each; `saepipe verify` checks their contents too)."""
+    chunks are present (store.missing_chunks; `saepipe verify` checks their contents too)."""
     store = _existing_store(Location.of(cfg))
     if store is None:
         return False
@@ -303,8 +304,7 @@ def _already_harvested(cfg: Config, targets, fingerprint: dict, quick: bool) -> 
             raise UserError(f"layer {layer} {hook} in {store.path} was harvested with other settings: "
                             f"{'; '.join(diffs)}; restore them, or re-harvest it with the new ones: {_FORCE_HINT}")
         arrays.append(arr)
-    missing = [f"{arr.store_path.path} chunk {c}" for arr in arrays for c in range(n_chunks_of(arr))
-               if not chunk_exists(arr, c)]
+    missing = [f"{arr.store_path.path} chunk {c}" for arr in arrays for c in missing_chunks(arr)]
     if missing:
         raise UserError(f"{store.path} is damaged: missing {verify.describe(missing)}; {REPAIR_HINT}")
     return True

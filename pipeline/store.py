@@ -199,6 +199,21 @@ def chunk_exists(arr: zarr.Array, c: int) -> bool:
     return sync(arr.store_path.store.exists(chunk_key(arr, c)))
 
 
+def missing_chunks(arr: zarr.Array) -> list[int]:
+    """The chunks of `arr` that are not there: one stat each on disk; on another store one
+    listing of the array's keys (a request per 1000 objects on S3), not a HEAD per chunk."""
+    n = n_chunks_of(arr)
+    if chunk_file(arr, 0) is not None:
+        return [c for c in range(n) if not chunk_exists(arr, c)]
+    want = {chunk_key(arr, c): c for c in range(n)}
+
+    async def keys():
+        return [k async for k in arr.store_path.store.list_prefix(f"{arr.store_path.path}/")]
+
+    have = set(sync(keys()))
+    return [c for key, c in want.items() if key not in have]
+
+
 def read_raw_chunk(arr: zarr.Array, c: int) -> bytes | None:
     """The chunk's encoded bytes as stored, or None when it is missing."""
     path = chunk_file(arr, c)

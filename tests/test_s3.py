@@ -116,6 +116,9 @@ def test_a_damaged_chunk_object_is_refused_found_and_repaired(tmp_path, s3, mode
     raw[len(raw) // 2] ^= 0xFF
     fs.pipe_file(f"{key}/4/0", bytes(raw))
 
+    # A rerun of harvest lists the array's objects once and names the one that is gone.
+    line = _fails("harvest", cfg)
+    assert f"s3://{prefix} is damaged: missing layers/1/resid_post chunk 2;" in line and "--repair" in line
     line = _fails("train", cfg)
     assert f"chunk 2 is missing (s3://{key}/2/0)" in line and "--repair" in line
     line = _fails("verify", cfg)
