@@ -78,6 +78,7 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/collate.py
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/store_read.py
 
 clean:
 	rm -rf runs $(DEMO_DATA)
