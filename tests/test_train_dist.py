@@ -45,6 +45,20 @@ def _rank_pid(agent: int, rank: int) -> int | None:
     return None
 
 
+def _kill_rank_1_once(cmd: list[str], sign: Path) -> subprocess.Popen:
+    """Launch `cmd` under torchrun, SIGKILL rank 1 as soon as `sign` exists, and return the agent
+    once the launch has ended (communicate raises if it hangs)."""
+    agent = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not sign.exists() and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    victim = _rank_pid(agent.pid, 1)
+    assert sign.exists() and victim is not None, f"the run ended before {sign.name} and a kill"
+    os.kill(victim, signal.SIGKILL)
+    agent.communicate(timeout=120)
+    return agent
+
+
 def test_two_ranks_train_the_one_process_sae(tmp_path):
     saes = {}
     for ranks in (1, 2):
@@ -79,16 +93,7 @@ def test_a_killed_rank_stops_the_run_and_every_rank_resumes_from_the_checkpoint(
         random_store(run, dtype="float32")
     cfgs = {name: write_config(tmp_path / f"{name}.yaml", raw(run)) for name, run in runs.items()}
 
-    agent = subprocess.Popen(_cmd(cfgs["broken"], 2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-    checkpoint = work_folder(runs["broken"]) / "checkpoint.pt"
-    deadline = time.time() + 120
-    while not checkpoint.exists() and agent.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    victim = _rank_pid(agent.pid, 1)
-    assert checkpoint.exists() and victim is not None, "the run ended before a checkpoint and a kill"
-    os.kill(victim, signal.SIGKILL)
-    agent.communicate(timeout=120)
+    agent = _kill_rank_1_once(_cmd(cfgs["broken"], 2), work_folder(runs["broken"]) / "checkpoint.pt")
     assert agent.returncode != 0 and not sae_folder(runs["broken"]).exists()
 
     resumed = _train(cfgs["broken"], 2)
@@ -107,15 +112,7 @@ def test_a_rank_killed_at_the_end_of_training_stops_the_run_and_the_sae_stands(t
     run = tmp_path / "run"
     random_store(run, dtype="float32")
     cfg = write_config(tmp_path / "t.yaml", config(run))
-    agent = subprocess.Popen(_cmd(cfg, 2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    figure = work_folder(run) / "loss.png"
-    deadline = time.time() + 120
-    while not figure.exists() and agent.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    victim = _rank_pid(agent.pid, 1)
-    assert figure.exists() and victim is not None, "the run ended before its figures and a kill"
-    os.kill(victim, signal.SIGKILL)
-    agent.communicate(timeout=120)  # raises if the launch hangs
+    _kill_rank_1_once(_cmd(cfg, 2), work_folder(run) / "loss.png")
     again = _train(cfg, 2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert verify_saved(sae_folder(run)) is None and not work_folder(run).exists()
