@@ -126,19 +126,12 @@ def test_ranks_on_gpus_reduce_with_nccl_and_on_cpu_with_gloo():
     assert dist.backend_for(torch.device("cuda", 1)) == ("nccl" if td.is_nccl_available() else "gloo")
 
 
-_LOADER_RANK = '''
-import sys
-from pathlib import Path
+def _draw(run: Path, cache: bool, steps: int) -> tuple[dict, object]:
+    """`steps` batches of a loader over `run`'s store (7 training chunks in windows of 3, NaN rows
+    dropped), with the chunks this process read and the NaN/Inf rows it knows of; and the loader."""
+    from pipeline.loader import BatchLoader, RowFilter
+    from pipeline.store import ActivationStore
 
-import torch
-
-from pipeline import dist
-from pipeline.loader import BatchLoader, RowFilter
-from pipeline.store import ActivationStore
-
-run, out, cache, steps = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
-rank, _ = dist.rank_world()
-with dist.group():
     store = ActivationStore(run)
     reads, read_chunk = [], store.read_chunk
     store.read_chunk = lambda layer, hook, c: reads.append(c) or read_chunk(layer, hook, c)
@@ -148,9 +141,23 @@ with dist.group():
     batches = iter(loader)
     got = [next(batches) for _ in range(steps)]
     batches.close()
-    torch.save({"x": torch.stack([x for x, _ in got]), "cursors": [c for _, c in got], "reads": reads,
-                "nonfinite": dict(rf.nonfinite)}, out / f"rank{rank}.pt")
-'''
+    return {"x": torch.stack([x for x, _ in got]), "cursors": [c for _, c in got], "reads": reads,
+            "nonfinite": dict(rf.nonfinite)}, loader
+
+
+_LOADER_RANK = """
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline import dist
+from test_train_dist import _draw
+
+run, out, cache, steps = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+with dist.group():
+    torch.save(_draw(run, cache, steps)[0], out / f"rank{dist.rank_world()[0]}.pt")
+"""
 
 
 @pytest.mark.parametrize("cache", [False, True])
@@ -161,9 +168,6 @@ def test_ranks_read_disjoint_shares_of_each_window_and_draw_the_one_process_batc
     # the later epochs read nothing.
     from collections import Counter
 
-    from pipeline.loader import BatchLoader, RowFilter
-    from pipeline.store import ActivationStore
-
     run, steps = tmp_path / "run", 120
     random_store(run, n_rows=8 * 512, nan_rows=(600, 1900, 3000))
     script = tmp_path / "ranks.py"
@@ -171,22 +175,15 @@ def test_ranks_read_disjoint_shares_of_each_window_and_draw_the_one_process_batc
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            str(run), str(tmp_path), "1" if cache else "0", str(steps)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+                         env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
     # The same loader in one process: what every rank must have drawn.
-    store = ActivationStore(run)
-    rf = RowFilter(store, 1, "resid_post", exclude_bos=True, skip_nonfinite=True)
-    one = BatchLoader(store, 1, "resid_post", list(range(1, 8)), 96, 3, 3, rf, torch.device("cpu"),
-                      reader_threads=2, cache=cache)
-    batches = iter(one)
-    want = [next(batches) for _ in range(steps)]
-    batches.close()
+    want, one = _draw(run, cache, steps)
     for r in ranks:
-        assert torch.equal(r["x"], torch.stack([x for x, _ in want]))
-        assert r["cursors"] == [c for _, c in want]
-        assert r["nonfinite"] == dict(rf.nonfinite) and len(rf.nonfinite) == 3
+        assert torch.equal(r["x"], want["x"]) and r["cursors"] == want["cursors"]
+        assert r["nonfinite"] == want["nonfinite"] and len(want["nonfinite"]) == 3
 
     # What each rank read: its share (positions rank, rank + 2, ...) of each window's chunks still to
     # read, window after window, for as many windows as it had read ahead when stopped.
@@ -199,7 +196,7 @@ def test_ranks_read_disjoint_shares_of_each_window_and_draw_the_one_process_batc
             out.update(todo[rank::2])
         return out
 
-    used = 1 + want[-1][1].epoch * one.n_windows + want[-1][1].window  # windows the batches drew on
+    used = 1 + want["cursors"][-1].epoch * one.n_windows + want["cursors"][-1].window  # windows drawn on
     for rank, r in enumerate(ranks):
         assert any(Counter(r["reads"]) == shares(rank, n) for n in range(used, used + 4)), (rank, r["reads"])
     assert set(ranks[0]["reads"]).isdisjoint(ranks[1]["reads"]) or not cache
