@@ -187,3 +187,73 @@ def test_ranks_read_disjoint_shares_of_each_window_and_draw_the_one_process_batc
     assert set(ranks[0]["reads"]).isdisjoint(ranks[1]["reads"]) or not cache
     if cache:  # each chunk read once, by one rank
         assert sorted(ranks[0]["reads"] + ranks[1]["reads"]) == list(range(1, 8))
+
+
+# --------------------------------------------------------------------------- latent sharding
+def _weights(run) -> dict:
+    return TopKSAE.load(sae_folder(run)).state_dict()
+
+
+def _assert_close(a: dict, b: dict):
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _sharded(run, **train):
+    return config(run, n_latents=512, k=4, dormant_tokens=256, shard_latents=True, **train)
+
+
+def test_ranks_sharing_out_the_latents_train_the_one_process_sae(tmp_path):
+    # train.shard_latents: each of 2 ranks holds 256 of the 512 latents and sees the whole batch. With
+    # k 4 and latents dormant after one silent batch, ~15% are dormant from the start: AuxK's global
+    # top-k over the shards' dormant latents (a shard may hold fewer than k_aux of them) runs every step.
+    runs = {ranks: tmp_path / f"run{ranks}" for ranks in (1, 2)}
+    for ranks, run in runs.items():
+        random_store(run, dtype="float32")
+        cfg = write_config(tmp_path / f"s{ranks}.yaml", _sharded(run))
+        out = _train(cfg, ranks)
+        assert out.returncode == 0, out.stderr[-3000:]
+    one, two = (TopKSAE.load(sae_folder(run)) for run in runs.values())
+    _assert_close(one.state_dict(), two.state_dict())
+    rows = {ranks: [json.loads(line) for line in (sae_folder(run) / "metrics.jsonl").read_text().splitlines()]
+            for ranks, run in runs.items()}
+    assert [(r["split"], r["step"]) for r in rows[2]] == [(r["split"], r["step"]) for r in rows[1]]  # written once
+    for a, b in zip(rows[1], rows[2]):
+        assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-4)
+        if a["split"] == "train":
+            assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-4) and b["dormant_frac"] == a["dormant_frac"]
+    assert all(r["aux_loss"] > 0 for r in rows[1] if r["split"] == "train")  # AuxK did run
+    ev1, ev2 = one.cfg["eval"], two.cfg["eval"]
+    assert ev2["fvu"] == pytest.approx(ev1["fvu"], rel=1e-4) and ev2["dead_frac"] == ev1["dead_frac"]
+
+
+def _kill_after_checkpoint(cfg: str, run: Path, ranks: int):
+    """Start a train of `ranks` processes and SIGKILL one as soon as its first checkpoint is written."""
+    agent = subprocess.Popen(_cmd(cfg, ranks), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = work_folder(run) / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim = agent.pid if ranks == 1 else _rank_pid(agent.pid, 1)
+    assert checkpoint.exists() and victim is not None, "the run ended before a checkpoint and a kill"
+    os.kill(victim, signal.SIGKILL)
+    agent.communicate(timeout=120)
+    assert agent.returncode != 0 and not sae_folder(run).exists()
+
+
+def test_checkpoints_keep_the_one_process_layout_so_a_run_resumes_sharded_or_not(tmp_path):
+    # A checkpoint holds the whole SAE and Adam state whoever wrote it (the shards gathered on rank 0):
+    # one written by one process resumes on 2 sharded ranks (each takes its slice), and one written by
+    # 2 sharded ranks resumes in one process; both end on the unbroken run's weights.
+    raw = lambda run: _sharded(run, n_tokens=256 * 200, checkpoint_every=10, eval_every=500, log_every=50)  # noqa: E731
+    runs = {name: tmp_path / name for name in ("unbroken", "one_then_two", "two_then_one")}
+    for run in runs.values():
+        random_store(run, dtype="float32")
+    cfgs = {name: write_config(tmp_path / f"{name}.yaml", raw(run)) for name, run in runs.items()}
+    assert _train(cfgs["unbroken"], 1).returncode == 0
+    for name, (first, then) in {"one_then_two": (1, 2), "two_then_one": (2, 1)}.items():
+        _kill_after_checkpoint(cfgs[name], runs[name], first)
+        resumed = _train(cfgs[name], then)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming from the checkpoint at step" in resumed.stdout
+        _assert_close(_weights(runs["unbroken"]), _weights(runs[name]))
