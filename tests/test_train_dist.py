@@ -190,45 +190,53 @@ def test_ranks_read_disjoint_shares_of_each_window_and_draw_the_one_process_batc
 
 
 # --------------------------------------------------------------------------- latent sharding
-def _weights(run) -> dict:
-    return TopKSAE.load(sae_folder(run)).state_dict()
+def _sharded(run) -> dict:
+    """train.shard_latents with 512 latents, k 4 and latents dormant after one silent batch: ~15% are
+    dormant from the start, so AuxK's global top-k over the shards' dormant latents (a shard may hold
+    fewer than k_aux of them) runs every step. A checkpoint every 10 steps, an eval row at step 100."""
+    return config(run, n_latents=512, k=4, dormant_tokens=256, shard_latents=True, n_tokens=256 * 200,
+                  checkpoint_every=10, eval_every=100, log_every=50)
 
 
-def _assert_close(a: dict, b: dict):
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> Path:
+    """The reference: _sharded's config trained by one process (where shard_latents changes nothing)."""
+    run = tmp_path_factory.mktemp("sharded") / "one"
+    random_store(run, dtype="float32")
+    out = _train(write_config(run.with_suffix(".yaml"), _sharded(run)), 1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+def _assert_same_sae(one: Path, other: Path):
+    a, b = TopKSAE.load(sae_folder(one)).state_dict(), TopKSAE.load(sae_folder(other)).state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _sharded(run, **train):
-    return config(run, n_latents=512, k=4, dormant_tokens=256, shard_latents=True, **train)
-
-
-def test_ranks_sharing_out_the_latents_train_the_one_process_sae(tmp_path):
-    # train.shard_latents: each of 2 ranks holds 256 of the 512 latents and sees the whole batch. With
-    # k 4 and latents dormant after one silent batch, ~15% are dormant from the start: AuxK's global
-    # top-k over the shards' dormant latents (a shard may hold fewer than k_aux of them) runs every step.
-    runs = {ranks: tmp_path / f"run{ranks}" for ranks in (1, 2)}
-    for ranks, run in runs.items():
-        random_store(run, dtype="float32")
-        cfg = write_config(tmp_path / f"s{ranks}.yaml", _sharded(run))
-        out = _train(cfg, ranks)
-        assert out.returncode == 0, out.stderr[-3000:]
-    one, two = (TopKSAE.load(sae_folder(run)) for run in runs.values())
-    _assert_close(one.state_dict(), two.state_dict())
-    rows = {ranks: [json.loads(line) for line in (sae_folder(run) / "metrics.jsonl").read_text().splitlines()]
-            for ranks, run in runs.items()}
-    assert [(r["split"], r["step"]) for r in rows[2]] == [(r["split"], r["step"]) for r in rows[1]]  # written once
-    for a, b in zip(rows[1], rows[2]):
+def test_ranks_sharing_out_the_latents_train_the_one_process_sae(tmp_path, one_process_run):
+    # Each of 2 ranks holds 256 of the 512 latents and sees the whole batch; the weights, the logged
+    # losses, the dormant counts and the eval (on rank 0, from the gathered shards) are one process's.
+    run = tmp_path / "two"
+    random_store(run, dtype="float32")
+    out = _train(write_config(tmp_path / "two.yaml", _sharded(run)), 2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _assert_same_sae(one_process_run, run)
+    rows = [[json.loads(line) for line in (sae_folder(r) / "metrics.jsonl").read_text().splitlines()]
+            for r in (one_process_run, run)]
+    assert [(r["split"], r["step"]) for r in rows[1]] == [(r["split"], r["step"]) for r in rows[0]]  # written once
+    assert ("eval", 100) in [(r["split"], r["step"]) for r in rows[0]]
+    for a, b in zip(*rows):
         assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-4)
         if a["split"] == "train":
-            assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-4) and b["dormant_frac"] == a["dormant_frac"]
-    assert all(r["aux_loss"] > 0 for r in rows[1] if r["split"] == "train")  # AuxK did run
-    ev1, ev2 = one.cfg["eval"], two.cfg["eval"]
-    assert ev2["fvu"] == pytest.approx(ev1["fvu"], rel=1e-4) and ev2["dead_frac"] == ev1["dead_frac"]
+            assert a["aux_loss"] > 0 and b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-4)
+            assert b["dormant_frac"] == a["dormant_frac"]
+        else:
+            assert b["dead_frac"] == a["dead_frac"]
 
 
 def _kill_after_checkpoint(cfg: str, run: Path, ranks: int):
-    """Start a train of `ranks` processes and SIGKILL one as soon as its first checkpoint is written."""
+    """Start a train of `ranks` processes and SIGKILL one as soon as the first checkpoint is written."""
     agent = subprocess.Popen(_cmd(cfg, ranks), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoint = work_folder(run) / "checkpoint.pt"
     deadline = time.time() + 120
@@ -241,19 +249,39 @@ def _kill_after_checkpoint(cfg: str, run: Path, ranks: int):
     assert agent.returncode != 0 and not sae_folder(run).exists()
 
 
-def test_checkpoints_keep_the_one_process_layout_so_a_run_resumes_sharded_or_not(tmp_path):
-    # A checkpoint holds the whole SAE and Adam state whoever wrote it (the shards gathered on rank 0):
-    # one written by one process resumes on 2 sharded ranks (each takes its slice), and one written by
-    # 2 sharded ranks resumes in one process; both end on the unbroken run's weights.
-    raw = lambda run: _sharded(run, n_tokens=256 * 200, checkpoint_every=10, eval_every=500, log_every=50)  # noqa: E731
-    runs = {name: tmp_path / name for name in ("unbroken", "one_then_two", "two_then_one")}
-    for run in runs.values():
-        random_store(run, dtype="float32")
-    cfgs = {name: write_config(tmp_path / f"{name}.yaml", raw(run)) for name, run in runs.items()}
-    assert _train(cfgs["unbroken"], 1).returncode == 0
-    for name, (first, then) in {"one_then_two": (1, 2), "two_then_one": (2, 1)}.items():
-        _kill_after_checkpoint(cfgs[name], runs[name], first)
-        resumed = _train(cfgs[name], then)
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert "resuming from the checkpoint at step" in resumed.stdout
-        _assert_close(_weights(runs["unbroken"]), _weights(runs[name]))
+@pytest.mark.parametrize("first, then", [(1, 2), (2, 1)], ids=["one-then-sharded", "sharded-then-one"])
+def test_checkpoints_keep_the_one_process_layout_so_a_run_resumes_sharded_or_not(tmp_path, one_process_run,
+                                                                                 first, then):
+    # A checkpoint holds the whole SAE, its Adam state and its fire counters whoever wrote it (rank 0
+    # gathers the shards): one process's resumes on 2 sharded ranks, each taking its slice, and 2 sharded
+    # ranks' resumes in one process; both end on the unbroken run's weights.
+    run = tmp_path / "run"
+    random_store(run, dtype="float32")
+    cfg = write_config(tmp_path / "run.yaml", _sharded(run))
+    _kill_after_checkpoint(cfg, run, first)
+    resumed = _train(cfg, then)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint at step" in resumed.stdout
+    _assert_same_sae(one_process_run, run)
+
+
+def test_sharding_refuses_in_one_line_what_it_does_not_do(tmp_path, monkeypatch):
+    import dataclasses
+
+    from pipeline.config import TrainConfig
+    from pipeline.errors import UserError
+    from pipeline.shard import check
+    from test_train import cli
+
+    random_store(tmp_path, dtype="float32")
+    monkeypatch.setenv("WORLD_SIZE", "3")  # what torchrun --nproc_per_node 3 sets; the plan refuses before any group
+    code, output = cli("train", write_config(tmp_path / "c.yaml", _sharded(tmp_path)))
+    assert code == 2 and len(output.strip().splitlines()) == 1
+    assert "train.shard_latents splits n_latents = 512 over 3 ranks" in output
+    tc = TrainConfig(n_latents=513, shard_latents=True)
+    for bad in ({"optimizer": "signum_sf"}, {"ema_decay": 0.999}, {"grad_clip": 1.0}):
+        with pytest.raises(UserError, match=f"train.{next(iter(bad))} = "):
+            check(dataclasses.replace(tc, n_latents=513 * 3, **bad), "layer 1 resid_post")
+    check(dataclasses.replace(tc, shard_latents=False), "layer 1 resid_post")  # not sharded: any width
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check(tc, "layer 1 resid_post")  # one process: nothing to split
