@@ -151,11 +151,15 @@ class Shard:
         return TrainOutput(x_hat, idx, vals, aux_hat)
 
     # ---- the one-process layout, for checkpoints, eval and the saved SAE
+    def rows(self, weights: dict) -> dict:
+        """A whole TopKSAE's state_dict -> this shard's: its rows of W_enc, b_lat and W_dec, and b_pre."""
+        return {name: t[self.lo:self.hi].clone() if name in SHARDED else t for name, t in weights.items()}
+
     def take(self, state: dict) -> dict:
         """A TrainState.state_dict() in the one-process layout -> this rank's: its rows of the sharded
         weights, their Adam state and the fire counters; the rest as is."""
         out = dict(state)
-        out["sae"] = {name: t[self.lo:self.hi].clone() if name in SHARDED else t for name, t in state["sae"].items()}
+        out["sae"] = self.rows(state["sae"])
         out["since_fired"] = state["since_fired"][self.lo:self.hi].clone()
         opt = state["optimizer"]
         names = list(state["sae"])  # parameter i of the optimizer is the module's i-th
@@ -166,15 +170,18 @@ class Shard:
 
     def gather(self, sae: TopKSAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor) -> dict | None:
         """take()'s inverse: on rank 0 {"sae": the whole TopKSAE, "optimizer": its Adam state_dict, "since_fired"
-        [n]}, None on the others. Every rank must call it at the same point; each sends its n/W rows."""
-        def cat(t):
+        [n]}, None on the others. Every rank must call it at the same point; each sends its n/W rows. Rank 0
+        holds the whole SAE on its device (eval runs there) and the rest on the CPU (only a checkpoint reads it),
+        a tensor at a time."""
+        def cat(t, cpu=True):
             parts = dist.gather(t)
-            return None if parts is None else torch.cat(parts)
+            return None if parts is None else torch.cat([q.cpu() for q in parts] if cpu else parts)
 
-        weights = {name: cat(p.detach()) if name in SHARDED else p.detach() for name, p in sae.named_parameters()}
+        weights = {name: cat(p.detach(), cpu=False) if name in SHARDED else p.detach()
+                   for name, p in sae.named_parameters()}
         names = list(weights)
         opt_state = opt.state_dict()
-        moments = {i: {key: cat(t) if names[i] in SHARDED and key != "step" else t for key, t in s.items()}
+        moments = {i: {key: cat(t) if names[i] in SHARDED and key != "step" else t.cpu() for key, t in s.items()}
                    for i, s in opt_state["state"].items()}
         fired = cat(since_fired)
         if fired is None:

@@ -49,7 +49,10 @@ rank draws the same batches (the loader reads each rank's share of the chunks
 and gathers the rest) and computes its own rows of each, the gradients
 and counters are summed over the ranks (pipeline.dist), member after member in
 the same order on every rank, and rank 0 alone holds the locks and writes the
-files above.
+files above. With train.shard_latents the ranks split the latents instead of
+the rows (pipeline.shard): every rank steps on the whole batch with its
+n_latents / W latents, and rank 0 gathers the shards whenever it evaluates,
+checkpoints or saves, so every file keeps the one-process layout.
 """
 
 from __future__ import annotations
@@ -439,8 +442,7 @@ def train(plans: list[Plan], progress: bool = True) -> dict:
             else:  # the one-process init, then this rank's rows of it
                 whole = TopKSAE(p.d_in, p.tc.n_latents, p.tc.k, state.sae.normalize, p.tc.backend)
                 state.scale = _init(whole, p, sample)
-                state.sae.load_state_dict(state.shard.take({"sae": whole.state_dict(), "optimizer": {"state": {}},
-                                                            "since_fired": state.since_fired})["sae"])
+                state.sae.load_state_dict(state.shard.rows(whole.state_dict()))
                 del whole
             if state.ema is not None:
                 state.ema.load_state_dict(state.sae.state_dict())
