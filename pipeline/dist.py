@@ -3,11 +3,12 @@
 torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for each process it
 starts. A stage that runs on several ranks opens `group()` once; inside it,
 `barrier()` waits until every rank has reached the same point,
-`all_reduce_()` sums a tensor over the ranks, and `all_gather()` / `gather()` collect
-every rank's tensor (on every rank / on rank 0; latent sharding, pipeline.shard). The group is NCCL when the ranks
-compute on CUDA devices (train's gradients and counters live there), else gloo
-(CPU training, and harvest, whose barriers move no tensors). Without torchrun (WORLD_SIZE unset or 1) both are no-ops, so the one-process
-path is the same code.
+`all_reduce_()` sums a tensor over the ranks, and `all_gather()` and `gather()`
+collect every rank's tensor on every rank or on rank 0 (latent sharding,
+pipeline.shard). The group is NCCL when the ranks compute on CUDA devices
+(train's gradients and counters live there), else gloo (CPU training, and
+harvest, whose barriers move no tensors). Without torchrun (WORLD_SIZE unset or
+1) they are all no-ops, so the one-process path is the same code.
 """
 
 from __future__ import annotations

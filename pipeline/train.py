@@ -72,7 +72,6 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline import dist, dtypes, fsio, optim, plots
-from pipeline.shard import Shard, check as check_shard
 from pipeline.config import Config, TrainConfig, logistics
 from pipeline.errors import UserError
 from pipeline.kernels import resolve_backend
@@ -81,6 +80,7 @@ from pipeline.loader import (CACHE_BYTES, BatchLoader, Cursor, RowFilter, count_
 from pipeline.model import resolve_device
 from pipeline.paths import DONE, leaf, sae_dir
 from pipeline.sae import TopKSAE, saved_cfg
+from pipeline.shard import Shard, check as check_shard
 from pipeline.store import ActivationStore, Location
 
 CHECKPOINT = "checkpoint.pt"

@@ -235,6 +235,62 @@ def test_ranks_sharing_out_the_latents_train_the_one_process_sae(tmp_path, one_p
             assert b["dead_frac"] == a["dead_frac"]
 
 
+_SHARD_STEP = '''
+import sys
+
+import torch
+
+from pipeline import dist
+from pipeline.sae import TopKSAE
+from pipeline.shard import Shard
+from pipeline.train import sae_loss
+
+out = sys.argv[1]
+rank, world = dist.rank_world()
+torch.manual_seed(0)
+sae = TopKSAE(16, 64, 4, backend="torch").double()
+with torch.no_grad():
+    sae.b_lat.normal_(0, 0.1)
+    sae.b_pre.normal_()
+x = torch.randn(40, 16, dtype=torch.float64)
+dormant = torch.zeros(64, dtype=torch.bool)
+dormant[[3, 7, 20, 30]] = True  # all in rank 0's half: rank 1 offers AuxK no candidate
+if rank == 0:  # the one-process step
+    loss = sae_loss(x, sae.forward_train(x, dormant, k_aux=3), aux_alpha=0.25)[0]
+    loss.backward()
+    torch.save({n: p.grad for n, p in sae.named_parameters()}, f"{out}/one.pt")
+    sae.zero_grad()
+shard = Shard(64, rank, world)
+with dist.group():
+    local = TopKSAE(16, 32, 4, backend="torch").double()
+    local.load_state_dict(shard.rows(sae.state_dict()))
+    loss = sae_loss(x, shard.forward_train(local, x, dormant[shard.lo:shard.hi], k_aux=3), aux_alpha=0.25,
+                    whole_batch=True)[0]
+    loss.backward()
+    torch.save({"loss": loss.detach(), **{n: p.grad for n, p in local.named_parameters()}}, f"{out}/rank{rank}.pt")
+'''
+
+
+def test_a_sharded_step_gives_each_rank_its_rows_of_the_one_process_gradient(tmp_path):
+    # One step in float64 on 2 ranks: the same loss on both, each rank's W_enc, b_lat, W_dec rows get
+    # their one-process gradients and b_pre (its encoder-path part summed over the shards) the whole
+    # one, with AuxK's dormant latents all on rank 0.
+    script = tmp_path / "step.py"
+    script.write_text(_SHARD_STEP)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    one = torch.load(tmp_path / "one.pt")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(ranks[0]["loss"], ranks[1]["loss"])
+    for name in ("W_enc", "b_lat", "W_dec"):
+        torch.testing.assert_close(torch.cat([r[name] for r in ranks]), one[name], msg=name)
+    for r in ranks:
+        torch.testing.assert_close(r["b_pre"], one["b_pre"], msg="b_pre")
+
+
 def _kill_after_checkpoint(cfg: str, run: Path, ranks: int):
     """Start a train of `ranks` processes and SIGKILL one as soon as the first checkpoint is written."""
     agent = subprocess.Popen(_cmd(cfg, ranks), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
