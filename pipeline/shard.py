@@ -125,7 +125,9 @@ class Shard:
         normalised batch x [B, d]. `dormant` [n/W] marks this shard's dormant latents; `k_aux` is global
         (at most the dormant count over every shard). x_hat and aux_hat are the whole SAE's, the same on
         every rank; idx [B, k] and vals [B, k] are this shard's picks (local ids; vals 0 off the shard),
-        which is what its fire counters need."""
+        which is what its fire counters need. The picks off the shard are masked, not compacted: the
+        shapes stay [B, k] on every rank, and the sparse products (k per row) cost little next to the
+        encoder's B x n/W x d."""
         B, k = x.shape[0], sae.k
         x_c = x - _ReduceGrad.apply(sae.b_pre)
         with torch.no_grad():
