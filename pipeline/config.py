@@ -168,6 +168,11 @@ class TrainConfig:
     skip_nonfinite: bool = setting(False, "drop rows holding NaN/Inf instead of refusing to train")
     check_finite: bool = setting(True, "count NaN/Inf rows in one read pass before training (off: found mid-run)",
                                  logistics=True)
+    shard_latents: bool = setting(False, "under torchrun, split the n_latents over the ranks (each holds n_latents / "
+                                         "W rows of W_enc, b_lat, W_dec and their Adam state; every rank sees the "
+                                         "whole batch) instead of splitting the batch; for SAEs too wide for one "
+                                         "device (README, \"Several processes\"); adam only, no ema_decay or grad_clip",
+                                  logistics=True)
     sweep: list[dict] | None = setting(None, "several SAEs per (layer, hook) from one pass over the batches: a list "
                                              "of overrides of this section, one per SAE, e.g. `[{}, {k: 64}, "
                                              "{n_latents: 4096, k: 16, name: wide}]` (`{}` = this config, in the "

@@ -2,11 +2,13 @@
 
 torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for each process it
 starts. A stage that runs on several ranks opens `group()` once; inside it,
-`barrier()` waits until every rank has reached the same point and
-`all_reduce_()` sums a tensor over the ranks. The group is NCCL when the ranks
-compute on CUDA devices (train's gradients and counters live there), else gloo
-(CPU training, and harvest, whose barriers move no tensors). Without torchrun (WORLD_SIZE unset or 1) both are no-ops, so the one-process
-path is the same code.
+`barrier()` waits until every rank has reached the same point,
+`all_reduce_()` sums a tensor over the ranks, and `all_gather()` and `gather()`
+collect every rank's tensor on every rank or on rank 0 (latent sharding,
+pipeline.shard). The group is NCCL when the ranks compute on CUDA devices
+(train's gradients and counters live there), else gloo (CPU training, and
+harvest, whose barriers move no tensors). Without torchrun (WORLD_SIZE unset or
+1) they are all no-ops, so the one-process path is the same code.
 """
 
 from __future__ import annotations
@@ -76,6 +78,32 @@ def all_reduce_(t, group=None):
     if td.is_available() and td.is_initialized():
         td.all_reduce(t, group=group)
     return t
+
+
+def all_gather(t, group=None) -> list:
+    """Every rank's `t` (the same shape and dtype on each), in rank order (inside group(); [t] for one process)."""
+    import torch
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()):
+        return [t]
+    out = [torch.empty_like(t) for _ in range(td.get_world_size(group))]
+    td.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+def gather(t, group=None) -> list | None:
+    """Every rank's `t` (the same shape and dtype on each) on rank 0, in rank order; None on the others
+    (inside group(); [t] for one process)."""
+    import torch
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()):
+        return [t]
+    main = td.get_rank(group) == 0
+    out = [torch.empty_like(t) for _ in range(td.get_world_size(group))] if main else None
+    td.gather(t.contiguous(), out, dst=0, group=group)
+    return out
 
 
 def side_group():

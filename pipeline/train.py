@@ -49,7 +49,10 @@ rank draws the same batches (the loader reads each rank's share of the chunks
 and gathers the rest) and computes its own rows of each, the gradients
 and counters are summed over the ranks (pipeline.dist), member after member in
 the same order on every rank, and rank 0 alone holds the locks and writes the
-files above.
+files above. With train.shard_latents the ranks split the latents instead of
+the rows (pipeline.shard): every rank steps on the whole batch with its
+n_latents / W latents, and rank 0 gathers the shards whenever it evaluates,
+checkpoints or saves, so every file keeps the one-process layout.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from pipeline.loader import (CACHE_BYTES, BatchLoader, Cursor, RowFilter, count_
 from pipeline.model import resolve_device
 from pipeline.paths import DONE, leaf, sae_dir
 from pipeline.sae import TopKSAE, saved_cfg
+from pipeline.shard import Shard, check as check_shard
 from pipeline.store import ActivationStore, Location
 
 CHECKPOINT = "checkpoint.pt"
@@ -177,6 +181,7 @@ def plan_sae(cfg: Config, store: ActivationStore, layer: int, hook: str, force: 
                else f"n_latents = {n} (train.expansion_factor {tc.expansion_factor} x d_model {d})")
         at = "" if member is None else f"{name}: "
         raise UserError(f"{at}train.k = {tc.k} exceeds {how}; lower k or raise n_latents")
+    check_shard(dataclasses.replace(tc, n_latents=n), name)
     device = resolve_device(tc.device, key="train.device")
     tc = dataclasses.replace(
         tc, n_latents=n,
@@ -293,15 +298,19 @@ class TrainState:
     """Everything a training step depends on, checkpointed as one: weights, Adam, EMA, the dormant
     counters, the loader's cursor, the input scale, the log sums, the rows dropped, the RNG."""
 
-    def __init__(self, tc: TrainConfig, d_in: int, device: torch.device):
+    def __init__(self, tc: TrainConfig, d_in: int, device: torch.device, shard: Shard | None = None):
         normalize = "layer_norm" if tc.normalize == "layer_norm" else "none"  # scalar is folded in, not applied
-        self.sae = TopKSAE(d_in, tc.n_latents, tc.k, normalize, tc.backend).to(device)
+        # Latent sharding: this rank's n_latents / W latents (pipeline.shard); state_dict() and weights()
+        # are then the one-process ones, which gather() collects on rank 0 into `full` first.
+        self.shard, self.full = shard, None
+        n = tc.n_latents if shard is None else shard.n_local
+        self.sae = TopKSAE(d_in, n, tc.k, normalize, tc.backend).to(device)
         self.ema = TopKSAE(d_in, tc.n_latents, tc.k, normalize, tc.backend).to(device) if tc.ema_decay else None
         self.opt = optim.make(tc.optimizer, self.sae.parameters(), tc.lr, tc.adam_betas, tc.adam_eps, tc.sf_beta)
         self.scale = 1.0  # inputs are multiplied by it (train.normalize = scalar)
         self.step = 0
         self.cursor = Cursor()  # where the next batch starts in the loader's row stream
-        self.since_fired = torch.zeros(tc.n_latents, dtype=torch.long, device=device)  # tokens since last fired
+        self.since_fired = torch.zeros(n, dtype=torch.long, device=device)  # tokens since last fired
         self.nonfinite: dict[int, int] = {}  # chunk -> NaN/Inf rows dropped (the RowFilter counts into it)
         self.log_sums = torch.zeros(4, device=device)  # loss, fvu, nmse, aux since the last train row
         self.log_from = 0  # the step of the last train row
@@ -317,7 +326,8 @@ class TrainState:
                           for w in (self.sae.W_dec, self.sae.W_enc)]
 
     def _step_in_backward(self, w: torch.nn.Parameter):
-        dist.all_reduce_(w.grad)
+        if self.shard is None:  # a shard's rows already hold their whole gradient
+            dist.all_reduce_(w.grad)
         if w is self.sae.W_dec:
             self.sae.remove_parallel_grad()
         others = [(q, q.grad) for q in self.sae.parameters() if q is not w]
@@ -336,7 +346,9 @@ class TrainState:
     def weights(self) -> TopKSAE:
         """The SAE that eval sees and save writes: the EMA if kept, else for schedule-free the running
         average x with its decoder rows put back on the unit sphere (an average of unit rows is shorter),
-        else the trained weights themselves."""
+        else the trained weights themselves. Sharded: the whole SAE gather() collected, on rank 0."""
+        if self.shard is not None:
+            return self.full["sae"]
         if self.ema is not None:
             return self.ema
         if not optim.is_schedule_free(self.opt):
@@ -348,17 +360,28 @@ class TrainState:
         avg.normalize_decoder()
         return avg
 
+    def gather(self):
+        """Sharded: the one-process layout of the weights, Adam state and counters into `full` on rank 0, for
+        weights() and state_dict(). Every rank calls it at the same point."""
+        self.full = self.shard.gather(self.sae, self.opt, self.since_fired)
+
     def state_dict(self) -> dict:
+        """In the one-process layout, sharded or not (a sharded state gather()s first)."""
+        sae, opt, since_fired = ((self.sae, self.opt.state_dict(), self.since_fired) if self.shard is None else
+                                 (self.full["sae"], self.full["optimizer"], self.full["since_fired"]))
         return {
-            "sae": _cpu(self.sae), "ema": None if self.ema is None else _cpu(self.ema),
-            "optimizer": self.opt.state_dict(), "scale": self.scale, "step": self.step,
-            "cursor": self.cursor.as_list(), "since_fired": self.since_fired.cpu(), "nonfinite": dict(self.nonfinite),
+            "sae": _cpu(sae), "ema": None if self.ema is None else _cpu(self.ema),
+            "optimizer": opt, "scale": self.scale, "step": self.step,
+            "cursor": self.cursor.as_list(), "since_fired": since_fired.cpu(), "nonfinite": dict(self.nonfinite),
             "log_sums": self.log_sums.cpu(), "log_from": self.log_from, "elapsed": self.elapsed,
             "rng": torch.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict):
+        """From the one-process layout (a shard takes its slice), whoever wrote it."""
         device = self.since_fired.device
+        if self.shard is not None:
+            state = self.shard.take(state)
         self.sae.load_state_dict(state["sae"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
@@ -408,13 +431,19 @@ def train(plans: list[Plan], progress: bool = True) -> dict:
 
     states, sample = [], None
     for p in members:
-        state = TrainState(p.tc, p.d_in, p.device)
+        state = TrainState(p.tc, p.d_in, p.device, Shard.of(p.tc))
         if p.status == "resume":
             state.load_state_dict(_load_checkpoint(p.work / CHECKPOINT)["state"])
         else:
             if sample is None:  # read once: a member with a smaller init_sample takes the first rows of it
                 sample = _init_sample(first, max(q.tc.init_sample for q in members))
-            state.scale = _init(state.sae, p, sample)
+            if state.shard is None:
+                state.scale = _init(state.sae, p, sample)
+            else:  # the one-process init, then this rank's rows of it
+                whole = TopKSAE(p.d_in, p.tc.n_latents, p.tc.k, state.sae.normalize, p.tc.backend)
+                state.scale = _init(whole, p, sample)
+                state.sae.load_state_dict(state.shard.rows(whole.state_dict()))
+                del whole
             if state.ema is not None:
                 state.ema.load_state_dict(state.sae.state_dict())
         if main:
@@ -451,7 +480,7 @@ def train(plans: list[Plan], progress: bool = True) -> dict:
     try:
         for step in range(behind.step, tc.n_steps):
             x, cursor = next(batches)
-            if world > 1:  # every rank draws the same batch and computes its own rows of it
+            if world > 1 and not tc.shard_latents:  # every rank draws the same batch and computes its own rows
                 x = x[rank::world]
             for i, (p, state) in enumerate(zip(members, states)):
                 if state.step > step:
@@ -459,6 +488,8 @@ def train(plans: list[Plan], progress: bool = True) -> dict:
                 state.cursor = cursor
                 lr = learning_rate(p.tc, step)
                 n_dormant = train_step(state, state.sae.preprocess(x) * state.scale, lr, p.tc, p.matmul_dtype)
+                if state.shard is not None and any(_due(p.tc, state.step)):
+                    state.gather()  # every rank sends its shard; rank 0 evaluates and checkpoints the whole SAE
                 if main:
                     t_log[i], shown = _after_step(p, state, metrics[i], rf, x_eval, lr, n_dormant, t_log[i])
                     if shown and len(members) == 1:
@@ -466,14 +497,17 @@ def train(plans: list[Plan], progress: bool = True) -> dict:
                     elif shown:
                         postfix[p.member or "{}"] = shown["fvu"]
                         bar.set_postfix(postfix, refresh=False)
+                state.full = None
             bar.update(B)
     finally:
         bar.close()
         batches.close()
         for f in metrics:
             f.close()
-    if main:
-        for p, state in zip(members, states):
+    for p, state in zip(members, states):
+        if state.shard is not None:
+            state.gather()
+        if main:
             results[p.key] = _finish(p, state, x_eval)
     dist.barrier()  # the others return once rank 0 has published the SAEs
     if not main:
@@ -498,14 +532,20 @@ def _after_step(p: Plan, state: TrainState, metrics, rf: RowFilter, x_eval: torc
         shown = {"fvu": f"{fvu:.4f}", "dormant": f"{n_dormant / tc.n_latents:.1%}"}
         state.log_sums.zero_()
         state.log_from, t_log = step, now
-    if step % tc.eval_every == 0 and step < tc.n_steps:
+    eval_due, checkpoint_due = _due(tc, step)
+    if eval_due:
         ev = evaluate(state.weights(), x_eval, state.scale, B, p.matmul_dtype)
         del ev["density"]
         _append(metrics, {"split": "eval", "step": step, "tokens": step * B, **ev})
-    if step % tc.checkpoint_every == 0 and step < tc.n_steps:
+    if checkpoint_due:
         metrics.flush()
         _save_checkpoint(p.work / CHECKPOINT, p.fingerprint, state)
     return t_log, shown
+
+
+def _due(tc: TrainConfig, step: int) -> tuple[bool, bool]:
+    """(an eval row, a checkpoint) due after `step` steps (the end has _finish instead)."""
+    return step % tc.eval_every == 0 and step < tc.n_steps, step % tc.checkpoint_every == 0 and step < tc.n_steps
 
 
 def _cache_rows(p: Plan) -> bool:
@@ -517,19 +557,24 @@ def _cache_rows(p: Plan) -> bool:
 def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
                matmul_dtype: torch.dtype | None = None) -> int:
     """One optimizer step on a normalised batch x [B, d] (under torchrun, this rank's rows of it, the
-    gradients and counters summed over the ranks); returns how many latents were dormant."""
-    sae, opt = state.sae, state.opt
+    gradients and counters summed over the ranks; with latent sharding, the whole batch and this rank's
+    latents, pipeline.shard); returns how many latents were dormant."""
+    sae, opt, shard = state.sae, state.opt, state.shard
     for g in opt.param_groups:
         g["lr"] = lr
     dormant = state.since_fired >= tc.dormant_tokens
-    n_dormant = int(dormant.sum())
+    n_dormant = int(dormant.sum()) if shard is None else shard.count(dormant)
     k_aux = min(tc.k_aux, n_dormant) if tc.aux_alpha > 0 else 0
-    o = sae.forward_train(x, dormant, k_aux, matmul_dtype)
-    rows = _global_rows(x)
-    loss, fvu, aux, nmse = sae_loss(x, o, tc.aux_alpha, rows)
+    if shard is None:
+        o = sae.forward_train(x, dormant, k_aux, matmul_dtype)
+        rows = _global_rows(x)
+    else:
+        o = shard.forward_train(sae, x, dormant, k_aux, matmul_dtype)
+        rows = x.shape[0]
+    loss, fvu, aux, nmse = sae_loss(x, o, tc.aux_alpha, rows, whole_batch=shard is not None)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if dist.rank_world()[1] > 1:
+    if dist.rank_world()[1] > 1 and shard is None:
         # Each rank's loss is its rows' share of the batch's (global denominators, sae_loss):
         # the sum of the ranks' gradients is the one-process gradient. (The weight matrices
         # stepped inside the backward were summed there; their gradients are gone.)
@@ -548,9 +593,12 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
         # scatter-add, not boolean indexing: no host sync, and duplicates are harmless
         fires = torch.zeros_like(state.since_fired)
         fires.scatter_add_(0, o.idx.reshape(-1), (o.vals > 0).long().reshape(-1))
-        dist.all_reduce_(fires)
+        sums = torch.stack([loss, fvu, nmse, aux]).detach()
+        if shard is None:  # a shard saw every token of its latents, and every rank holds the whole loss
+            dist.all_reduce_(fires)
+            dist.all_reduce_(sums)
         state.since_fired = (state.since_fired + rows) * (fires == 0)
-        state.log_sums += dist.all_reduce_(torch.stack([loss, fvu, nmse, aux]).detach())
+        state.log_sums += sums
     state.step += 1
     return n_dormant
 
@@ -576,17 +624,19 @@ def _global_rows(x: torch.Tensor) -> int:
     return int(dist.all_reduce_(torch.tensor(x.shape[0], device=x.device)))
 
 
-def sae_loss(x: torch.Tensor, o, aux_alpha: float, rows: int | None = None):
+def sae_loss(x: torch.Tensor, o, aux_alpha: float, rows: int | None = None, whole_batch: bool = False):
     """(loss, fvu, aux, nmse): FVU + aux_alpha * AuxK, plus OpenAI's per-token normalised MSE for the log.
 
     Under torchrun x is this rank's rows of the batch: the denominators (the batch's variance, the
     residual's energy, its row count) are the whole batch's, so each rank's terms are its share of
     the one-process values and they sum to them. `rows`: the whole batch's row count, when the
-    caller has it (_global_rows)."""
+    caller has it (_global_rows). `whole_batch`: x is the whole batch on every rank (latent
+    sharding), so nothing is summed over the ranks."""
+    split = dist.rank_world()[1] > 1 and not whole_batch
     e = x - o.x_hat
     with torch.no_grad():
-        n = rows or _global_rows(x)
-        if dist.rank_world()[1] == 1:
+        n = rows or (_global_rows(x) if split else x.shape[0])
+        if not split:
             var = (x - x.mean(0)).pow(2).sum()
         else:
             mean = dist.all_reduce_(x.sum(0)) / n
@@ -596,7 +646,8 @@ def sae_loss(x: torch.Tensor, o, aux_alpha: float, rows: int | None = None):
     if o.aux_hat is not None:
         # dormant latents learn to predict what the live ones missed (the residual, detached)
         r = e.detach()
-        aux = (o.aux_hat - r).pow(2).sum() / dist.all_reduce_(r.pow(2).sum()).clamp_min(1e-30)
+        energy = r.pow(2).sum()
+        aux = (o.aux_hat - r).pow(2).sum() / (dist.all_reduce_(energy) if split else energy).clamp_min(1e-30)
     with torch.no_grad():
         nmse = (e.pow(2).sum(1) / x.pow(2).sum(1).clamp_min(1e-30)).sum() / n
     return fvu + aux_alpha * aux, fvu, aux, nmse

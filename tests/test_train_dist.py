@@ -202,3 +202,157 @@ def test_ranks_read_disjoint_shares_of_each_window_and_draw_the_one_process_batc
     assert set(ranks[0]["reads"]).isdisjoint(ranks[1]["reads"]) or not cache
     if cache:  # each chunk read once, by one rank
         assert sorted(ranks[0]["reads"] + ranks[1]["reads"]) == list(range(1, 8))
+
+
+# --------------------------------------------------------------------------- latent sharding
+def _sharded(run) -> dict:
+    """train.shard_latents with 512 latents, k 4 and latents dormant after one silent batch: ~15% are
+    dormant from the start, so AuxK's global top-k over the shards' dormant latents (a shard may hold
+    fewer than k_aux of them) runs every step. A checkpoint every 10 steps, an eval row at step 100."""
+    return config(run, n_latents=512, k=4, dormant_tokens=256, shard_latents=True, n_tokens=256 * 200,
+                  checkpoint_every=10, eval_every=100, log_every=50)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> Path:
+    """The reference: _sharded's config trained by one process (where shard_latents changes nothing)."""
+    run = tmp_path_factory.mktemp("sharded") / "one"
+    random_store(run, dtype="float32")
+    out = _train(write_config(run.with_suffix(".yaml"), _sharded(run)), 1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+def _assert_same_sae(one: Path, other: Path):
+    a, b = TopKSAE.load(sae_folder(one)).state_dict(), TopKSAE.load(sae_folder(other)).state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_ranks_sharing_out_the_latents_train_the_one_process_sae(tmp_path, one_process_run):
+    # Each of 2 ranks holds 256 of the 512 latents and sees the whole batch; the weights, the logged
+    # losses, the dormant counts and the eval (on rank 0, from the gathered shards) are one process's.
+    run = tmp_path / "two"
+    random_store(run, dtype="float32")
+    out = _train(write_config(tmp_path / "two.yaml", _sharded(run)), 2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _assert_same_sae(one_process_run, run)
+    rows = [[json.loads(line) for line in (sae_folder(r) / "metrics.jsonl").read_text().splitlines()]
+            for r in (one_process_run, run)]
+    assert [(r["split"], r["step"]) for r in rows[1]] == [(r["split"], r["step"]) for r in rows[0]]  # written once
+    assert ("eval", 100) in [(r["split"], r["step"]) for r in rows[0]]
+    for a, b in zip(*rows):
+        assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-4)
+        if a["split"] == "train":
+            assert a["aux_loss"] > 0 and b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-4)
+            assert b["dormant_frac"] == a["dormant_frac"]
+        else:
+            assert b["dead_frac"] == a["dead_frac"]
+
+
+_SHARD_STEP = '''
+import sys
+
+import torch
+
+from pipeline import dist
+from pipeline.sae import TopKSAE
+from pipeline.shard import Shard
+from pipeline.train import sae_loss
+
+out = sys.argv[1]
+rank, world = dist.rank_world()
+torch.manual_seed(0)
+sae = TopKSAE(16, 64, 4, backend="torch").double()
+with torch.no_grad():
+    sae.b_lat.normal_(0, 0.1)
+    sae.b_pre.normal_()
+x = torch.randn(40, 16, dtype=torch.float64)
+dormant = torch.zeros(64, dtype=torch.bool)
+dormant[[3, 7, 20, 30]] = True  # all in rank 0's half: rank 1 offers AuxK no candidate
+if rank == 0:  # the one-process step
+    loss = sae_loss(x, sae.forward_train(x, dormant, k_aux=3), aux_alpha=0.25)[0]
+    loss.backward()
+    torch.save({n: p.grad for n, p in sae.named_parameters()}, f"{out}/one.pt")
+    sae.zero_grad()
+shard = Shard(64, rank, world)
+with dist.group():
+    local = TopKSAE(16, 32, 4, backend="torch").double()
+    local.load_state_dict(shard.rows(sae.state_dict()))
+    loss = sae_loss(x, shard.forward_train(local, x, dormant[shard.lo:shard.hi], k_aux=3), aux_alpha=0.25,
+                    whole_batch=True)[0]
+    loss.backward()
+    torch.save({"loss": loss.detach(), **{n: p.grad for n, p in local.named_parameters()}}, f"{out}/rank{rank}.pt")
+'''
+
+
+def test_a_sharded_step_gives_each_rank_its_rows_of_the_one_process_gradient(tmp_path):
+    # One step in float64 on 2 ranks: the same loss on both, each rank's W_enc, b_lat, W_dec rows get
+    # their one-process gradients and b_pre (its encoder-path part summed over the shards) the whole
+    # one, with AuxK's dormant latents all on rank 0.
+    script = tmp_path / "step.py"
+    script.write_text(_SHARD_STEP)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    one = torch.load(tmp_path / "one.pt")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(ranks[0]["loss"], ranks[1]["loss"])
+    for name in ("W_enc", "b_lat", "W_dec"):
+        torch.testing.assert_close(torch.cat([r[name] for r in ranks]), one[name], msg=name)
+    for r in ranks:
+        torch.testing.assert_close(r["b_pre"], one["b_pre"], msg="b_pre")
+
+
+def _kill_after_checkpoint(cfg: str, run: Path, ranks: int):
+    """Start a train of `ranks` processes and SIGKILL one as soon as the first checkpoint is written."""
+    agent = subprocess.Popen(_cmd(cfg, ranks), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = work_folder(run) / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim = agent.pid if ranks == 1 else _rank_pid(agent.pid, 1)
+    assert checkpoint.exists() and victim is not None, "the run ended before a checkpoint and a kill"
+    os.kill(victim, signal.SIGKILL)
+    agent.communicate(timeout=120)
+    assert agent.returncode != 0 and not sae_folder(run).exists()
+
+
+@pytest.mark.parametrize("first, then", [(1, 2), (2, 1)], ids=["one-then-sharded", "sharded-then-one"])
+def test_checkpoints_keep_the_one_process_layout_so_a_run_resumes_sharded_or_not(tmp_path, one_process_run,
+                                                                                 first, then):
+    # A checkpoint holds the whole SAE, its Adam state and its fire counters whoever wrote it (rank 0
+    # gathers the shards): one process's resumes on 2 sharded ranks, each taking its slice, and 2 sharded
+    # ranks' resumes in one process; both end on the unbroken run's weights.
+    run = tmp_path / "run"
+    random_store(run, dtype="float32")
+    cfg = write_config(tmp_path / "run.yaml", _sharded(run))
+    _kill_after_checkpoint(cfg, run, first)
+    resumed = _train(cfg, then)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint at step" in resumed.stdout
+    _assert_same_sae(one_process_run, run)
+
+
+def test_sharding_refuses_in_one_line_what_it_does_not_do(tmp_path, monkeypatch):
+    import dataclasses
+
+    from pipeline.config import TrainConfig
+    from pipeline.errors import UserError
+    from pipeline.shard import check
+    from test_train import cli
+
+    random_store(tmp_path, dtype="float32")
+    monkeypatch.setenv("WORLD_SIZE", "3")  # what torchrun --nproc_per_node 3 sets; the plan refuses before any group
+    code, output = cli("train", write_config(tmp_path / "c.yaml", _sharded(tmp_path)))
+    assert code == 2 and len(output.strip().splitlines()) == 1
+    assert "train.shard_latents splits n_latents = 512 over 3 ranks" in output
+    tc = TrainConfig(n_latents=513, shard_latents=True)
+    for bad in ({"optimizer": "signum_sf"}, {"ema_decay": 0.999}, {"grad_clip": 1.0}):
+        with pytest.raises(UserError, match=f"train.{next(iter(bad))} = "):
+            check(dataclasses.replace(tc, n_latents=513 * 3, **bad), "layer 1 resid_post")
+    check(dataclasses.replace(tc, shard_latents=False), "layer 1 resid_post")  # not sharded: any width
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check(tc, "layer 1 resid_post")  # one process: nothing to split
