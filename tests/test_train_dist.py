@@ -64,8 +64,8 @@ def test_two_ranks_train_the_one_process_sae(tmp_path):
     for ranks in (1, 2):
         run = tmp_path / f"run{ranks}"
         random_store(run, dtype="float32")
-        # AuxK on (dormant after 2 batches), so its reductions are exercised too.
-        cfg = write_config(tmp_path / f"t{ranks}.yaml", config(run, dormant_tokens=512))
+        # AuxK on (512 latents, k 4: some go quiet for a batch), so its reductions are exercised too.
+        cfg = write_config(tmp_path / f"t{ranks}.yaml", config(run, n_latents=512, k=4, dormant_tokens=256))
         out = _train(cfg, ranks)
         assert out.returncode == 0, out.stderr[-3000:]
         saes[ranks] = sae_folder(run)
@@ -82,6 +82,7 @@ def test_two_ranks_train_the_one_process_sae(tmp_path):
     train2 = [r for r in rows if r["split"] == "train"]
     for a, b in zip(train1, train2):
         assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-4) and b["dormant_frac"] == a["dormant_frac"]
+    assert any(r["dormant_frac"] > 0 and r["aux_loss"] > 0 for r in train2), "AuxK never ran"
 
 
 def test_a_killed_rank_stops_the_run_and_every_rank_resumes_from_the_checkpoint(tmp_path):
