@@ -161,21 +161,12 @@ class TopKSAE(nn.Module):
         the chosen pre-activations in full precision. A full-precision z already
         holds them, and the gathers' forward takes them from it.
         """
-        from pipeline.kernels import decode, encode_gather, encode_topk
+        from pipeline.kernels import decode, encode_gather
 
         x_c = x - self.b_pre
-        with torch.no_grad():
-            low = matmul_dtype is not None and matmul_dtype != x.dtype
-            operands = (x_c, self.W_enc, self.b_lat)
-            if low:
-                operands = tuple(t.to(matmul_dtype) for t in operands)
-            # The AuxK top-k runs over the dormant columns only (a top-k costs in proportion
-            # to the columns it scans), in the same sweep over the latents as the main one.
-            ids = dormant.nonzero().squeeze(1) if dormant is not None and k_aux > 0 else None
-            pre, idx, aux_pre, aux_idx = encode_topk(*operands, self.k, backend=self.backend, aux_ids=ids,
-                                                     k_aux=k_aux)
-            if low:  # a low-precision z only picks the latents; the gathers recompute their values
-                pre = aux_pre = None
+        pre, idx, aux_pre, aux_idx, ids, low = self.topk_candidates(x_c, self.k, dormant, k_aux, matmul_dtype)
+        if low:  # a low-precision z only picks the latents; the gathers recompute their values
+            pre = aux_pre = None
         vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre))
         x_hat = decode(idx, vals, self.W_dec, backend=self.backend) + self.b_pre
         aux_hat = None
@@ -190,6 +181,25 @@ class TopKSAE(nn.Module):
                                                 pre=aux_pre))
             aux_hat = decode(aux_idx, aux_vals, self.W_dec, backend=self.backend)
         return TrainOutput(x_hat, idx, vals, aux_hat)
+
+    @torch.no_grad()
+    def topk_candidates(self, x_c: torch.Tensor, k: int, dormant: torch.Tensor | None, k_aux: int,
+                        matmul_dtype: torch.dtype | None):
+        """kernels.encode_topk of the centred batch x_c [B, d], z in `matmul_dtype` when it differs from
+        x_c's: (pre [B, k], idx [B, k], aux_pre, aux_idx [B, k_aux] or None, ids, low). ids [m]: the
+        dormant latents AuxK ranks (None without AuxK); low: z was computed in lower precision, so pre
+        ranks the latents but is not their value."""
+        from pipeline.kernels import encode_topk
+
+        low = matmul_dtype is not None and matmul_dtype != x_c.dtype
+        operands = (x_c, self.W_enc, self.b_lat)
+        if low:
+            operands = tuple(t.to(matmul_dtype) for t in operands)
+        # The AuxK top-k runs over the dormant columns only (a top-k costs in proportion
+        # to the columns it scans), in the same sweep over the latents as the main one.
+        ids = dormant.nonzero().squeeze(1) if dormant is not None and k_aux > 0 else None
+        pre, idx, aux_pre, aux_idx = encode_topk(*operands, k, backend=self.backend, aux_ids=ids, k_aux=k_aux)
+        return pre, idx, aux_pre, aux_idx, ids, low
 
     # ---- the unit-norm decoder constraint
     @torch.no_grad()

@@ -38,7 +38,7 @@ import torch
 from pipeline import dist
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
-from pipeline.kernels import decode, encode_gather, encode_topk
+from pipeline.kernels import decode, encode_gather
 from pipeline.sae import TopKSAE, TrainOutput
 
 SHARDED = ("W_enc", "b_lat", "W_dec")  # split along the latents; b_pre is replicated
@@ -130,15 +130,11 @@ class Shard:
         encoder's B x n/W x d."""
         B, k = x.shape[0], sae.k
         x_c = x - _ReduceGrad.apply(sae.b_pre)
+        pre, idx, aux_pre, aux_idx, _, low = sae.topk_candidates(x_c, min(k, self.n_local), dormant, k_aux,
+                                                                 matmul_dtype)
+        z_like = pre  # the dtype a rank short of candidates pads in
         with torch.no_grad():
-            low = matmul_dtype is not None and matmul_dtype != x.dtype
-            operands = (x_c, sae.W_enc, sae.b_lat)
-            if low:
-                operands = tuple(t.to(matmul_dtype) for t in operands)
-            ids = dormant.nonzero().squeeze(1) if dormant is not None and k_aux > 0 else None
-            pre, idx, aux_pre, aux_idx = encode_topk(*operands, min(k, self.n_local), backend=sae.backend,
-                                                     aux_ids=ids, k_aux=k_aux)
-            mine, idx, pre = self._pick(pre, idx, k, B, operands[0])
+            mine, idx, pre = self._pick(pre, idx, k, B, z_like)
         # a low-precision z only picks the latents; the gathers recompute their values
         vals = torch.relu(encode_gather(x_c, sae.W_enc, sae.b_lat, idx, backend=sae.backend,
                                         pre=None if low else pre)) * mine
@@ -146,7 +142,7 @@ class Shard:
         aux_hat = None
         if k_aux > 0:  # every rank takes part, dormant latents of its own or not
             with torch.no_grad():
-                a_mine, a_idx, a_pre = self._pick(aux_pre, aux_idx, k_aux, B, operands[0])
+                a_mine, a_idx, a_pre = self._pick(aux_pre, aux_idx, k_aux, B, z_like)
             a_vals = torch.relu(encode_gather(x_c, sae.W_enc, sae.b_lat, a_idx, backend=sae.backend,
                                               pre=None if low else a_pre)) * a_mine
             aux_hat = _SumOverRanks.apply(decode(a_idx, a_vals, sae.W_dec, backend=sae.backend))

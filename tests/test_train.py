@@ -102,15 +102,20 @@ def dense_reference(sae, x, dormant, k_aux, aux_alpha):
     return loss + aux_alpha * (aux_acts @ sae.W_dec - r).pow(2).sum() / r.pow(2).sum()
 
 
-@pytest.mark.parametrize("aux_dense_ratio", [0, 1000], ids=["auxk-sparse", "auxk-dense"])
-def test_sparse_training_step_matches_dense_autograd(monkeypatch, aux_dense_ratio):
-    monkeypatch.setattr(sae_module, "AUX_DENSE_RATIO", aux_dense_ratio)  # each of AuxK's two paths
+def tiny_double_sae() -> tuple[TopKSAE, torch.Tensor]:
+    """A float64 SAE (d 16, n 64, k 4) with nonzero biases, and a batch x [40, 16] for it (seed 0)."""
     torch.manual_seed(0)
     sae = TopKSAE(16, 64, 4, backend="torch").double()
     with torch.no_grad():
         sae.b_lat.normal_(0, 0.1)
         sae.b_pre.normal_()
-    x = torch.randn(40, 16, dtype=torch.float64)
+    return sae, torch.randn(40, 16, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("aux_dense_ratio", [0, 1000], ids=["auxk-sparse", "auxk-dense"])
+def test_sparse_training_step_matches_dense_autograd(monkeypatch, aux_dense_ratio):
+    monkeypatch.setattr(sae_module, "AUX_DENSE_RATIO", aux_dense_ratio)  # each of AuxK's two paths
+    sae, x = tiny_double_sae()
     dormant = torch.rand(64) < 0.5
     loss, fvu, aux, _ = sae_loss(x, sae.forward_train(x, dormant, k_aux=8), aux_alpha=0.25)
     assert aux > 0 and loss == fvu + 0.25 * aux

@@ -45,14 +45,14 @@ def _rank_pid(agent: int, rank: int) -> int | None:
     return None
 
 
-def _kill_rank_1_once(cmd: list[str], sign: Path) -> subprocess.Popen:
-    """Launch `cmd` under torchrun, SIGKILL rank 1 as soon as `sign` exists, and return the agent
-    once the launch has ended (communicate raises if it hangs)."""
+def _kill_once(cmd: list[str], sign: Path, rank: int | None = 1) -> subprocess.Popen:
+    """Launch `cmd`, SIGKILL its rank `rank` (None: the process itself, a one-process run) as soon as
+    `sign` exists, and return it once the launch has ended (communicate raises if it hangs)."""
     agent = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not sign.exists() and agent.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    victim = _rank_pid(agent.pid, 1)
+    victim = agent.pid if rank is None else _rank_pid(agent.pid, rank)
     assert sign.exists() and victim is not None, f"the run ended before {sign.name} and a kill"
     os.kill(victim, signal.SIGKILL)
     agent.communicate(timeout=120)
@@ -94,7 +94,7 @@ def test_a_killed_rank_stops_the_run_and_every_rank_resumes_from_the_checkpoint(
         random_store(run, dtype="float32")
     cfgs = {name: write_config(tmp_path / f"{name}.yaml", raw(run)) for name, run in runs.items()}
 
-    agent = _kill_rank_1_once(_cmd(cfgs["broken"], 2), work_folder(runs["broken"]) / "checkpoint.pt")
+    agent = _kill_once(_cmd(cfgs["broken"], 2), work_folder(runs["broken"]) / "checkpoint.pt")
     assert agent.returncode != 0 and not sae_folder(runs["broken"]).exists()
 
     resumed = _train(cfgs["broken"], 2)
@@ -113,7 +113,7 @@ def test_a_rank_killed_at_the_end_of_training_stops_the_run_and_the_sae_stands(t
     run = tmp_path / "run"
     random_store(run, dtype="float32")
     cfg = write_config(tmp_path / "t.yaml", config(run))
-    _kill_rank_1_once(_cmd(cfg, 2), work_folder(run) / "loss.png")
+    _kill_once(_cmd(cfg, 2), work_folder(run) / "loss.png")
     again = _train(cfg, 2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert verify_saved(sae_folder(run)) is None and not work_folder(run).exists()
@@ -260,15 +260,11 @@ from pipeline import dist
 from pipeline.sae import TopKSAE
 from pipeline.shard import Shard
 from pipeline.train import sae_loss
+from test_train import tiny_double_sae
 
 out = sys.argv[1]
 rank, world = dist.rank_world()
-torch.manual_seed(0)
-sae = TopKSAE(16, 64, 4, backend="torch").double()
-with torch.no_grad():
-    sae.b_lat.normal_(0, 0.1)
-    sae.b_pre.normal_()
-x = torch.randn(40, 16, dtype=torch.float64)
+sae, x = tiny_double_sae()
 dormant = torch.zeros(64, dtype=torch.bool)
 dormant[[3, 7, 20, 30]] = True  # all in rank 0's half: rank 1 offers AuxK no candidate
 if rank == 0:  # the one-process step
@@ -296,7 +292,7 @@ def test_a_sharded_step_gives_each_rank_its_rows_of_the_one_process_gradient(tmp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+                         env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
     assert out.returncode == 0, out.stderr[-3000:]
     one = torch.load(tmp_path / "one.pt")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
@@ -305,20 +301,6 @@ def test_a_sharded_step_gives_each_rank_its_rows_of_the_one_process_gradient(tmp
         torch.testing.assert_close(torch.cat([r[name] for r in ranks]), one[name], msg=name)
     for r in ranks:
         torch.testing.assert_close(r["b_pre"], one["b_pre"], msg="b_pre")
-
-
-def _kill_after_checkpoint(cfg: str, run: Path, ranks: int):
-    """Start a train of `ranks` processes and SIGKILL one as soon as the first checkpoint is written."""
-    agent = subprocess.Popen(_cmd(cfg, ranks), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoint = work_folder(run) / "checkpoint.pt"
-    deadline = time.time() + 120
-    while not checkpoint.exists() and agent.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    victim = agent.pid if ranks == 1 else _rank_pid(agent.pid, 1)
-    assert checkpoint.exists() and victim is not None, "the run ended before a checkpoint and a kill"
-    os.kill(victim, signal.SIGKILL)
-    agent.communicate(timeout=120)
-    assert agent.returncode != 0 and not sae_folder(run).exists()
 
 
 @pytest.mark.parametrize("first, then", [(1, 2), (2, 1)], ids=["one-then-sharded", "sharded-then-one"])
@@ -330,7 +312,7 @@ def test_checkpoints_keep_the_one_process_layout_so_a_run_resumes_sharded_or_not
     run = tmp_path / "run"
     random_store(run, dtype="float32")
     cfg = write_config(tmp_path / "run.yaml", _sharded(run))
-    _kill_after_checkpoint(cfg, run, first)
+    _kill_once(_cmd(cfg, first), work_folder(run) / "checkpoint.pt", 1 if first > 1 else None)
     resumed = _train(cfg, then)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from the checkpoint at step" in resumed.stdout
