@@ -25,6 +25,7 @@ from pipeline import dtypes
 from pipeline.optim import OPTIMIZERS
 from pipeline.errors import UserError
 from pipeline.kernels import BACKENDS
+from pipeline.paths import is_url
 
 NAMED_HOOKS = ("resid_post", "attn_out", "mlp_out")
 
@@ -370,7 +371,7 @@ class Config:
 
     def _validate_store(self, where):
         url = self.store
-        if url is None or "://" not in url:
+        if url is None or not is_url(url):
             if self.store_options:
                 raise ConfigError(f"{where}: store_options apply to a URL store only (store: s3://...); "
                                   f"store is {url!r}: drop store_options or give store a URL")

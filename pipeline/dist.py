@@ -121,12 +121,8 @@ def all_gather_rows(x, n_rows: list[int], group) -> list:
     """Every rank's rows: `x` [n_rows[rank], ...] here, n_rows[r] rows on rank r (any dtype, as raw
     bytes, padded to the longest). Returns the W tensors, rank order."""
     import torch
-    import torch.distributed as td
 
     flat = x.reshape(x.shape[0], math.prod(x.shape[1:])).contiguous().view(torch.uint8)
-    longest = max(n_rows)
-    pad = torch.zeros(longest, flat.shape[1], dtype=torch.uint8)
+    pad = torch.zeros(max(n_rows), flat.shape[1], dtype=torch.uint8)
     pad[:flat.shape[0]] = flat
-    out = [torch.empty_like(pad) for _ in n_rows]
-    td.all_gather(out, pad, group=group)
-    return [o[:n].view(x.dtype).reshape(n, *x.shape[1:]) for o, n in zip(out, n_rows)]
+    return [o[:n].view(x.dtype).reshape(n, *x.shape[1:]) for o, n in zip(all_gather(pad, group), n_rows)]

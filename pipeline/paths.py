@@ -21,6 +21,11 @@ EVAL_FILE = "eval.json"  # saepipe eval's numbers, inside the SAE's folder
 MEMBER_MARK = "@"
 
 
+def is_url(where) -> bool:
+    """An fsspec URL (s3://, gs://, memory://, file://) where a store may live, as against a local path."""
+    return "://" in str(where)
+
+
 def sae_dir(run_dir, layer: int, hook: str, member: str | None = None) -> Path:
     return Path(run_dir) / "saes" / str(layer) / leaf(hook, member)
 

@@ -50,6 +50,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 from pipeline import dtypes
 from pipeline.errors import UserError
 from pipeline.fsio import fsync_dir, fsync_file
+from pipeline.paths import is_url
 
 STORE_NAME = "activations.zarr"
 REPAIR_HINT = "rewrite the bad chunks with `saepipe harvest CONFIG --repair` (CONFIG: this run's config)"
@@ -57,11 +58,6 @@ REPAIR_HINT = "rewrite the bad chunks with `saepipe harvest CONFIG --repair` (CO
 
 def store_path(run_dir) -> Path:
     return Path(run_dir) / STORE_NAME
-
-
-def is_url(where) -> bool:
-    """An fsspec URL (s3://, gs://, memory://, file://), as against a local path."""
-    return "://" in str(where)
 
 
 @dataclass(frozen=True)
