@@ -177,10 +177,17 @@ def chunk_file(arr: zarr.Array, c: int) -> Path | None:
     return Path(store.root) / chunk_key(arr, c) if isinstance(store, LocalStore) else None
 
 
-def chunk_location(arr: zarr.Array, c: int, root: Path | str | None = None) -> str:
-    """The chunk's file, or its key under `root` (the store's URL) on other stores."""
+def chunk_location(arr: zarr.Array, c: int) -> str:
+    """The chunk's file, or its URL on an fsspec store."""
     path = chunk_file(arr, c)
-    return str(path) if path is not None else f"{root or arr.store_path.store}/{chunk_key(arr, c)}"
+    if path is not None:
+        return str(path)
+    store = arr.store_path.store
+    store = getattr(store, "_store", store)  # under a WrapperStore
+    if isinstance(store, FsspecStore):
+        protocol = store.fs.protocol if isinstance(store.fs.protocol, str) else store.fs.protocol[0]
+        return f"{protocol}://{store.path.strip('/')}/{chunk_key(arr, c)}"
+    return f"{store}/{chunk_key(arr, c)}"
 
 
 def has_crc(arr: zarr.Array) -> bool:
@@ -299,9 +306,8 @@ class ChunkError(UserError):
     """A chunk that is missing or corrupt: the store is damaged."""
 
     def __init__(self, store_dir: Path, arr: zarr.Array, c: int, problem: str):
-        where = chunk_location(arr, c, store_dir)
         super().__init__(
-            f"{store_dir}: array {arr.store_path.path} chunk {c} is {problem} ({where}); "
+            f"{store_dir}: array {arr.store_path.path} chunk {c} is {problem} ({chunk_location(arr, c)}); "
             f"{REPAIR_HINT}, and check the whole store with `saepipe verify {_verify_arg(store_dir)}`"
         )
 
@@ -397,6 +403,8 @@ class ActivationStore:
         try:
             node = self.group[name] if name in self.group else None
         except Exception as e:  # noqa: BLE001 - a damaged zarr.json, whatever the parser says
+            if self.location.remote and isinstance(e, OSError):  # no answer at all: not damage
+                raise self.location.unreachable(e) from None
             raise MetadataError(self.path, name, e) from None
         if self._nodes is not None:
             self._nodes[name] = node
@@ -497,12 +505,19 @@ class ActivationStore:
                     raise ChunkError(self.path, arr, c, "missing")
         try:
             return arr[start:stop]
-        except Exception:
+        except Exception as e:
             # Find the chunk to blame: its checksum, or (without one) whether it decodes alone.
-            for c in chunks:
-                problem = chunk_problem(arr, c, decode=True)
-                if problem is not None:
-                    raise ChunkError(self.path, arr, c, problem) from None
+            try:
+                problems = ((c, chunk_problem(arr, c, decode=True)) for c in chunks)
+                c, problem = next(((c, p) for c, p in problems if p is not None), (None, None))
+            except Exception:  # noqa: BLE001 - the raw reads fail too: the store, not a chunk
+                if not self.location.remote:
+                    raise
+                raise self.location.unreachable(e) from None
+            if problem is not None:
+                raise ChunkError(self.path, arr, c, problem) from None
+            if self.location.remote:  # sound bytes that failed to arrive: the connection
+                raise self.location.unreachable(e) from None
             raise  # the bytes are as written: not damage, a bug
 
     # ---- writes (harvest, and tests that synthesize stores)
@@ -552,13 +567,29 @@ def write_chunk(arr: zarr.Array, c: int, data: np.ndarray) -> None:
         for stray in path.parent.glob(f"{path.name}.*.partial"):
             stray.unlink()
     start = c * arr.chunks[0]
+    # write_empty_chunks is a runtime setting, not stored: an array reopened from its zarr.json (a
+    # resumed or repaired harvest) would delete an all-zero chunk instead of writing it.
+    arr = arr if arr.config.write_empty_chunks else arr.with_config({"write_empty_chunks": True})
     try:
         arr[start:start + data.shape[0]] = data
     except OSError as e:  # a full disk: say where (a failed write() names no file)
+        if path is None:  # an object store: the network, the bucket or the credentials
+            raise _write_failed(arr, c, e) from None
         if e.filename is None:
             e.filename = chunk_location(arr, c)
         raise
+    except Exception as e:  # noqa: BLE001 - botocore's errors are no OSError
+        if path is None:
+            raise _write_failed(arr, c, e) from None
+        raise
     sync_chunk(arr, c)
+
+
+def _write_failed(arr: zarr.Array, c: int, e: Exception) -> UserError:
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return UserError(f"writing {chunk_location(arr, c)} failed ({type(e).__name__}: {why}); check the store's URL, "
+                     "store_options and credentials, then rerun the same harvest: it resumes after the chunks "
+                     "already written")
 
 
 def create_store(where, attrs: dict) -> ActivationStore:

@@ -369,3 +369,17 @@ def test_verify_checks_trained_saes_against_their_marker(clean, gpt2, corpus, tm
     res, errors = invoke("verify", run_dir)
     assert res.exit_code == 2 and len(errors) == 1, res.output
     assert str(weights) in errors[0] and "--force" in errors[0]
+
+
+def test_an_all_zero_chunk_rewritten_through_a_reopened_array_is_written(tmp_path):
+    # write_empty_chunks is not stored in zarr.json: through an array reopened from disk (a resumed
+    # or repaired harvest), zarr would delete a chunk equal to the fill value instead of writing it,
+    # and the chunk would then read as missing.
+    from pipeline.store import write_chunk, write_synthetic
+
+    write_synthetic(tmp_path, torch.randn(64, 4), np.zeros((4, 16), dtype=np.int32), layer=0, chunk_rows=16)
+    arr = ActivationStore(tmp_path, mode="a").array(0, "resid_post")
+    chunk_file(arr, 1).unlink()
+    write_chunk(arr, 1, np.zeros((16, 4), dtype=np.float32))
+    assert chunk_file(arr, 1).is_file()
+    assert torch.equal(ActivationStore(tmp_path).read_chunk(0, "resid_post", 1), torch.zeros(16, 4))

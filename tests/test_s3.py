@@ -160,3 +160,32 @@ def test_any_fsspec_url_reads_and_checks_its_chunks(tmp_path):
     with pytest.raises(UserError, match="no activation store at memory://"):
         ActivationStore(Location(tmp_path, "memory://saepipe-test/other.zarr"))
     memory.rm("/saepipe-test", recursive=True)
+
+
+def test_a_store_that_fails_mid_run_is_one_line(tmp_path, monkeypatch):
+    # The connection drops after the store was opened: a read names the store, a write the object,
+    # each in one UserError (exit 2 at the CLI), and the write says the rerun resumes.
+    from zarr.storage import FsspecStore
+
+    from pipeline.store import write_chunk
+
+    where = Location(tmp_path, "memory://saepipe-drop/acts.zarr")
+    write_synthetic(where, torch.randn(64, 4), np.zeros((4, 16), dtype=np.int32), layer=0, chunk_rows=16)
+    fresh, store = ActivationStore(where), ActivationStore(where)
+    store.array(0, "resid_post")  # opened before the drop: the next read is of chunk data
+    writable = ActivationStore(where, mode="a").array(0, "resid_post")
+
+    async def refused(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(FsspecStore, "get", refused)
+    monkeypatch.setattr(FsspecStore, "set", refused)
+    for s in (fresh, store):  # the array's metadata, then a chunk
+        with pytest.raises(UserError, match="cannot reach the store memory://saepipe-drop/acts.zarr "
+                                            r"\(ConnectionRefusedError"):
+            s.read_chunk(0, "resid_post", 1)
+    with pytest.raises(UserError, match="writing memory://saepipe-drop/acts.zarr/layers/0/resid_post/c/2/0 failed "
+                                        r"\(ConnectionRefusedError.*rerun the same harvest"):
+        write_chunk(writable, 2, np.zeros((16, 4), dtype=np.float32))
+    monkeypatch.undo()
+    fsspec.filesystem("memory").rm("/saepipe-drop", recursive=True)
