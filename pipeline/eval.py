@@ -26,8 +26,18 @@ standard next-token shift (window position t predicts token t + 1):
     dead_frac                       latents that never fired on these tokens
     n_tokens                        tokens forwarded (windows x context_size)
     sae_sha256                      the SAE weights these numbers belong to
+    fingerprint                     everything the numbers depend on (fingerprint())
 
-A finished eval (eval.json naming the same SAE sha256) is skipped unless force.
+A finished eval is skipped unless force, while its fingerprint still holds: the
+SAE's weights, layer, hook and whether BOS passes through; the model's name
+(a local path normalised), revision and dtype; the corpus (data.* and a sha256
+of local data files); the windows (context_size, prepend_bos, how many were
+harvested) and eval.n_tokens. Any change redoes it, saying which keys changed.
+Before the model loads, the corpus is checked against the one harvested (the
+store's fingerprint, or the SAE's record of it once the store is gone), and with
+a store the last harvested window is cut again and compared with the stored one:
+another corpus would hand eval training tokens as "held out". A hook whose
+output is not the residual shape is left out with one line; the others go on.
 With train.sweep, every member's SAE (<hook>@<member>, pipeline.paths) is one more
 SAE of the same pass: its own spliced and zero-ablated runs, its own eval.json.
 """
@@ -51,9 +61,10 @@ from pipeline.config import Config, EvalConfig
 from pipeline.data import load_texts, make_windows
 from pipeline.errors import UserError
 from pipeline.fsio import target_locks, write_atomic
+from pipeline.harvest import run_fingerprint
 from pipeline.model import (ActivationCapture, check_context_size, load_causal_lm, record_block_outputs,
                             resume_after_block, splice)
-from pipeline.paths import EVAL_FILE, leaf, sae_dir
+from pipeline.paths import EVAL_FILE, leaf, model_key, sae_dir
 from pipeline.sae import LN_EPS, TopKSAE, saved_cfg, saved_marker
 from pipeline.store import ActivationStore, Location
 
@@ -63,14 +74,18 @@ KEYS = ("ce_clean", "ce_spliced", "ce_zero", "delta_ce", "ce_recovered", "kl", "
 # ---------------------------------------------------------------------------
 # Plan: what to do, every input checked before anything is written
 
+# Bumped when what the numbers mean changes, so every older eval.json is redone.
+FORMAT = 2
+
 
 @dataclass
 class Target:
     layer: int
     hook: str
     folder: Path  # the SAE folder; eval.json goes in it
-    sha256: str  # of the SAE's weights
-    done: dict | None  # eval.json of a finished eval of these very weights
+    fingerprint: dict  # everything its numbers depend on (fingerprint())
+    done: dict | None  # eval.json of a finished eval with this very fingerprint
+    stale: list[str]  # why an existing eval.json was not reused (`key: there, now`)
     member: str | None = None  # the train.sweep member; None: the plain SAE
 
     @property
@@ -89,14 +104,53 @@ class Plan:
     pass_through: dict  # Target.key -> whether position 0 (BOS) passes through unchanged
 
 
-def read_done(folder: Path, sha256: str | None) -> dict | None:
-    """eval.json of `folder` when it belongs to the weights with `sha256`, else None."""
+@dataclass
+class Windows:
+    """How the held-out windows are cut: exactly as the harvested ones, starting where they stop."""
+    context_size: int
+    prepend_bos: bool | None
+    skip: int  # harvested windows: the held-out ones start after them
+    store: ActivationStore | None  # the run's store, to check the corpus against; None when gone
+    unchecked: bool = False  # neither the store nor the SAEs record the corpus to check it against
+
+
+def fingerprint(cfg: Config, w: Windows, corpus: dict, sae_sha256: str, sae_cfg: dict, layer: int,
+                hook: str) -> dict:
+    """What an eval's numbers depend on: the SAE's weights, the model that runs, the corpus and
+    the windows cut from it, and which positions the SAE replaces. A change to any of them
+    redoes the eval. (Batch size and device change only rounding.)"""
+    return {
+        "format": FORMAT, "sae_sha256": sae_sha256, "layer": layer, "hook": hook,
+        "model.name": model_key(cfg.model.name), "model.revision": cfg.model.revision,
+        "model.dtype": cfg.model.dtype, **corpus,
+        "context_size": w.context_size, "prepend_bos": w.prepend_bos, "held_out_after": w.skip,
+        "eval.n_tokens": cfg.eval.n_tokens, "pass_bos": _passes_bos(sae_cfg),
+    }
+
+
+def _passes_bos(sae_cfg: dict) -> bool:
+    """Position 0 is left alone when the SAE never saw it (exclude_bos, and a BOS was there)."""
+    return bool(sae_cfg.get("exclude_bos")) and bool(sae_cfg.get("prepend_bos"))
+
+
+def read_done(folder: Path, fp: dict) -> tuple[dict | None, list[str]]:
+    """(eval.json of `folder` when it was made with fingerprint `fp`, else None; and why not, when
+    there is an eval.json made otherwise)."""
     try:
         row = json.loads((folder / EVAL_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    ok = isinstance(row, dict) and row.get("sae_sha256") == sha256 and all(k in row for k in KEYS)
-    return row if ok else None
+        return None, []
+    if not isinstance(row, dict) or not all(k in row for k in KEYS):
+        return None, ["eval.json is incomplete"]
+    there = row.get("fingerprint")
+    if not isinstance(there, dict):  # made before fingerprints: it vouches for nothing but the weights
+        return None, ["eval.json records no fingerprint (an older saepipe)"]
+    diffs = [f"{k}: {_show(there.get(k))} there, {_show(v)} now" for k, v in fp.items() if there.get(k) != v]
+    return (row, []) if not diffs else (None, diffs)
+
+
+def _show(v) -> str:
+    return v[:12] if isinstance(v, str) and len(v) == 64 else repr(v)  # a sha256: its prefix is enough
 
 
 @contextmanager
@@ -106,14 +160,21 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False,
     c, run_dir = cfg.eval, cfg.run_path
     saes = cfg.sae_targets("eval", layers)
     with target_locks(run_dir, "eval", saes):
-        targets = []
+        found = []
         for layer, hook, member in saes:
             folder = sae_dir(run_dir, layer, hook, member)
-            marker = saved_marker(folder)
-            if marker is None or saved_cfg(folder) is None:
+            marker, sae_cfg = saved_marker(folder), saved_cfg(folder)
+            if marker is None or sae_cfg is None:
                 raise UserError(f"no trained SAE for layer {layer} hook {leaf(hook, member)} (looked in {folder}); "
                                 f"train it first: saepipe train CONFIG --layers {layer}")
-            targets.append(Target(layer, hook, folder, marker["sha256"], read_done(folder, marker["sha256"]), member))
+            found.append((layer, hook, member, folder, marker["sha256"], sae_cfg))
+        w = _windows(cfg, found[0][5])
+        corpus = corpus_fingerprint(cfg)
+        targets = []
+        for layer, hook, member, folder, sha, sae_cfg in found:
+            fp = fingerprint(cfg, w, corpus, sha, sae_cfg, layer, hook)
+            done, stale = read_done(folder, fp)
+            targets.append(Target(layer, hook, folder, fp, done, stale, member))
         todo = [t for t in targets if force or t.done is None]
         if not todo:
             yield Plan(c, targets, [], None, None, {}, {})
@@ -121,66 +182,118 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False,
 
         for t in todo:  # numbers from another model's activations would mean nothing
             trained_on = (saved_cfg(t.folder) or {}).get("model")
-            if trained_on is not None and trained_on != cfg.model.name:
+            if trained_on is not None and model_key(trained_on) != model_key(cfg.model.name):
                 raise UserError(f"the SAE in {t.folder} was trained on model {trained_on!r}, but model.name is "
                                 f"{cfg.model.name!r}; evaluate it with the config it was trained with")
+        _check_corpus(cfg, w, found, corpus)
         model, tokenizer = load_causal_lm(cfg.model.name, cfg.model.revision, cfg.model.dtype, c.device)
         device = next(model.parameters()).device
         saes, pass_through = {}, {}
         for t in todo:
             sae = TopKSAE.load(t.folder, device=device)
             saes[t.key] = sae
-            pass_through[t.key] = bool(sae.cfg.get("exclude_bos")) and bool(sae.cfg.get("prepend_bos"))
-        context_size, prepend_bos, skip = _window_shape(cfg, next(iter(saes.values())).cfg)
-        check_context_size(model, context_size)
-        _check_hooks(model, todo, saes, context_size)
-        windows = held_out_windows(cfg, tokenizer, context_size, prepend_bos, skip, progress)
+            pass_through[t.key] = _passes_bos(sae.cfg)
+        check_context_size(model, w.context_size)
+        todo = _splicable(model, todo, saes, w.context_size)
+        windows = held_out_windows(cfg, tokenizer, w, progress)
         yield Plan(c, targets, todo, model, windows, saes, pass_through)
 
 
-def _window_shape(cfg: Config, sae_cfg: dict) -> tuple[int, bool, int]:
-    """(context_size, prepend_bos, windows to skip): the store's, so eval windows are cut exactly
-    as the harvested ones were and start where they stop."""
-    attrs = {}
-    if Location.of(cfg).exists():
-        attrs = ActivationStore(Location.of(cfg)).attrs
+def _windows(cfg: Config, sae_cfg: dict) -> Windows:
+    """The store's window shape (context_size, prepend_bos, windows harvested); without a store,
+    what the SAE recorded, then the config's harvest section."""
+    loc = Location.of(cfg)
+    store = ActivationStore(loc) if loc.exists() else None
+    attrs = store.attrs if store is not None else {}
     context_size = attrs.get("context_size") or sae_cfg.get("context_size") or cfg.harvest.context_size
     prepend_bos = attrs.get("prepend_bos", sae_cfg.get("prepend_bos", cfg.harvest.prepend_bos))
-    skip = attrs.get("n_sequences", cfg.harvest.n_tokens // cfg.harvest.context_size)
-    return int(context_size), prepend_bos, int(skip)
+    skip = attrs.get("n_sequences") or sae_cfg.get("store_sequences") or cfg.harvest.n_tokens // context_size
+    return Windows(int(context_size), prepend_bos, int(skip), store)
 
 
-def held_out_windows(cfg: Config, tokenizer, context_size: int, prepend_bos: bool | None, skip: int,
-                     progress: bool = True) -> np.ndarray:
-    n = cfg.eval.n_tokens // context_size
+def corpus_fingerprint(cfg: Config) -> dict:
+    """The data.* keys of harvest's fingerprint (a sha256 of local data files among them)."""
+    return {k: v for k, v in run_fingerprint(cfg).items() if k.startswith("data.")}
+
+
+def _check_corpus(cfg: Config, w: Windows, found: list, now: dict):
+    """Refuse a corpus other than the one harvested: its "held-out" windows would be training
+    tokens, or another text. The store's fingerprint is checked first (it holds a sha256 of local
+    data files); without a store, each SAE's record of it."""
+    if w.store is not None:
+        sources = [(w.store.path, w.store.attrs.get("fingerprint"))]
+    else:
+        sources = [(folder, sae_cfg.get("store_fingerprint")) for *_, folder, _, sae_cfg in found]
+        w.unchecked = not any(fp for _, fp in sources)
+    for where, there in sources:
+        diffs = [f"{k}: {_show(there[k])} there, {_show(v)} now" for k, v in now.items()
+                 if isinstance(there, dict) and k in there and there[k] != v]
+        if diffs:
+            raise UserError(f"the corpus differs from the one {where} was harvested from ({'; '.join(diffs)}), so "
+                            "eval's held-out windows could be training tokens; restore the harvested data, or "
+                            "harvest and train again on the new corpus in a new run_dir")
+
+
+def held_out_windows(cfg: Config, tokenizer, w: Windows, progress: bool = True) -> np.ndarray:
+    """The eval.n_tokens // context_size windows after the harvested ones. With a store, the last
+    harvested window is cut again and compared with the stored one: a hub dataset (no sha256)
+    that changed, or another tokenizer, is refused rather than evaluated on training tokens."""
+    n = cfg.eval.n_tokens // w.context_size
     if n == 0:
-        raise UserError(f"eval.n_tokens = {cfg.eval.n_tokens} is below one window of {context_size} tokens; raise it")
-    windows, _ = make_windows(load_texts(cfg.data), tokenizer, context_size, n, prepend_bos, progress=progress,
-                              skip_sequences=skip)
+        raise UserError(f"eval.n_tokens = {cfg.eval.n_tokens} is below one window of {w.context_size} tokens; "
+                        "raise it")
+    check = w.store is not None and w.skip > 0 and w.store.has_tokens()
+    windows, _ = make_windows(load_texts(cfg.data), tokenizer, w.context_size, n + check, w.prepend_bos,
+                              progress=progress, skip_sequences=w.skip - check)
+    if check:
+        stored = w.store.read_tokens(w.skip - 1, w.skip)
+        if len(windows) == 0 or not np.array_equal(windows[0], stored[0]):
+            raise UserError(f"the corpus and tokenizer no longer give the windows stored in {w.store.path} (its "
+                            f"last window, {w.skip - 1}, differs), so eval cannot tell which windows are held out; "
+                            "restore the harvested data and model, or harvest again in a new run_dir")
+        windows = windows[1:]
     if len(windows) == 0:
-        raise UserError(f"dataset {cfg.data.path!r} has no text past the {skip} harvested windows of {context_size} "
-                        "tokens, so there is nothing held out to evaluate on; use a larger corpus or lower "
-                        "harvest.n_tokens")
+        raise UserError(f"dataset {cfg.data.path!r} has no text past the {w.skip} harvested windows of "
+                        f"{w.context_size} tokens, so there is nothing held out to evaluate on; use a larger "
+                        "corpus or lower harvest.n_tokens")
+    if w.unchecked:
+        print("eval: no store and no record of its corpus in the SAEs (trained by an older saepipe): the held-out "
+              "windows follow the config's data and harvest sections, unchecked")
+    if len(windows) < n:
+        print(f"eval: the corpus holds only {len(windows)} windows ({len(windows) * w.context_size} tokens) past "
+              f"the {w.skip} harvested ones, fewer than eval.n_tokens = {cfg.eval.n_tokens} asks for; evaluating "
+              "on those")
     return windows
 
 
-def _check_hooks(model, todo: list[Target], saes: dict, context_size: int):
-    """Every hook must output the residual shape [B, T, d_model] that a spliced SAE can replace."""
+def _splicable(model, todo: list[Target], saes: dict, context_size: int) -> list[Target]:
+    """The targets whose hook outputs the residual shape [B, T, d_model] a spliced SAE replaces.
+    Any other hook (an MLP's hidden layer, a module path of another width) is left out with one
+    line each, so the config's other hooks are still evaluated; when none is left, one refusal."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     d_model = getattr(cfg, "hidden_size", None)
     points = [(t.layer, t.hook) for t in todo]
     device = next(model.parameters()).device
     ids = torch.zeros(1, min(2, context_size), dtype=torch.long, device=device)
     outs = ActivationCapture(model, points).run(ids)
+    keep, skipped = [], []
     for t in todo:
         shape = tuple(outs[(t.layer, t.hook)].shape)
         if shape != (1, ids.shape[1], d_model):
-            raise UserError(f"hook {t.hook!r} of layer {t.layer} outputs shape {list(shape)}, not the residual shape "
-                            f"[batch, tokens, {d_model}]; eval splices SAEs into resid_post, attn_out or mlp_out")
+            why = (f"hook {t.hook!r} of layer {t.layer} outputs shape {list(shape)}, not the residual shape "
+                   f"[batch, tokens, {d_model}]; eval splices SAEs into resid_post, attn_out or mlp_out")
+            skipped.append((t, why))
+            continue
         d_in = saes[t.key].d_in
         if d_in != d_model:
             raise UserError(f"the SAE in {t.folder} takes d_in = {d_in}, but the model's d_model is {d_model}; "
                             f"retrain it: saepipe train CONFIG --layers {t.layer} --force")
+        keep.append(t)
+    if not keep:
+        raise UserError("; ".join(why for _, why in skipped))
+    for t, why in skipped:
+        print(f"eval: layer {t.layer} hook {leaf(t.hook, t.member)}: skipped: {why}")
+    return keep
 
 
 # ---------------------------------------------------------------------------
@@ -320,21 +433,27 @@ def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
 
 def run(cfg: Config, layers: list[int] | None = None, force: bool = False,
         progress: bool = True) -> list[tuple[int, str, dict]]:
-    """Evaluate what is not done; (layer, hook, numbers) for every target, skipped ones included
-    (a sweep member's hook is its folder's name, `<hook>@<member>`)."""
+    """Evaluate what is not done; (layer, hook, numbers) for every target evaluated or reused
+    (a sweep member's hook is its folder's name, `<hook>@<member>`); a hook eval cannot splice is
+    left out with a line saying why."""
     with plan(cfg, layers, force, progress) as p:
         for t in p.targets:
-            if t not in p.todo:
-                print(f"eval: layer {t.layer} hook {leaf(t.hook, t.member)}: done for these SAE weights; skipping "
-                      "(--force to redo)")
+            name = f"eval: layer {t.layer} hook {leaf(t.hook, t.member)}"
+            if t.done is not None and t not in p.todo and not force:
+                print(f"{name}: done with these settings and SAE weights; skipping (--force to redo)")
+            elif t.stale:
+                print(f"{name}: eval.json was made with other settings ({'; '.join(t.stale)}); redoing")
         results = evaluate(p, progress) if p.todo else {}
         rows = []
         for t in p.targets:
             if t in p.todo:
-                row = {**_finite(results[t.key]), "sae_sha256": t.sha256}
+                row = {**_finite(results[t.key]), "sae_sha256": t.fingerprint["sae_sha256"],
+                       "fingerprint": t.fingerprint}
                 write_atomic(t.folder / EVAL_FILE, json.dumps(row, indent=2, allow_nan=False) + "\n")
-            else:
+            elif t.done is not None and not force:
                 row = t.done
+            else:
+                continue  # a hook eval cannot splice
             rows.append((t.layer, leaf(t.hook, t.member), row))
         if p.todo and viewer.index_page(cfg.run_path).exists():  # collate's index page shows these numbers
             viewer.write_index_page(cfg.run_path)

@@ -13,6 +13,7 @@ folder, so it is the SAE a train without the sweep makes and finds.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 DONE = "done"  # the marker a stage writes last into a finished folder
@@ -24,6 +25,19 @@ MEMBER_MARK = "@"
 def is_url(where) -> bool:
     """An fsspec URL (s3://, gs://, memory://, file://) where a store may live, as against a local path."""
     return "://" in str(where)
+
+
+def model_key(name: str) -> str:
+    """model.name as compared across stages: a local folder or file by its absolute, normalised
+    path (so `models/x/`, `./models/x` and `/abs/models/x` are one model), anything else (a hub
+    id, `pkg:...`) as written. A path counts as local when it exists or is written as one."""
+    name = str(name)
+    if name.startswith("pkg:") or is_url(name):
+        return name
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        return os.path.normpath(os.path.abspath(path))
+    return name
 
 
 def sae_dir(run_dir, layer: int, hook: str, member: str | None = None) -> Path:

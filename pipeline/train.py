@@ -842,6 +842,9 @@ def _saved_cfg(p: Plan, state: TrainState, ev: dict) -> dict:
         "train_seconds": state.elapsed,
         "train": {**{k: v for k, v in dataclasses.asdict(tc).items() if k != "sweep"}, "n_steps": tc.n_steps},
         "fingerprint": p.fingerprint, "package_version": pipeline.__version__,
+        # What the store was harvested from, so eval can check its corpus and find the held-out
+        # windows even once the store is gone.
+        "store_fingerprint": attrs.get("fingerprint"), "store_sequences": attrs.get("n_sequences"),
     }
 
 
