@@ -348,8 +348,8 @@ class Config:
     collate: CollateConfig = field(default_factory=CollateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     store: str | None = setting(None, "where the activation store lives; null = `<run_dir>/activations.zarr`. Another "
-                                      "folder, or an fsspec URL: s3://bucket/prefix/acts.zarr, gs://..., memory://... "
-                                      "(progress logs, locks, SAEs and records stay in run_dir)")
+                                      "folder, or an fsspec URL that outlives the process: s3://bucket/prefix/acts.zarr, "
+                                      "gs://... (progress logs, locks, SAEs and records stay in run_dir)")
     store_options: dict | None = setting(None, "fsspec options for a URL store, e.g. {endpoint_url: "
                                                "http://127.0.0.1:9000} for a local S3 server; keep credentials in "
                                                "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
@@ -380,11 +380,19 @@ class Config:
         import fsspec  # only URL stores need it
 
         try:
-            fsspec.get_filesystem_class(protocol)
+            fs = fsspec.get_filesystem_class(protocol)
         except (ImportError, ValueError) as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"{where}: store = {url!r}: no filesystem for {protocol}:// ({why}); install its "
                               "fsspec package (s3fs for s3://, gcsfs for gs://) or fix the URL") from None
+        from fsspec.implementations.memory import MemoryFileSystem
+
+        # Each saepipe command is its own process: a store in one process's memory is gone before
+        # train or collate could read it. (The Python API still takes one: pipeline.store.Location.)
+        if issubclass(fs, MemoryFileSystem):
+            raise ConfigError(f"{where}: store = {url!r} lives in one process's memory and is lost when harvest "
+                              "exits, before any later stage can read it; give a folder or a lasting URL "
+                              "(s3://bucket/prefix/acts.zarr)")
 
     def targets(self, stage: str, layers: list[int] | None = None) -> list[tuple[int, str]]:
         """The (layer, hook) pairs a stage works on: `--layers` or the stage's own layers/hooks,

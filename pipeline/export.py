@@ -42,23 +42,25 @@ def export(sae_dir, fmt: str, out, member: str | None = None) -> Path:
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a new folder")
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} already exists and is not empty; choose a new folder or remove it")
     sae = TopKSAE.load(sae_dir)  # a finished, intact SAE or one line saying how to retrain it
     tensors, cfg, weights = (saelens if fmt == "saelens" else sparsify)(sae)
     # Build beside the target, then swap it in: a killed or failed export leaves no half-written --out.
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    made = fsio.make_dirs(tmp, "--out", out)  # with the parents --out needs, so a failure removes those too
     try:
-        tmp.mkdir()
         blob = safetensors.torch.save({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()})
         fsio.write_atomic(tmp / weights, blob)
         fsio.write_atomic(tmp / "cfg.json", json.dumps(cfg, indent=2))
         with fsio.no_interrupt():
             fsio.swap_dir(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():  # not yet swapped in: nothing of this export is to stay
+            shutil.rmtree(made or tmp, ignore_errors=True)
         raise
     return out
 

@@ -106,19 +106,31 @@ def recover_swap(final) -> None:
 def run_lock(run_dir, stage: str, what: str | None = None):
     """An exclusive flock on `<run_dir>/.<stage>.lock`, refused at once (one line) when
     another process holds it. The kernel drops it when the holder dies, so a killed
-    run never leaves a stale lock."""
+    run never leaves a stale lock; a run that ends, finished or failed, removes the file."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / f".{stage}.lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    make_dirs(run_dir, "run_dir", run_dir)
+    path = run_dir / f".{stage}.lock"
+    while True:
+        f = open(path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise UserError(f"another `saepipe {stage.split('.')[0]}` is working on {what or run_dir} right now; wait "
+                            "for it to finish (or stop it) and rerun") from None
+        # The holder before us may have removed the file between our open and our flock: a lock on
+        # that orphan guards nothing, so lock whatever file holds the name now.
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         f.close()
-        raise UserError(f"another `saepipe {stage.split('.')[0]}` is working on {what or run_dir} right now; wait for it to "
-                        "finish (or stop it) and rerun") from None
     try:
         yield
     finally:
+        # Removed while still held: whoever opened it meanwhile finds it orphaned (above) and retries.
+        path.unlink(missing_ok=True)
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
 
@@ -175,6 +187,24 @@ def disk_error_message(e: OSError) -> str | None:
     where = f" writing {e.filename}" if e.filename else ""
     return (f"{why}{where}; free space or fix permissions (or choose another run_dir) and rerun the same command: "
             "finished results are intact and interrupted work resumes")
+
+
+def make_dirs(path, key: str, value) -> Path | None:
+    """`mkdir -p path`, or one UserError saying why the setting `key` (= `value`) cannot be used: a
+    file in the way, or a place that takes no new folders. Returns the topmost folder it made (None
+    when `path` was there), so a caller that fails later can remove exactly what it made."""
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        there = next(p for p in (path, *path.parents) if p.exists())
+        if not there.is_dir():
+            why = f"{there} is a file, not a folder"
+        else:
+            why = f"cannot create a folder in {there} ({_DISK_ERRORS.get(e.errno) or e.strerror or type(e).__name__})"
+        raise UserError(f"{key} {value}: {why}; choose another {key}") from None
+    return made[-1] if made else None
 
 
 def tree_size(folder) -> int:

@@ -50,6 +50,7 @@ from pipeline.data import load_texts, make_windows
 from pipeline.errors import UserError
 from pipeline.fsio import run_lock
 from pipeline.model import ActivationCapture, check_context_size, load_model, resolve_hook_points
+from pipeline.paths import model_key
 from pipeline.store import (REPAIR_HINT, ActivationStore, MetadataError, ProgressLog, create_store,
                             Location, default_chunk_rows, missing_chunks, n_chunks_of, set_complete,
                             write_chunk)
@@ -119,7 +120,9 @@ def run(cfg: Config, layers: list[int] | None = None, progress: bool = True,
         raise UserError("--repair and --force rewrite arrays all ranks share: run them as one process, "
                         "not under torchrun")
     run_dir, where = cfg.run_path, Location.of(cfg)
-    _check_writable(run_dir)
+    _check_writable("run_dir", run_dir)
+    if not where.remote:
+        _check_writable("store", where.path)
     targets = cfg.targets("harvest", layers)
     if _already_harvested(cfg, targets, run_fingerprint(cfg), quick=not (repair or force)):
         print(f"harvest: {', '.join(f'layer {l} {h}' for l, h in targets)} already harvested in "
@@ -244,7 +247,9 @@ def _compare_run(store: ActivationStore, fingerprint: dict):
                  "harvest.context_size": attrs.get("context_size"), "data.path": ds.get("path"),
                  "data.name": ds.get("name"), "data.split": ds.get("split"), "data.text_column": ds.get("column"),
                  "data.data_files": ds.get("data_files")}
-    diffs = _diffs(there, fingerprint)
+    # One model named two ways (`models/x/`, `./models/x`) is the same model.
+    same_model = model_key(there.get("model.name") or "") == model_key(fingerprint["model.name"])
+    diffs = _diffs({**there, "model.name": fingerprint["model.name"]} if same_model else there, fingerprint)
     if diffs:
         raise UserError(f"{store.path} was harvested with other settings: {'; '.join(diffs)}; they decide every "
                         "array in it, so use a new run_dir for the new settings, or restore the old ones")
@@ -274,12 +279,17 @@ def _check_same_run(store: ActivationStore, n_sequences: int, prepend_bos: bool,
 
 # ---- before the model loads
 
-def _check_writable(run_dir: Path):
-    probe = run_dir
+def _check_writable(key: str, folder: Path):
+    """Refuse a folder harvest could not make or write, before the model loads, the lock is taken or
+    anything is written: a file in its place or above it, or a place that denies writes."""
+    probe = folder
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"run_dir {run_dir} is not writable ({probe} denies writes); choose another run_dir")
+    if not probe.is_dir():
+        what = "it" if probe == folder else probe
+        raise UserError(f"{key} {folder} is not writable: {what} is a file, not a folder; choose another {key}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{key} {folder} is not writable ({probe} denies writes); choose another {key}")
 
 
 def _already_harvested(cfg: Config, targets, fingerprint: dict, quick: bool) -> bool:

@@ -13,6 +13,14 @@ its row is scaled by each token's std(x) the same way.
 With train.sweep, `member` picks the sweep member whose SAE steers (its folder
 `<hook>@<member>`); none picks the plain one, the `{}` entry.
 
+Limits. A prompt that fills the model's positions (pipeline.model.max_positions:
+learned tables index past their end, rotary models run outside what they were
+trained on) is refused. When the prompt and --max-new-tokens together pass them,
+each continuation stops at the last position, and a line says how many tokens
+that leaves: the prompt's length in tokens is not something a user knows before
+the run, so a refusal would only make them guess again. Strengths must be
+finite; a strength given twice (4 and 4.0) gets one row, and a line says so.
+
     plan   check everything cheap first (prompt, SAE folder, latent index), then
            load the causal LM and the hook point
     run    the unsteered continuation, then one per strength; a table of them
@@ -22,7 +30,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -44,7 +53,8 @@ class Plan:
     layer_norm: bool  # the SAE normalises each token: scale the direction by std(x)
     strengths: list[float]
     prompt_ids: torch.Tensor  # [1, T]
-    max_new_tokens: int
+    max_new_tokens: int  # what fits in the model's positions after the prompt
+    notes: list[str] = field(default_factory=list)  # lines run() prints above the table
 
 
 def _hook(cfg: Config, layer: int, hook: str | None) -> str:
@@ -76,6 +86,11 @@ def plan(cfg: Config, layer: int, latent: int, strengths: list[float], prompt: s
         raise UserError("--prompt is empty; give the text the model should continue")
     if not strengths:
         raise UserError("no --strength given; pass one or more, e.g. --strength 4 --strength 8")
+    bad = [s for s in strengths if not math.isfinite(s)]
+    if bad:
+        raise UserError(f"--strength {bad[0]} is not a finite number; give finite multiples of the decoder row, "
+                        "e.g. --strength 4 --strength -8")
+    strengths, notes = _distinct(strengths)
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens = {max_new_tokens} must be at least 1")
     hook, member = _hook(cfg, layer, hook), _member(cfg, member)
@@ -94,9 +109,43 @@ def plan(cfg: Config, layer: int, latent: int, strengths: list[float], prompt: s
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(param.device)
     if ids.shape[1] == 0:
         raise UserError("--prompt encodes to no tokens; give the text the model should continue")
+    max_new_tokens, note = _fit_positions(model, ids.shape[1], max_new_tokens)
     direction = sae.W_dec[latent].detach().to(param.device, param.dtype)
     return Plan(model, tokenizer, layer, hook, latent, direction, sae.normalize == "layer_norm",
-                [float(s) for s in strengths], ids, max_new_tokens)
+                strengths, ids, max_new_tokens, notes + ([note] if note else []))
+
+
+def strength_key(s: float) -> str:
+    """A strength's row name: short (4, not 4.0), but never the same for two different values."""
+    short = f"{s:g}"
+    return short if float(short) == s else repr(s)
+
+
+def _distinct(strengths: list[float]) -> tuple[list[float], list[str]]:
+    """The strengths without repeats (4 and 4.0 are one), and a note for each repeated one."""
+    counts: dict[float, int] = {}
+    for s in strengths:
+        counts[float(s)] = counts.get(float(s), 0) + 1
+    notes = [f"steer: --strength {strength_key(s)} is given {n} times; one row for it (greedy is deterministic)"
+             for s, n in counts.items() if n > 1]
+    return list(counts), notes
+
+
+def _fit_positions(model: nn.Module, n_prompt: int, max_new_tokens: int) -> tuple[int, str | None]:
+    """How many tokens fit after the prompt in the model's positions, and the note when fewer
+    than asked; a prompt that leaves no room is refused."""
+    from pipeline.model import max_positions
+
+    limit = max_positions(model)
+    if limit is None or n_prompt + max_new_tokens <= limit[0]:
+        return max_new_tokens, None
+    n, source = limit
+    name = type(model).__name__
+    if n_prompt >= n:
+        raise UserError(f"--prompt is {n_prompt} tokens, and {name} has {n} positions ({source}): no room to "
+                        f"generate; shorten the prompt to at most {n - 1} tokens")
+    return n - n_prompt, (f"steer: the prompt's {n_prompt} tokens and --max-new-tokens {max_new_tokens} pass {name}'s "
+                          f"{n} positions ({source}); each continuation stops there, after {n - n_prompt} new tokens")
 
 
 @torch.inference_mode()
@@ -138,16 +187,18 @@ def steered(p: Plan, strength: float) -> list[int]:
 def run(cfg: Config, layer: int, latent: int, strengths: list[float], prompt: str, hook: str | None = None,
         max_new_tokens: int = 32, echo=print, member: str | None = None) -> dict[str, list[int]]:
     """Print the clean and the steered continuations, one row each; return their token ids
-    ("clean" and one key per strength, as given)."""
+    ("clean" and one key per distinct strength, named by strength_key)."""
     p = plan(cfg, layer, latent, strengths, prompt, hook, max_new_tokens, member)
     eos = p.tokenizer.eos_token_id
     rows = {"clean": greedy(p.model, p.prompt_ids, p.max_new_tokens, eos)}
     for s in p.strengths:
-        rows[f"{s:g}"] = steered(p, s)
+        rows[strength_key(s)] = steered(p, s)
 
     def text(ids):  # json quotes keep newlines and edge spaces visible on one line
         return json.dumps(p.tokenizer.decode(ids, skip_special_tokens=False), ensure_ascii=False)
 
+    for note in p.notes:
+        echo(note)
     echo(f"steer layer {p.layer} hook {leaf(p.hook, member)} latent {p.latent}, greedy, {p.max_new_tokens} new tokens")
     echo(f"prompt: {json.dumps(prompt, ensure_ascii=False)}")
     width = max(len("strength"), *(len(k) for k in rows))

@@ -63,7 +63,10 @@ def store_path(run_dir) -> Path:
 @dataclass(frozen=True)
 class Location:
     """Where a run's store lives: the run_dir (progress logs, locks) is always local; the
-    store is `<run_dir>/activations.zarr` unless `url` names another folder or an fsspec URL."""
+    store is `<run_dir>/activations.zarr` unless `url` names another folder or an fsspec URL.
+
+    A memory:// URL is taken here, for tests and benchmarks that write and read a store in one
+    process; a config's `store` refuses it (pipeline.config), since each stage is its own process."""
     run_dir: Path
     url: str | None = None
     options: dict = field(default_factory=dict)  # fsspec options of a URL (endpoint_url, anon, ...)

@@ -88,14 +88,13 @@ class Report:
             for folder, problem in self.saes]
 
     def problem(self) -> str | None:
-        """The one error line when the store or an SAE is damaged, None when all is sound."""
-        message = _store_problems(self.store, self.arrays)
-        if message:
-            return message
+        """The one error line when the store or an SAE is damaged (both, when both are: each needs
+        its own fix), None when all is sound."""
+        parts = [_store_problems(self.store, self.arrays)]
         bad = [problem for _, problem in self.saes if problem]
         if bad:
-            return bad[0] + (f" (and {len(bad) - 1} more SAEs)" if len(bad) > 1 else "")
-        return None
+            parts.append(bad[0] + (f" (and {len(bad) - 1} more SAEs)" if len(bad) > 1 else ""))
+        return "; also ".join(p for p in parts if p) or None
 
 
 def plan(where) -> Plan:

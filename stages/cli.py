@@ -180,10 +180,12 @@ def collate(config, layers, overrides, force):
 @click.option("--hook", default=None, help="The SAE's hook; default: the config's one hook.")
 @click.option("--latent", required=True, type=int, help="The latent whose decoder direction is added.")
 @click.option("--strength", "strengths", required=True, multiple=True, type=float,
-              help="Multiple of W_dec[latent] added at every position. Repeatable: one continuation each.")
+              help="Multiple of W_dec[latent] added at every position (finite). Repeatable: one continuation "
+                   "each (a repeated value, one).")
 @click.option("--prompt", required=True, help="The text to continue.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096),
-              help="Tokens generated per continuation (greedy).")
+              help="Tokens generated per continuation (greedy); fewer, with a line saying so, where the prompt "
+                   "and these would pass the model's positions.")
 @click.option("--member", default=None, metavar="NAME",
               help="The train.sweep member whose SAE steers; default: the plain one (the sweep's {} entry).")
 @_SET
@@ -192,7 +194,8 @@ def steer(config, layer, hook, latent, strengths, prompt, max_new_tokens, member
     """Generate with a latent's decoder direction added to the hooked activation.
 
     Prints the unsteered greedy continuation and one steered continuation per
-    --strength, one row each (deterministic).
+    --strength, one row each (deterministic). A prompt that fills the model's
+    positions is refused; past them, each continuation stops at the last one.
     """
     from stages import steer as stage
 

@@ -2,8 +2,9 @@
 (present, checksum intact, logged as written) and every trained SAE (weights
 match the sha256 of their `done` marker); print one line per array and SAE.
 
-Exit 0 when the store is sound; otherwise one `saepipe: error:` line naming the
-bad arrays and chunks and how to repair them (`saepipe harvest CONFIG --repair`).
+Exit 0 when the store and the SAEs are sound; otherwise one `saepipe: error:` line
+naming the bad arrays and chunks and how to repair them (`saepipe harvest CONFIG
+--repair`), then the damaged SAEs and how to retrain them.
 The checks: pipeline/verify.py.
 """
 
