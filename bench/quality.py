@@ -101,7 +101,7 @@ def score(sae: TopKSAE, x: torch.Tensor, batch: int = 4096) -> dict:
     fires = torch.zeros(sae.n_latents, dtype=torch.long)
     for i in range(0, x.shape[0], batch):
         xb = x[i:i + batch]
-        x_hat, idx, vals = lm_eval.reconstruct(sae, xb)
+        x_hat, idx, vals = sae.reconstruct_raw(xb)
         se += (xb - x_hat).double().pow(2).sum().item()
         var += (xb.double() - mean).pow(2).sum().item()
         fires.scatter_add_(0, idx.reshape(-1), (vals > 0).long().reshape(-1))

@@ -65,7 +65,7 @@ from pipeline.harvest import run_fingerprint
 from pipeline.model import (ActivationCapture, check_context_size, load_causal_lm, record_block_outputs,
                             resume_after_block, splice)
 from pipeline.paths import EVAL_FILE, leaf, model_key, sae_dir
-from pipeline.sae import LN_EPS, TopKSAE, saved_cfg, saved_marker
+from pipeline.sae import TopKSAE, saved_cfg, saved_marker
 from pipeline.store import ActivationStore, Location
 
 KEYS = ("ce_clean", "ce_spliced", "ce_zero", "delta_ce", "ce_recovered", "kl", "fvu", "l0", "dead_frac", "n_tokens")
@@ -297,19 +297,7 @@ def _splicable(model, todo: list[Target], saes: dict, context_size: int) -> list
 
 
 # ---------------------------------------------------------------------------
-# The SAE in the activation's own space
-
-
-@torch.no_grad()
-def reconstruct(sae: TopKSAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_hat raw [N, d], idx [N, k], vals [N, k]) for raw x [N, d]. A layer_norm SAE reconstructs the
-    normalised x: its mean and scale are put back, so x_hat lives where x does."""
-    xf = x.float()
-    idx, vals = sae.encode(xf)
-    x_hat = sae.decode(idx, vals)
-    if sae.normalize == "layer_norm":
-        x_hat = x_hat * (xf.std(-1, keepdim=True) + LN_EPS) + xf.mean(-1, keepdim=True)
-    return x_hat, idx, vals
+# What each SAE did to the activations it replaced
 
 
 class SpliceStats:
@@ -351,7 +339,7 @@ def _replacer(sae: TopKSAE, pass_bos: bool, stats: SpliceStats | None):
             new = torch.zeros_like(body)
         else:
             flat = body.reshape(-1, body.shape[-1])
-            x_hat, idx, vals = reconstruct(sae, flat)
+            x_hat, idx, vals = sae.reconstruct_raw(flat)
             stats.add(flat, x_hat, idx, vals)
             new = x_hat.to(x.dtype).reshape(body.shape)
         return torch.cat([x[:, :start], new], dim=1) if start else new

@@ -102,12 +102,31 @@ class TopKSAE(nn.Module):
         self.W_enc.copy_(w)
         self.b_lat.zero_()
 
-    # ---- the forward pieces
+    # ---- the forward pieces, and the one place the input normalisation is undone
+    def input_scale(self, x: torch.Tensor) -> torch.Tensor | float:
+        """How much larger raw x [.., d] is than what encode() sees: std(x) + LN_EPS per token
+        under layer_norm, else 1. A decoder row (a steering direction) times it is in x's space."""
+        return x.std(-1, keepdim=True) + LN_EPS if self.normalize == "layer_norm" else 1.0
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize == "layer_norm":
             x = x - x.mean(-1, keepdim=True)
-            x = x / (x.std(-1, keepdim=True) + LN_EPS)
+            x = x / self.input_scale(x)
         return x
+
+    def postprocess(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """preprocess()'s inverse: a reconstruction of preprocess(x) put back where raw x lives."""
+        if self.normalize == "layer_norm":
+            x_hat = x_hat * self.input_scale(x) + x.mean(-1, keepdim=True)
+        return x_hat
+
+    @torch.no_grad()
+    def reconstruct_raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_hat [N, d], idx [N, k], vals [N, k]) for raw x [N, d], x_hat in x's own space (what
+        eval splices into the model; decode(*encode(x)) is in the normalised space)."""
+        xf = x.float()
+        idx, vals = self.encode(xf)
+        return self.postprocess(self.decode(idx, vals), xf), idx, vals
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Dense pre-activations z [B, n] (for users and tests; training never backprops it)."""

@@ -7,8 +7,9 @@ x + S * W_dec[latent] while the model generates greedily, so the continuation
 shows what the latent pushes the model towards. The saved SAE takes raw
 activations (any scalar input scale is folded into its weights at save time),
 so a decoder row is already in the model's activation space; an SAE trained on
-per-token layer-normed inputs reconstructs x as x_hat * std(x) + mean(x), so
-its row is scaled by each token's std(x) the same way.
+per-token layer-normed inputs reconstructs x as x_hat * (std(x) + eps) + mean(x),
+so its row is scaled by each token's std(x) + eps the same way (the SAE's
+input_scale, the one owner of that rule).
 
 With train.sweep, `member` picks the sweep member whose SAE steers (its folder
 `<hook>@<member>`); none picks the plain one, the `{}` entry.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -50,7 +52,7 @@ class Plan:
     hook: str
     latent: int
     direction: torch.Tensor  # [d] W_dec[latent], on the model's device and dtype
-    layer_norm: bool  # the SAE normalises each token: scale the direction by std(x)
+    input_scale: Callable  # the SAE's: x [.., d] -> how much larger x is than what the SAE encodes
     strengths: list[float]
     prompt_ids: torch.Tensor  # [1, T]
     max_new_tokens: int  # what fits in the model's positions after the prompt
@@ -111,7 +113,7 @@ def plan(cfg: Config, layer: int, latent: int, strengths: list[float], prompt: s
         raise UserError("--prompt encodes to no tokens; give the text the model should continue")
     max_new_tokens, note = _fit_positions(model, ids.shape[1], max_new_tokens)
     direction = sae.W_dec[latent].detach().to(param.device, param.dtype)
-    return Plan(model, tokenizer, layer, hook, latent, direction, sae.normalize == "layer_norm",
+    return Plan(model, tokenizer, layer, hook, latent, direction, sae.input_scale,
                 strengths, ids, max_new_tokens, notes + ([note] if note else []))
 
 
@@ -175,10 +177,8 @@ def steered(p: Plan, strength: float) -> list[int]:
         if x.shape[-1] != d:
             raise UserError(f"layer {p.layer} hook {p.hook} outputs width {x.shape[-1]}, but its SAE "
                             f"takes d_in = {d}; retrain it: saepipe train CONFIG --layers {p.layer} --force")
-        step = strength * p.direction
-        if p.layer_norm:
-            step = step * x.float().std(-1, keepdim=True).to(x.dtype)
-        return x + step
+        scale = p.input_scale(x.float())
+        return x + strength * p.direction * (scale.to(x.dtype) if torch.is_tensor(scale) else scale)
 
     with splice(p.model, p.layer, p.hook, add):
         return greedy(p.model, p.prompt_ids, p.max_new_tokens, p.tokenizer.eos_token_id)
