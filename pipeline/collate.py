@@ -124,6 +124,8 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> I
                 _check_sae(t.sae, t.layer, t.hook, store.d_model(t.layer, t.hook), t.member)
             tokenizer = store_tokenizer(store)
             lens = records.load_lens(store.attrs, device)
+            if isinstance(lens, str):
+                print(f"collate: the records get no logit lens: {lens}")
         yield Plan(c, run_dir, device, store, targets, todo, tokenizer, lens)
 
 

@@ -6,9 +6,13 @@ blocks), so GPT-2, Llama/Mistral/Qwen, GPT-NeoX, BERT and most others work
 without a table of architectures. Hook points:
 
     resid_post   output of block L (the residual stream after it)
-    attn_out     output of block L's attention sublayer
-    mlp_out      output of block L's MLP sublayer
+    attn_out     what block L's attention sublayer adds to the residual stream
+    mlp_out      what block L's MLP sublayer adds to the residual stream
     a.b.c        output of any module at that dotted path inside block L
+
+attn_out / mlp_out are refused, in one line, in blocks without attention / MLP (Mamba).
+Every hook is seen as [B, T, d]: a module that works on flattened tokens (OPT's fc2)
+is viewed back, and a copy is kept (Falcon adds into its MLP's output in place).
 
 Causal LMs (eval, steer) load through `load_causal_lm`; `splice` swaps a hooked
 activation for a function of it during a full forward. GGUF files (a path
@@ -38,11 +42,17 @@ from pipeline.errors import UserError
 
 # Tried in order inside a block; the first that exists wins. Post-LN models
 # (BERT) fold the residual add into `attention`/`output`, so their bare
-# projections come first.
+# projections come first. OPT's MLP has no module of its own: its last layer,
+# fc2, gives the MLP's output (on flattened tokens: see _as_tokens).
 _SUBLAYERS = {
-    "attn_out": ("attention.output.dense", "self_attn", "attn", "attention", "self_attention", "mixer"),
-    "mlp_out": ("mlp", "feed_forward", "ffn", "output.dense"),
+    "attn_out": ("attention.output.dense", "self_attn", "attn", "attention", "self_attention"),
+    "mlp_out": ("mlp", "feed_forward", "ffn", "output.dense", "fc2"),
 }
+# Sandwich-norm blocks (Gemma2/3, OLMo2) normalise each sublayer's output before the
+# residual add, so what the residual stream receives is that norm's output. Their mark is a
+# post_feedforward_layernorm: in Llama-style blocks post_attention_layernorm is the MLP's
+# *input* norm, so that name alone says nothing.
+_SANDWICH = {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"}
 
 
 def resolve_device(device: str, key: str = "model.device") -> torch.device:
@@ -319,15 +329,18 @@ def splice(model: nn.Module, layer: int, hook: str, fn):
     """Inside the block, the (layer, hook) module's output x [B, T, d] becomes fn(x);
     a tuple output keeps its other members."""
     module = resolve_hook_points(model, [(layer, hook)])[(layer, hook)]
+    block = find_blocks(model)[layer]
+    lead: dict = {}
 
     def replace(_mod, _inp, output):
-        if isinstance(output, tuple):
-            return (fn(output[0]), *output[1:])
-        return fn(output)
+        x = output[0] if isinstance(output, tuple) else output
+        y = fn(_as_tokens(x, lead.get(block, ()))).reshape(x.shape)
+        return (y, *output[1:]) if isinstance(output, tuple) else y
 
     handle = module.register_forward_hook(replace)
     try:
-        yield
+        with _block_inputs([block], lead):
+            yield
     finally:
         handle.remove()
 
@@ -369,23 +382,66 @@ def resume_after_block(model: nn.Module, layer: int, output):
 
 
 def unembed(model: nn.Module) -> tuple[nn.Module | None, torch.Tensor]:
-    """(final norm or None, W_U [vocab, d]) for the logit lens: logits = norm(x) @ W_U.T.
+    """(final norm or None, W_U [vocab, d]) for the logit lens: logits = W_U norm(x).
 
-    The final norm is the base model's last norm-like child after the blocks
-    (Llama `norm`, GPT-2 `ln_f`, NeoX `final_layer_norm`)."""
+    Families keep the final norm in different places (Llama `model.norm`, GPT-2 `ln_f`, OPT
+    `model.decoder.final_layer_norm`, registered *before* its blocks) and some run more between
+    the last block and the head (OPT-350m's project_out). So every norm outside the blocks is a
+    candidate, those registered after the blocks first, then none at all, and the one kept is the
+    first whose head(norm(last block's output)) gives the model's own logits on a short input
+    (softcapped like the model's when its config caps them: Gemma2). The lens itself reports
+    logits before the cap, which is monotone and so changes no token's rank. When no candidate
+    gives the logits the lens is refused: UserError, naming the candidates tried."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
+    if head is None or not hasattr(head, "weight"):
         raise UserError(f"{type(model).__name__} has no language-model head; the logit lens needs a causal LM")
-    base = getattr(model, "base_model", model)
-    norm = None
-    after_blocks = False
     blocks = find_blocks(model)
-    for child in base.children():
-        if child is blocks:
-            after_blocks = True
-        elif after_blocks and "norm" in type(child).__name__.lower():
-            norm = child
-    return norm, head.weight
+    inside = {id(m) for m in blocks.modules()} | {id(head)}
+    before, after, seen_blocks = [], [], False
+    for name, mod in model.named_modules():
+        if mod is blocks:
+            seen_blocks = True
+        elif id(mod) not in inside and _is_norm(mod):
+            (after if seen_blocks else before).append((name, mod))
+    candidates = after[::-1] + before[::-1] + [("no norm", None)]
+    x, logits = _last_block_and_logits(model, blocks, head.weight)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    for _, norm in candidates:
+        with torch.no_grad():
+            try:
+                got = head(norm(x) if norm is not None else x)
+            except RuntimeError:  # a norm of another width (an embedding projection's)
+                continue
+        if cap:
+            got = torch.tanh(got / cap) * cap
+        tol = 1e-4 * max(logits.abs().max().item(), 1.0)
+        if got.shape == logits.shape and torch.allclose(got.float(), logits.float(), rtol=1e-3, atol=tol):
+            return norm, head.weight
+    raise UserError(f"{type(model).__name__}: head(norm(last block's output)) gives none of its logits for norm = "
+                    f"{', '.join(n for n, _ in candidates)}, so more than a norm runs between its last block and its "
+                    "LM head (a projection?), and the logit lens would not be the model's")
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    return isinstance(mod, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or "norm" in type(mod).__name__.lower()
+
+
+@torch.no_grad()
+def _last_block_and_logits(model: nn.Module, blocks: nn.ModuleList, W_U: torch.Tensor):
+    """(the last block's output, the model's logits) for a short made-up input."""
+    ids = (torch.arange(8, device=W_U.device)[None] * 7 + 3) % W_U.shape[0]
+    last = {}
+
+    def keep(_mod, _inp, output):
+        last["x"] = output[0] if isinstance(output, tuple) else output
+
+    handle = blocks[-1].register_forward_hook(keep)
+    try:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    finally:
+        handle.remove()
+    return last["x"], logits
 
 
 # Where configs keep the longest input the model takes; the smallest one present wins.
@@ -428,8 +484,12 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def hook_module(block: nn.Module, hook: str, layer: int) -> nn.Module:
+    """The module whose output is (layer, hook): attn_out and mlp_out are what the attention
+    and the MLP add to the residual stream, [B, T, d_model] (or [B*T, d_model], _as_tokens)."""
     if hook == "resid_post":
         return block
+    if hook in _SANDWICH and hasattr(block, "post_feedforward_layernorm"):
+        return block.get_submodule(_SANDWICH[hook])
     candidates = _SUBLAYERS.get(hook, (hook,))
     for path in candidates:
         try:
@@ -437,10 +497,38 @@ def hook_module(block: nn.Module, hook: str, layer: int) -> nn.Module:
         except AttributeError:
             continue
     children = ", ".join(n for n, _ in block.named_children())
+    if hook in _SUBLAYERS and hasattr(block, "mixer"):  # Mamba and its kin
+        what = "attention" if hook == "attn_out" else "MLP"
+        raise UserError(f"hook {hook!r}: {type(block).__name__} has no {what}, only a state-space `mixer` (which is "
+                        "not attention); use resid_post, or hook the mixer by its path: mixer")
     raise UserError(
         f"hook {hook!r}: block {layer} ({type(block).__name__}) has no module "
         f"{' or '.join(candidates)}; its children are: {children}"
     )
+
+
+def _as_tokens(x: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """x as [B, T, d], where lead = (B, T) leads the shape of the block's input: OPT runs its MLP
+    on tokens flattened to [B*T, d], so fc2's output is viewed back."""
+    if x.dim() == 2 and len(lead) == 2 and x.shape[0] == lead[0] * lead[1]:
+        return x.view(*lead, x.shape[-1])
+    return x
+
+
+@contextmanager
+def _block_inputs(blocks, out: dict):
+    """While inside, out[block] is the leading (B, T) of each block's latest input."""
+    def keep(mod, args, kwargs):
+        x = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("hidden_states")
+        if torch.is_tensor(x):
+            out[mod] = x.shape[:2]
+
+    handles = [b.register_forward_pre_hook(keep, with_kwargs=True) for b in set(blocks)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def resolve_hook_points(model: nn.Module, points: list[tuple[int, str]]) -> dict[tuple[int, str], nn.Module]:
@@ -468,15 +556,21 @@ class ActivationCapture:
         self.model = model
         self.modules = resolve_hook_points(model, points)
         self.points = list(self.modules)
-        self.deepest = find_blocks(model)[max(layer for layer, _ in self.points)]
+        blocks = find_blocks(model)
+        self.blocks = {key: blocks[key[0]] for key in self.points}
+        self.deepest = blocks[max(layer for layer, _ in self.points)]
 
     @contextmanager
     def _hooks(self, out: dict):
         handles = []
+        lead: dict = {}
 
         def saver(key):
             def fn(_mod, _inp, output):
-                out[key] = output[0] if isinstance(output, tuple) else output
+                x = output[0] if isinstance(output, tuple) else output
+                # A copy: a block may add into a sublayer's output in place after the hook
+                # (Falcon: mlp_output += attention_output).
+                out[key] = _as_tokens(x, lead.get(self.blocks[key], ())).clone()
 
             return fn
 
@@ -489,7 +583,8 @@ class ActivationCapture:
         # Registered last so every capture on the deepest block has run first.
         handles.append(self.deepest.register_forward_hook(stop))
         try:
-            yield
+            with _block_inputs(self.blocks.values(), lead):
+                yield
         finally:
             for h in handles:
                 h.remove()

@@ -12,10 +12,13 @@ it was made from the inputs at hand.
 
 The logit lens: each latent's decoder row W_dec[i] through the model's final norm
 and unembedding, logits = W_U norm(W_dec[i]) (the norm's gain folded in, its bias
-left out: it is no latent's), gives the tokens the latent promotes and suppresses
-most; each latent's record holds them under the OpenAI sae-viewer's names. Skipped,
-with a note in summary.json `logit_lens`, when the store's model is no causal LM
-or cannot be loaded here, or the hook's width is not the model's.
+and any LM-head bias left out: they are no latent's; logits before any softcapping,
+which keeps their order), gives the tokens the latent promotes and suppresses most;
+each latent's record holds them under the OpenAI sae-viewer's names. The final norm
+is the one model.unembed checks against the model's own logits. Skipped, with a
+note in summary.json `logit_lens`, when the store's model is no causal LM or cannot
+be loaded here, or more than a norm runs between its last block and its head (these
+collate also prints, once), or the hook's width is not the model's.
 
 "dead" means never fired on the whole store (the tokens the statistics counted,
 BOS excluded with exclude_bos): summary.json `dead`, and the viewer's word.

@@ -46,8 +46,71 @@ def make_tokenizer(folder: Path, vocab_size: int = 320, bos: str = "<|bos|>", se
     return fast
 
 
-def make_model(arch: str, folder: Path, n_layers: int = 4, d_model: int = 32):
-    """A tiny randomly initialised model of the given family, saved with a tokenizer."""
+# The causal-LM families make_model builds (and "bert", an encoder).
+CAUSAL = ("llama", "gpt2", "qwen2", "qwen3", "gemma2", "gemma3", "mistral", "phi3", "neox", "falcon", "gptj",
+          "stablelm", "olmo", "olmo2", "opt", "phi", "mamba")
+
+
+def _family_config(arch: str, vocab: int, n_layers: int, d: int, bos: int, eos: int):
+    """(config, causal-LM class) of a tiny `arch`: 4 heads, MLP width 2d, 256 positions."""
+    import transformers as tf
+
+    ids = {"vocab_size": vocab, "bos_token_id": bos, "eos_token_id": eos}
+    common = {"hidden_size": d, "intermediate_size": 2 * d, "num_hidden_layers": n_layers, "num_attention_heads": 4,
+            "max_position_embeddings": 256, **ids}
+    if arch == "gpt2":
+        return tf.GPT2Config(n_positions=256, n_embd=d, n_layer=n_layers, n_head=4, **ids), tf.GPT2LMHeadModel
+    if arch == "llama":
+        return tf.LlamaConfig(num_key_value_heads=2, **common), tf.LlamaForCausalLM
+    if arch == "qwen2":
+        return tf.Qwen2Config(num_key_value_heads=2, **common), tf.Qwen2ForCausalLM
+    if arch == "qwen3":
+        return tf.Qwen3Config(num_key_value_heads=2, head_dim=d // 4, **common), tf.Qwen3ForCausalLM
+    if arch == "mistral":
+        return tf.MistralConfig(num_key_value_heads=2, head_dim=d // 4, sliding_window=8, **common), \
+            tf.MistralForCausalLM
+    if arch == "gemma2":  # softcapped logits (30 by default) and a sliding window on every other layer
+        return tf.Gemma2Config(num_key_value_heads=2, head_dim=d // 4, sliding_window=8, **common), \
+            tf.Gemma2ForCausalLM
+    if arch == "gemma3":  # the text-only model
+        return tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=d // 4, sliding_window=8, **common), \
+            tf.Gemma3ForCausalLM
+    if arch == "phi3":
+        # Its default pad id, 32000, is past our vocabulary.
+        return tf.Phi3Config(num_key_value_heads=2, original_max_position_embeddings=256, pad_token_id=eos,
+                             **common), tf.Phi3ForCausalLM
+    if arch == "neox":
+        return tf.GPTNeoXConfig(**common), tf.GPTNeoXForCausalLM
+    if arch == "falcon":  # multi-query attention, attention and MLP in parallel
+        return tf.FalconConfig(hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=4,
+                               ffn_hidden_size=2 * d, max_position_embeddings=256, **ids), tf.FalconForCausalLM
+    if arch == "gptj":  # attention and MLP in parallel, a bias on the LM head
+        return tf.GPTJConfig(n_embd=d, n_layer=n_layers, n_head=4, n_inner=2 * d, rotary_dim=4, n_positions=256,
+                             **ids), tf.GPTJForCausalLM
+    if arch == "stablelm":
+        return tf.StableLmConfig(num_key_value_heads=2, **common), tf.StableLmForCausalLM
+    if arch == "olmo":  # LayerNorms without parameters
+        return tf.OlmoConfig(**common), tf.OlmoForCausalLM
+    if arch == "olmo2":  # each sublayer's output normalised before the residual add
+        return tf.Olmo2Config(**common), tf.Olmo2ForCausalLM
+    if arch == "opt":  # the MLP is fc1/fc2 on flattened tokens, no module of its own
+        return tf.OPTConfig(hidden_size=d, num_hidden_layers=n_layers, ffn_dim=2 * d, num_attention_heads=4,
+                            word_embed_proj_dim=d, max_position_embeddings=256, **ids), tf.OPTForCausalLM
+    if arch == "phi":  # attention and MLP in parallel
+        return tf.PhiConfig(**common), tf.PhiForCausalLM
+    if arch == "mamba":  # no attention and no MLP: a state-space mixer per block
+        return tf.MambaConfig(hidden_size=d, num_hidden_layers=n_layers, state_size=4, expand=2, **ids), \
+            tf.MambaForCausalLM
+    raise ValueError(arch)
+
+
+def make_model(arch: str, folder: Path, n_layers: int = 4, d_model: int = 32, random_norms: bool = False,
+               **config):
+    """A tiny randomly initialised model of the given family, saved with a tokenizer.
+
+    `config` overrides the family's config keys (a variant: OPT post-LN, NeoX sequential, ...).
+    random_norms: every norm's parameters drawn at random instead of ones and zeros, so a
+    computation that skips or misplaces a norm gives other numbers."""
     import torch
     import transformers as tf
 
@@ -55,27 +118,21 @@ def make_model(arch: str, folder: Path, n_layers: int = 4, d_model: int = 32):
     tok = _bert_tokenizer(folder) if arch == "bert" else make_tokenizer(folder)
     vocab = len(tok)
     torch.manual_seed(0)
-    if arch == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=vocab, n_positions=256, n_embd=d_model, n_layer=n_layers, n_head=4,
-                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        model = tf.GPT2LMHeadModel(cfg)
-    elif arch == "llama":
-        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model,
-                             num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                             eos_token_id=tok.eos_token_id)
-        model = tf.LlamaForCausalLM(cfg)
-    elif arch == "neox":
-        cfg = tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model,
-                               num_hidden_layers=n_layers, num_attention_heads=4, max_position_embeddings=256,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        model = tf.GPTNeoXForCausalLM(cfg)
-    elif arch == "bert":
+    if arch == "bert":
         cfg = tf.BertConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layers,
                             num_attention_heads=4, intermediate_size=2 * d_model, max_position_embeddings=256)
-        model = tf.BertModel(cfg)
+        cls = tf.BertModel
     else:
-        raise ValueError(arch)
+        cfg, cls = _family_config(arch, vocab, n_layers, d_model, tok.bos_token_id, tok.eos_token_id)
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    model = cls(cfg)
+    if random_norms:
+        with torch.no_grad():
+            for mod in model.modules():
+                if "norm" in type(mod).__name__.lower():
+                    for p in mod.parameters(recurse=False):
+                        p.copy_(torch.rand_like(p) * 2 - 0.5)
     model.eval()
     model.save_pretrained(folder)
     return model

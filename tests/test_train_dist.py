@@ -71,7 +71,9 @@ def test_two_ranks_train_the_one_process_sae(tmp_path):
         saes[ranks] = sae_folder(run)
     one, two = TopKSAE.load(saes[1]), TopKSAE.load(saes[2])
     for name, a in one.state_dict().items():
-        torch.testing.assert_close(two.state_dict()[name], a, rtol=1e-4, atol=1e-5, msg=name)
+        # float32 sums taken in another order (two ranks' halves) drift apart by ~1e-5 over 40 steps;
+        # a wrong reduction (a rank's own variance, unsummed counters) is off by far more.
+        torch.testing.assert_close(two.state_dict()[name], a, rtol=1e-4, atol=5e-5, msg=name)
     # One writer: the metrics hold each logged step once, and the eval numbers match.
     rows = [json.loads(line) for line in (saes[2] / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if r["split"] == "train"]
@@ -227,7 +229,8 @@ def one_process_run(tmp_path_factory) -> Path:
 def _assert_same_sae(one: Path, other: Path):
     a, b = TopKSAE.load(sae_folder(one)).state_dict(), TopKSAE.load(sae_folder(other)).state_dict()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+        # float32 products split over ranks sum in another order: ~2e-5 apart after 200 steps here
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=5e-5, msg=name)
 
 
 def test_ranks_sharing_out_the_latents_train_the_one_process_sae(tmp_path, one_process_run):
