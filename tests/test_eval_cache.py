@@ -172,6 +172,17 @@ def test_an_sae_moved_to_another_layer_or_run_is_redone(run, harvested, tmp_path
     row = json.loads((copied / "eval.json").read_text())
     assert row["ce_clean"] != 123.0 and row["fingerprint"]["held_out_after"] == 30
 
+    # And a run cut into longer windows, without BOS.
+    longer = _set({**other, "run_dir": str(tmp_path / "longer")}, "harvest.context_size", 2 * CTX)
+    longer["harvest"]["prepend_bos"] = False
+    assert _cli(tmp_path, longer, "harvest").exit_code == 0
+    copied = sae_dir(tmp_path / "longer", LAYER, "resid_post")
+    shutil.copytree(folder, copied)
+    res = _cli(tmp_path, longer, "eval")
+    assert res.exit_code == 0, res.output
+    assert f"context_size: {CTX} there, {2 * CTX} now" in res.output and "prepend_bos: True there, False now" in res.output
+    assert json.loads((copied / "eval.json").read_text())["n_tokens"] % (2 * CTX) == 0
+
 
 def test_a_reordered_corpus_is_refused(run):
     """Issue 23.2: after the file's lines were reordered, eval evaluated on training tokens."""
