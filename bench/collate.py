@@ -59,7 +59,7 @@ def _sync(device: str):
 
 def build(root: Path, args, n_latents: int):
     """Synthetic store (shared by all sizes) and one random SAE per size."""
-    from pipeline.sae import TopKSAE
+    from pipeline.saes.topk import TopKSAE
     from pipeline.store import write_synthetic
 
     store_dir = root / "run"
@@ -88,14 +88,14 @@ def measure(kind: str, root: str, args: dict, n_latents: int) -> dict:
     from pipeline import collate as C
     from pipeline import scan as S
     from pipeline.config import CollateConfig
-    from pipeline.sae import TopKSAE
+    from pipeline.saes import load_sae
     from pipeline.store import ActivationStore
 
     a = argparse.Namespace(**args)
     torch.set_num_threads(a.threads or torch.get_num_threads())
     store_dir, folder = build(Path(root), a, n_latents)
     store = ActivationStore(store_dir)
-    sae = TopKSAE.load(folder, device=a.device)
+    sae = load_sae(folder, device=a.device)
     cfg = CollateConfig(batch_size=a.batch_size, n_top=a.n_top, n_random=a.n_random, window=a.window)
     n_rows = store.n_rows(0, "resid_post")
     if kind == "encode":
@@ -148,7 +148,7 @@ def records_bench(args):
     from pipeline.config import load_config
     from pipeline.fsio import tree_size
     from pipeline.paths import sae_dir
-    from pipeline.sae import TopKSAE
+    from pipeline.saes import load_sae
     from pipeline.scan import scan
     from pipeline.store import ActivationStore
     from pipeline.windows import TokenText, cut_windows, pick, store_tokenizer
@@ -157,7 +157,7 @@ def records_bench(args):
     cfg = load_config(args.config or f"configs/{run.name}.yaml", [f"run_dir={run}"]).collate
     store = ActivationStore(run)
     folder = sae_dir(run, args.layer, "resid_post")
-    sae = TopKSAE.load(folder)
+    sae = load_sae(folder)
     text = TokenText(store_tokenizer(store))
     t0 = time.perf_counter()
     col = scan(store, args.layer, "resid_post", sae, cfg, "cpu")

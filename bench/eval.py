@@ -28,7 +28,7 @@ from pipeline.config import EvalConfig
 from pipeline.eval import Plan, evaluate
 from pipeline.kernels import resolve_backend
 from pipeline.model import find_blocks, resolve_device
-from pipeline.sae import TopKSAE
+from pipeline.saes.topk import TopKSAE
 
 
 def build_model(args, device):

@@ -48,7 +48,8 @@ import peers  # noqa: E402
 from pipeline import eval as lm_eval  # noqa: E402
 from pipeline.config import config_from_dict, load_config  # noqa: E402
 from pipeline.loader import RowFilter, eval_rows, split_chunks  # noqa: E402
-from pipeline.sae import TopKSAE  # noqa: E402
+from pipeline.saes import load_sae  # noqa: E402
+from pipeline.saes.topk import TopKSAE  # noqa: E402
 from pipeline.store import ActivationStore  # noqa: E402
 from pipeline.train import run as train_run  # noqa: E402
 
@@ -73,7 +74,7 @@ def ours(store_dir: Path, scratch: Path, layer, hook, a) -> tuple[TopKSAE, float
     t0 = time.perf_counter()
     train_run(cfg, progress=False)
     wall = time.perf_counter() - t0
-    return TopKSAE.load(run_dir / "saes" / str(layer) / hook), wall
+    return load_sae(run_dir / "saes" / str(layer) / hook), wall
 
 
 def sparsify(x_train: torch.Tensor, scratch: Path, a) -> tuple[TopKSAE, float]:

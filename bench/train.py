@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import optim  # noqa: E402
-from pipeline.sae import TopKSAE  # noqa: E402
+from pipeline.saes.topk import TopKSAE, TopKSettings  # noqa: E402
 
 
 def dense_step(sae: TopKSAE, x, opt, matmul_dtype):
@@ -143,7 +143,8 @@ def step_state(n: int, d: int, k: int, batch: int, device: torch.device):
     from pipeline.config import TrainConfig
     from pipeline.train import TrainState
 
-    tc = TrainConfig(n_latents=n, k=k, batch_size=batch, lr=1e-4, k_aux=1, dormant_tokens=10**12, backend="torch")
+    tc = TrainConfig(n_latents=n, sae=TopKSettings(k=k, k_aux=1, dormant_tokens=10**12), batch_size=batch, lr=1e-4,
+                     backend="torch")
     return TrainState(tc, d, device), tc, torch.randn(batch, d)
 
 

@@ -46,7 +46,7 @@ from pipeline.errors import UserError
 from pipeline.fsio import recover_swap, swap_dir, target_locks, tree_size
 from pipeline.model import resolve_device
 from pipeline.paths import leaf, records_dir, sae_dir
-from pipeline.sae import TopKSAE, saved_cfg, verify_saved
+from pipeline.saes import Dictionary, load_sae, saved_cfg, verify_saved
 from pipeline.scan import scan, scan_all
 from pipeline.store import ActivationStore, Location
 from pipeline.windows import TokenText, cut_windows, pick, store_tokenizer
@@ -133,7 +133,7 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> I
 # One SAE, start to finish
 
 
-def collate_sae(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, sae_folder: Path, tokenizer,
+def collate_sae(store: ActivationStore, layer: int, hook: str, sae: Dictionary, sae_folder: Path, tokenizer,
                 cfg: CollateConfig, out: Path, device, lens: records.Lens | str | None = None,
                 member: str | None = None, col=None) -> Path:
     """Scan, cut windows and write into `<out>.partial/`, then swap it in. The caller
@@ -169,7 +169,7 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, sae
     return out / "viewer.html"
 
 
-def _logit_lens(sae: TopKSAE, lens: records.Lens | str | None):
+def _logit_lens(sae: Dictionary, lens: records.Lens | str | None):
     """(records.logit_lens of the SAE's decoder or None, the note summary.json keeps)."""
     if not isinstance(lens, records.Lens):
         return None, {"skipped": lens or "no model given"}
@@ -196,7 +196,7 @@ def run(cfg: Config, layers: list[int] | None = None, force: bool = False) -> li
                 print(f"collate {t.name}: redoing {t.out}, made from other inputs: {'; '.join(t.changes)}")
         for layer, hook in dict.fromkeys((t.layer, t.hook) for t in p.todo):
             group = [t for t in p.todo if (t.layer, t.hook) == (layer, hook)]
-            saes = [TopKSAE.load(t.sae, device=p.device) for t in group]
+            saes = [load_sae(t.sae, device=p.device) for t in group]
             cols = [None] * len(group)
             if len(group) > 1:  # a sweep's members: one read of the store for all of them
                 cols = scan_all(p.store, layer, hook, saes, p.cfg, p.device,

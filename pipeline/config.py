@@ -11,6 +11,7 @@ config reference is generated:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -121,9 +122,12 @@ class HarvestConfig:
 class TrainConfig:
     layers: list[int] | None = setting(None, "null = harvest.layers", logistics=True)
     hooks: list[str] | None = setting(None, "null = harvest.hooks", logistics=True)
+    sae: Any = field(default_factory=lambda: sae_section({}, "train.sae.", "<default>"),
+                     metadata={"doc": "the dictionary: its `architecture` and that architecture's own settings (one "
+                                      "table each, below); older configs' flat `train.k` etc. mean train.sae.k",
+                               "section": True, "logistics": False})
     n_latents: int | None = setting(None, "SAE width; null = expansion_factor × d_model")
     expansion_factor: int = setting(8, "n_latents per d_model, when n_latents is null")
-    k: int = setting(32, "latents kept per token (TopK); at most n_latents")
     n_tokens: int = setting(10_000_000, "training budget in tokens; more than one epoch of the store is fine")
     batch_size: int = setting(4096, "tokens per step")
     optimizer: str = setting("adam", "adam, or signum_sf (schedule-free sign descent, sparsify's default; saves "
@@ -138,11 +142,6 @@ class TrainConfig:
                                    "fast iterate (0)")
     adam_betas: list[float] = setting([0.9, 0.999], "Adam's betas")
     adam_eps: float = setting(6.25e-10, "Adam's eps (tiny, as in OpenAI's TopK recipe)")
-    dormant_tokens: int | None = setting(None, "a latent silent for this many training tokens is dormant and "
-                                               "trained by AuxK; null = 8 batches (at most 10M tokens)")
-    k_aux: int | None = setting(None, "dormant latents AuxK keeps per token; null = the power of two nearest "
-                                      "d_model / 2")
-    aux_alpha: float = setting(1 / 32, "weight of the AuxK loss; 0 = off")
     b_pre_init: str = setting("geometric_median", "geometric_median, mean or zeros: the decoder bias at the start")
     init_sample: int = setting(16384, "rows used for b_pre and the scalar normalisation")
     normalize: str = setting("layer_norm", "layer_norm (per token, applied by encode), none, or scalar (one "
@@ -185,6 +184,39 @@ class TrainConfig:
     def n_steps(self) -> int:
         return max(1, self.n_tokens // self.batch_size)
 
+    @staticmethod
+    def lift(raw: dict, at: str, where: str) -> dict:
+        """`raw` (this section, or a sweep entry) with the dictionary's settings written flat beside
+        the trainer's (`k: 32`, as configs did before `sae:`) moved into its `sae` mapping."""
+        from pipeline.saes import DEFAULT, architecture
+
+        raw = dict(raw)
+        sae = raw.get("sae")
+        sae = dict(sae) if isinstance(sae, dict) else sae
+        name = sae.get("architecture", DEFAULT) if isinstance(sae, dict) else DEFAULT
+        cls = architecture(name, f"{where}: {at}sae.architecture =")
+        flat = [key for key in raw if key in {f.name for f in dataclasses.fields(cls.Settings)} - {"architecture"}]
+        if flat and sae is not None and not isinstance(sae, dict):
+            return raw  # _build refuses the non-mapping sae
+        for key in flat:
+            if key in (sae or {}):
+                raise ConfigError(f"{where}: {at}{key} and {at}sae.{key} are both given; keep {at}sae.{key}")
+            sae = {**(sae or {}), key: raw.pop(key)}
+        if sae is not None:
+            raw["sae"] = sae
+        return raw
+
+    def flat(self) -> dict:
+        """This section on one level: the sae settings beside the trainer's, `architecture` only when it is
+        not the default, so a TopK SAE's fingerprint (pipeline.train) has the keys it always had."""
+        from pipeline.saes import DEFAULT
+
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "sae"}
+        sae = dataclasses.asdict(self.sae)
+        if sae.get("architecture") == DEFAULT:
+            del sae["architecture"]
+        return {**out, **sae}
+
     def members(self, where: str = "train.sweep") -> list[tuple[str | None, TrainConfig]]:
         """(name, config) of every SAE this section trains per (layer, hook): without a sweep,
         [(None, self)]; with one, each entry's overrides applied to this section (name None for
@@ -201,9 +233,13 @@ class TrainConfig:
         out, seen = [], {}
         for i, entry in enumerate(self.sweep):
             at = f"train.sweep[{i}]"
+            written, entry = entry, TrainConfig.lift(entry, f"{at}.", where)
             overrides = {}
             for key, value in entry.items():
                 if key == "name":
+                    continue
+                if key == "sae":
+                    overrides[key] = self._member_sae(value, f"{at}.sae.", where)
                     continue
                 if key not in fields:
                     raise ConfigError(f"{where}: unknown key {key!r} in {at}; use keys of the train section "
@@ -223,7 +259,7 @@ class TrainConfig:
                     raise ConfigError(f"{where}: {at}.name = {name!r}: use letters, digits and _ . + - (a folder "
                                       f"name; not ending in {' or '.join(_RESERVED)})")
             elif overrides:
-                name = "_".join(_name_part(k, v) for k, v in overrides.items())
+                name = "_".join(_name_part(k, v) for k, v in _named(written).items())
             if name in seen:
                 what = f"name {name!r}" if name is not None else "the plain config ({})"
                 raise ConfigError(f"{where}: {at} and train.sweep[{seen[name]}] are both {what}; give one of them "
@@ -234,12 +270,21 @@ class TrainConfig:
             out.append((name, member))
         return out
 
+    def _member_sae(self, value, at: str, where: str):
+        """A sweep entry's `sae` overrides on top of this section's (all of its own when it names
+        another architecture)."""
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {at.rstrip('.')} must be a mapping")
+        base = dataclasses.asdict(self.sae)
+        if value.get("architecture", base["architecture"]) != base["architecture"]:
+            base = {}
+        return sae_section({**base, **value}, at, where)
+
     def validate(self, where):
         if self.n_latents is not None:
             _positive(where, "train.n_latents", self.n_latents)
         _positive(where, "train.expansion_factor", self.expansion_factor)
-        if self.k <= 0:  # k <= n_latents needs d_model: train.plan checks it
-            raise ConfigError(f"{where}: train.k = {self.k} must be > 0")
+        self.sae.validate(where)
         _positive(where, "train.n_tokens", self.n_tokens)
         _positive(where, "train.batch_size", self.batch_size)
         _choice(where, "train.optimizer", self.optimizer, OPTIMIZERS)
@@ -255,12 +300,6 @@ class TrainConfig:
             raise ConfigError(f"{where}: train.adam_betas = {self.adam_betas} must be two numbers in [0, 1)")
         if not self.adam_eps > 0:
             raise ConfigError(f"{where}: train.adam_eps = {self.adam_eps} must be > 0")
-        if self.dormant_tokens is not None:
-            _positive(where, "train.dormant_tokens", self.dormant_tokens)
-        if self.k_aux is not None:
-            _positive(where, "train.k_aux", self.k_aux)
-        if not self.aux_alpha >= 0:
-            raise ConfigError(f"{where}: train.aux_alpha = {self.aux_alpha} must be >= 0")
         _positive(where, "train.init_sample", self.init_sample)
         _choice(where, "train.b_pre_init", self.b_pre_init, ("geometric_median", "mean", "zeros"))
         _choice(where, "train.normalize", self.normalize, ("none", "scalar", "layer_norm"))
@@ -285,6 +324,30 @@ class TrainConfig:
 SWEEP_SHARED = ("batch_size", "n_tokens", "seed", "eval_fraction", "shuffle_chunks", "exclude_bos", "skip_nonfinite")
 _MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 _RESERVED = (".partial", ".old", ".tmp")  # the suffixes of a folder's work, swap and temp names (fsio, train)
+
+
+def _named(entry: dict) -> dict:
+    """A sweep entry's overrides as its derived name spells them: the sae settings flat (`k64`, as
+    before `sae:` existed, so a member keeps its folder), the architecture by its name alone."""
+    out = {}
+    for key, value in entry.items():
+        if key == "sae" and isinstance(value, dict):
+            out.update({k if k != "architecture" else "": v for k, v in value.items()})
+        elif key != "name":
+            out[key] = value
+    return out
+
+
+def sae_section(raw, prefix: str, where: str):
+    """`train.sae`: the Settings dataclass of the architecture it names (topk when none)."""
+    from pipeline.saes import DEFAULT, architecture
+
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.')} must be a mapping")
+    cls = architecture(raw.get("architecture", DEFAULT), f"{where}: {prefix}architecture =")
+    return _build(cls.Settings, raw, prefix, where)
 
 
 def _name_part(key: str, value) -> str:
@@ -472,6 +535,8 @@ def _build(cls, raw, prefix: str, where: str):
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    if hasattr(cls, "lift"):
+        raw = cls.lift(raw, prefix, where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
@@ -489,7 +554,9 @@ def _build(cls, raw, prefix: str, where: str):
                 raise ConfigError(f"{where}: missing required section {key}")
             continue
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if f.metadata.get("section"):
+            kwargs[name] = sae_section(raw[name], key + ".", where)
+        elif dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, raw[name], key + ".", where)
         else:
             kwargs[name] = _check_type(raw[name], tp, key, where)
@@ -584,7 +651,20 @@ def markdown() -> str:
         section = typing.get_type_hints(Config)[f.name]
         if dataclasses.is_dataclass(section):
             out += [f"### `{f.name}:`", _table(section, f.name + ".")]
+            out += [part for sub in dataclasses.fields(section) if sub.metadata.get("section")
+                    for part in _architecture_tables(f"{f.name}.{sub.name}")]
     return "\n\n".join(out) + "\n"
+
+
+def _architecture_tables(prefix: str) -> list[str]:
+    """One table of `train.sae` per architecture: its own settings. (Written flat in the train
+    section, `train.k`, as older configs do, they mean the same.)"""
+    from pipeline.saes import ARCHITECTURES
+
+    out = []
+    for name, cls in ARCHITECTURES.items():
+        out += [f"#### `{prefix}:` with `architecture: {name}`", _table(cls.Settings, prefix + ".")]
+    return out
 
 
 def _table(cls, prefix: str, skip_sections: bool = False) -> str:
@@ -592,6 +672,9 @@ def _table(cls, prefix: str, skip_sections: bool = False) -> str:
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(cls):
         if skip_sections and dataclasses.is_dataclass(hints[f.name]):
+            continue
+        if f.metadata.get("section"):
+            rows.append(f"| `{prefix}{f.name}:` | | {f.metadata['doc']} |")
             continue
         if f.default is not dataclasses.MISSING:
             default = f"`{_yaml(f.default)}`"

@@ -62,10 +62,11 @@ from pipeline.data import load_texts, make_windows
 from pipeline.errors import UserError
 from pipeline.fsio import target_locks, write_atomic
 from pipeline.harvest import run_fingerprint
+from pipeline.metrics import ReconStats
 from pipeline.model import (ActivationCapture, check_context_size, load_causal_lm, record_block_outputs,
                             resume_after_block, splice)
 from pipeline.paths import EVAL_FILE, leaf, model_key, sae_dir
-from pipeline.sae import TopKSAE, saved_cfg, saved_marker
+from pipeline.saes import Dictionary, load_sae, saved_cfg, saved_marker
 from pipeline.store import ActivationStore, Location
 
 KEYS = ("ce_clean", "ce_spliced", "ce_zero", "delta_ce", "ce_recovered", "kl", "fvu", "l0", "dead_frac", "n_tokens")
@@ -100,7 +101,7 @@ class Plan:
     todo: list[Target]
     model: object | None  # None when there is nothing to do
     windows: np.ndarray | None  # int32 [n, context_size]: the held-out windows
-    saes: dict  # Target.key -> TopKSAE on the device, taking raw activations
+    saes: dict  # Target.key -> Dictionary on the device, taking raw activations
     pass_through: dict  # Target.key -> whether position 0 (BOS) passes through unchanged
 
 
@@ -190,7 +191,7 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False,
         device = next(model.parameters()).device
         saes, pass_through = {}, {}
         for t in todo:
-            sae = TopKSAE.load(t.folder, device=device)
+            sae = load_sae(t.folder, device=device)
             saes[t.key] = sae
             pass_through[t.key] = _passes_bos(sae.cfg)
         check_context_size(model, w.context_size)
@@ -300,36 +301,7 @@ def _splicable(model, todo: list[Target], saes: dict, context_size: int) -> list
 # What each SAE did to the activations it replaced
 
 
-class SpliceStats:
-    """fvu / l0 / dead over the positions an SAE replaces, gathered inside its spliced forward."""
-
-    def __init__(self, sae: TopKSAE, device):
-        d, n = sae.d_in, sae.n_latents
-        self.sum_x = torch.zeros(d, dtype=torch.float64, device=device)
-        self.sum_x2 = torch.zeros((), dtype=torch.float64, device=device)
-        self.se = torch.zeros((), dtype=torch.float64, device=device)
-        self.fired = torch.zeros(n, dtype=torch.long, device=device)
-        self.active = torch.zeros((), dtype=torch.long, device=device)
-        self.rows = 0
-
-    def add(self, x: torch.Tensor, x_hat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor):
-        xd = x.double()
-        self.sum_x += xd.sum(0)
-        self.sum_x2 += xd.pow(2).sum()
-        self.se += (xd - x_hat.double()).pow(2).sum()
-        on = vals > 0
-        self.active += on.sum()
-        self.fired.scatter_add_(0, idx.reshape(-1), on.long().reshape(-1))
-        self.rows += x.shape[0]
-
-    def result(self) -> dict:
-        N = max(self.rows, 1)
-        var = (self.sum_x2 - self.sum_x.pow(2).sum() / N).item()
-        return {"fvu": self.se.item() / max(var, 1e-30), "l0": self.active.item() / N,
-                "dead_frac": (self.fired == 0).float().mean().item()}
-
-
-def _replacer(sae: TopKSAE, pass_bos: bool, stats: SpliceStats | None):
+def _replacer(sae: Dictionary, pass_bos: bool, stats: ReconStats | None):
     """fn(x [B, T, d]) for splice: the SAE's reconstruction (stats given) or zeros, BOS kept when passed."""
 
     def fn(x: torch.Tensor) -> torch.Tensor:
@@ -371,7 +343,7 @@ def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
     """The numbers of every SAE in p.todo, all from one pass over the held-out windows."""
     model, windows = p.model, p.windows
     device = next(model.parameters()).device
-    stats = {key: SpliceStats(sae, device) for key, sae in p.saes.items()}
+    stats = {key: ReconStats(sae.d_in, sae.n_latents, device) for key, sae in p.saes.items()}
     sums = {key: _Sums(device) for key in p.saes}
     ce_clean = torch.zeros((), dtype=torch.float64, device=device)
     B, (n, T) = p.cfg.batch_size, windows.shape
@@ -415,7 +387,8 @@ def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
         gap = zero - clean
         out[key] = {"ce_clean": clean, "ce_spliced": spliced, "ce_zero": zero, "delta_ce": spliced - clean,
                     "ce_recovered": (zero - spliced) / gap if gap != 0 else None,
-                    "kl": s.kl.item() / n_pred, **stats[key].result(), "n_tokens": n * T}
+                    "kl": s.kl.item() / n_pred, **_pick(stats[key].result(), "fvu", "l0", "dead_frac"),
+                    "n_tokens": n * T}
     return out
 
 
@@ -446,6 +419,10 @@ def run(cfg: Config, layers: list[int] | None = None, force: bool = False,
         if p.todo and viewer.index_page(cfg.run_path).exists():  # collate's index page shows these numbers
             viewer.write_index_page(cfg.run_path)
         return rows
+
+
+def _pick(row: dict, *keys: str) -> dict:
+    return {k: row[k] for k in keys}
 
 
 def _finite(row: dict) -> dict:

@@ -1,6 +1,9 @@
 """Write a trained SAE folder in the layouts SAELens and sparsify load.
 
-Both tools compute the same TopK SAE as we do; only names and layouts differ:
+Each architecture lists the formats that can hold it and its name there
+(`Dictionary.exports`, with its settings, e.g. `k`, copied into the cfg); any
+other pairing is refused in one line. For TopK both tools compute the same SAE
+as we do; only names and layouts differ:
 
     ours                   SAELens                 sparsify
     W_enc [n, d]           W_enc [d, n]            encoder.weight [n, d]
@@ -29,7 +32,7 @@ import pipeline
 from pipeline import fsio
 from pipeline.errors import UserError
 from pipeline.paths import member_folder
-from pipeline.sae import TopKSAE
+from pipeline.saes import Dictionary, load_sae
 
 FORMATS = ("saelens", "sparsify")
 # TransformerLens names for the hooks harvest knows by name; module-path hooks keep our naming.
@@ -46,7 +49,10 @@ def export(sae_dir, fmt: str, out, member: str | None = None) -> Path:
         raise UserError(f"--out {out} is a file; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} already exists and is not empty; choose a new folder or remove it")
-    sae = TopKSAE.load(sae_dir)  # a finished, intact SAE or one line saying how to retrain it
+    sae = load_sae(sae_dir)  # a finished, intact SAE or one line saying how to retrain it
+    if fmt not in sae.exports:
+        raise UserError(f"--format {fmt} cannot hold a {sae.architecture} SAE; export it as "
+                        f"{' or '.join(sae.exports) or 'nothing yet'}")
     tensors, cfg, weights = (saelens if fmt == "saelens" else sparsify)(sae)
     # Build beside the target, then swap it in: a killed or failed export leaves no half-written --out.
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -65,17 +71,17 @@ def export(sae_dir, fmt: str, out, member: str | None = None) -> Path:
     return out
 
 
-def saelens(sae: TopKSAE) -> tuple[dict, dict, str]:
+def saelens(sae: Dictionary) -> tuple[dict, dict, str]:
     c = sae.cfg
     hook, layer = c.get("hook"), c.get("layer")
     hook_name = f"blocks.{layer}.{_TL_HOOKS[hook]}" if hook in _TL_HOOKS else f"layers.{layer}.{hook}"
     dataset = c.get("dataset") or {}
     tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_lat, "W_dec": sae.W_dec, "b_dec": sae.b_pre}
     cfg = {
-        "architecture": "topk",
+        "architecture": sae.exports["saelens"],
         "d_in": sae.d_in,
         "d_sae": sae.n_latents,
-        "k": sae.k,
+        **sae.settings(),
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
@@ -100,18 +106,18 @@ def saelens(sae: TopKSAE) -> tuple[dict, dict, str]:
     return tensors, cfg, "sae_weights.safetensors"
 
 
-def sparsify(sae: TopKSAE) -> tuple[dict, dict, str]:
+def sparsify(sae: Dictionary) -> tuple[dict, dict, str]:
     if sae.normalize == "layer_norm":
         raise UserError("this SAE was trained on per-token layer-normed inputs, which sparsify cannot apply; "
                         "export it with --format saelens (normalize_activations: layer_norm)")
     tensors = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_lat, "W_dec": sae.W_dec, "b_dec": sae.b_pre}
     unit = bool(torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.n_latents), atol=1e-4))
     cfg = {
-        "activation": "topk",
+        "activation": sae.exports["sparsify"],
         "expansion_factor": max(1, sae.n_latents // sae.d_in),
         "normalize_decoder": unit,  # false after scalar folding: renormalising would change the SAE
         "num_latents": sae.n_latents,
-        "k": sae.k,
+        **sae.settings(),
         "multi_topk": False,
         "skip_connection": False,
         "transcode": False,

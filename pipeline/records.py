@@ -41,7 +41,7 @@ from pipeline.accumulators import Collator
 from pipeline.config import CollateConfig, logistics
 from pipeline.errors import UserError
 from pipeline.paths import DONE
-from pipeline.sae import saved_marker
+from pipeline.saes import saved_marker
 from pipeline.windows import Records, TokenText
 
 

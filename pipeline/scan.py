@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pipeline.accumulators import Collator
 from pipeline.config import CollateConfig
 from pipeline.loader import excludes_bos
-from pipeline.sae import TopKSAE
+from pipeline.saes import Dictionary
 from pipeline.store import ActivationStore
 
 
@@ -71,12 +71,12 @@ def one_cpu_thread(device: torch.device):
         torch.set_num_threads(n)
 
 
-def scan(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, cfg: CollateConfig, device) -> Collator:
+def scan(store: ActivationStore, layer: int, hook: str, sae: Dictionary, cfg: CollateConfig, device) -> Collator:
     """Pass 1: stream every row of the layer through the SAE into a Collator."""
     return scan_all(store, layer, hook, [sae], cfg, device)[0]
 
 
-def scan_all(store: ActivationStore, layer: int, hook: str, saes: list[TopKSAE], cfg: CollateConfig,
+def scan_all(store: ActivationStore, layer: int, hook: str, saes: list[Dictionary], cfg: CollateConfig,
              device, desc: str | None = None) -> list[Collator]:
     """Pass 1 for several SAEs of one layer (a train.sweep's members): each batch is read
     once and goes through every SAE into its own Collator."""

@@ -39,7 +39,7 @@ from pipeline import dist
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
 from pipeline.kernels import decode, encode_gather
-from pipeline.sae import TopKSAE, TrainOutput
+from pipeline.saes import Dictionary, TrainOutput
 
 SHARDED = ("W_enc", "b_lat", "W_dec")  # split along the latents; b_pre is replicated
 
@@ -119,9 +119,9 @@ class Shard:
         mine = (ids >= self.lo) & (ids < self.hi)
         return mine, torch.where(mine, ids - self.lo, 0), torch.where(mine, v, 0)
 
-    def forward_train(self, sae: TopKSAE, x: torch.Tensor, dormant: torch.Tensor | None, k_aux: int,
+    def forward_train(self, sae: Dictionary, x: torch.Tensor, dormant: torch.Tensor | None, k_aux: int,
                       matmul_dtype: torch.dtype | None = None) -> TrainOutput:
-        """TopKSAE.forward_train of the whole SAE, from this rank's shard `sae` (n/W latents) and the whole
+        """The TopK forward_train of the whole SAE, from this rank's shard `sae` (n/W latents) and the whole
         normalised batch x [B, d]. `dormant` [n/W] marks this shard's dormant latents; `k_aux` is global
         (at most the dormant count over every shard). x_hat and aux_hat are the whole SAE's, the same on
         every rank; idx [B, k] and vals [B, k] are this shard's picks (local ids; vals 0 off the shard),
@@ -150,7 +150,7 @@ class Shard:
 
     # ---- the one-process layout, for checkpoints, eval and the saved SAE
     def rows(self, weights: dict) -> dict:
-        """A whole TopKSAE's state_dict -> this shard's: its rows of W_enc, b_lat and W_dec, and b_pre."""
+        """A whole SAE's state_dict -> this shard's: its rows of W_enc, b_lat and W_dec, and b_pre."""
         return {name: t[self.lo:self.hi].clone() if name in SHARDED else t for name, t in weights.items()}
 
     def take(self, state: dict) -> dict:
@@ -166,8 +166,8 @@ class Shard:
             for i, s in opt["state"].items()}}
         return out
 
-    def gather(self, sae: TopKSAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor) -> dict | None:
-        """take()'s inverse: on rank 0 {"sae": the whole TopKSAE, "optimizer": its Adam state_dict, "since_fired"
+    def gather(self, sae: Dictionary, opt: torch.optim.Optimizer, since_fired: torch.Tensor) -> dict | None:
+        """take()'s inverse: on rank 0 {"sae": the whole Dictionary, "optimizer": its Adam state_dict, "since_fired"
         [n]}, None on the others. Every rank must call it at the same point; each sends its n/W rows. Rank 0
         holds the whole SAE on its device (eval runs there) and the rest on the CPU (only a checkpoint reads it),
         a tensor at a time."""
@@ -184,6 +184,6 @@ class Shard:
         fired = cat(since_fired)
         if fired is None:
             return None
-        whole = TopKSAE(sae.d_in, self.n_latents, sae.k, sae.normalize, sae.backend).to(sae.W_enc.device)
+        whole = sae.empty_like(self.n_latents)
         whole.load_state_dict(weights)
         return {"sae": whole, "optimizer": {**opt_state, "state": moments}, "since_fired": fired}

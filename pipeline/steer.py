@@ -41,7 +41,7 @@ from torch import nn
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.paths import DONE, leaf, sae_dir
-from pipeline.sae import TopKSAE
+from pipeline.saes import load_sae
 
 
 @dataclass
@@ -100,7 +100,7 @@ def plan(cfg: Config, layer: int, latent: int, strengths: list[float], prompt: s
     if not (folder / DONE).exists():
         raise UserError(f"no trained SAE for layer {layer} hook {leaf(hook, member)} (looked in {folder}); "
                         f"run `saepipe train CONFIG --layers {layer}` first")
-    sae = TopKSAE.load(folder)
+    sae = load_sae(folder)
     if not 0 <= latent < sae.n_latents:
         raise UserError(f"--latent {latent} is out of range: the SAE of layer {layer} hook {leaf(hook, member)} has "
                         f"latents 0..{sae.n_latents - 1}")

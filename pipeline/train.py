@@ -77,14 +77,15 @@ from pipeline.errors import UserError
 from pipeline.kernels import resolve_backend
 from pipeline.loader import (CACHE_BYTES, BatchLoader, Cursor, RowFilter, count_nonfinite, derive_seed, eval_rows,
                              split_chunks, trainable_rows)
+from pipeline.metrics import ReconStats
 from pipeline.model import resolve_device
 from pipeline.paths import DONE, leaf, sae_dir
-from pipeline.sae import TopKSAE, saved_cfg
+from pipeline.saes import DEFAULT, Dictionary, build_sae, saved_cfg
 from pipeline.shard import Shard, check as check_shard
 from pipeline.store import ActivationStore, Location
 
 CHECKPOINT = "checkpoint.pt"
-# A finished SAE folder holds exactly these (DONE written last, by TopKSAE.save).
+# A finished SAE folder holds exactly these (DONE written last, by Dictionary.save).
 OUTPUTS = ("metrics.jsonl", "loss.png", "loss.svg", "density.png", "density.svg", "sae.safetensors", "cfg.json",
            DONE)
 # What a resume must match: the train config but its logistics, expansion_factor (folded into n_latents)
@@ -176,23 +177,20 @@ def plan_sae(cfg: Config, store: ActivationStore, layer: int, hook: str, force: 
     store.array(layer, hook)  # missing or partly harvested: one clear error
     d = store.d_model(layer, hook)
     n = tc.n_latents or tc.expansion_factor * d
-    if tc.k > n:  # the one check of k against the width: the width may depend on d_model
-        how = (f"train.n_latents = {n}" if tc.n_latents
-               else f"n_latents = {n} (train.expansion_factor {tc.expansion_factor} x d_model {d})")
-        at = "" if member is None else f"{name}: "
-        raise UserError(f"{at}train.k = {tc.k} exceeds {how}; lower k or raise n_latents")
+    width = (f"train.n_latents = {n}" if tc.n_latents
+             else f"n_latents = {n} (train.expansion_factor {tc.expansion_factor} x d_model {d})")
+    # The architecture's settings against the width (which may depend on d_model), its defaults filled in.
+    sae = tc.sae.resolve(d, n, tc.batch_size, "" if member is None else f"{name}: ", width)
     check_shard(dataclasses.replace(tc, n_latents=n), name)
     device = resolve_device(tc.device, key="train.device")
     tc = dataclasses.replace(
         tc, n_latents=n,
-        lr=tc.lr or optim.default_lr(tc.optimizer, n, d),
-        k_aux=min(n, tc.k_aux or 2 ** max(0, round(math.log2(max(1, d / 2))))),
-        dormant_tokens=tc.dormant_tokens or min(10_000_000, 8 * tc.batch_size),
+        lr=tc.lr or optim.default_lr(tc.optimizer, n, d), sae=sae,
         shuffle_chunks=tc.shuffle_chunks or _shuffle_chunks(store, layer, hook),
         backend=resolve_backend(tc.backend, device, key="train.backend"))
     fingerprint = {"d_in": d, "model": store.attrs.get("model"), "n_rows": store.n_rows(layer, hook),
                    "n_steps": tc.n_steps,
-                   **{k: v for k, v in dataclasses.asdict(tc).items() if k not in _NOT_FINGERPRINTED}}
+                   **{k: v for k, v in tc.flat().items() if k not in _NOT_FINGERPRINTED}}
     fingerprint = json.loads(json.dumps(fingerprint))  # as cfg.json will hold it (tuples become lists)
 
     train_chunks, eval_chunks = split_chunks(store.n_chunks(layer, hook), tc.eval_fraction)
@@ -304,8 +302,8 @@ class TrainState:
         # are then the one-process ones, which gather() collects on rank 0 into `full` first.
         self.shard, self.full = shard, None
         n = tc.n_latents if shard is None else shard.n_local
-        self.sae = TopKSAE(d_in, n, tc.k, normalize, tc.backend).to(device)
-        self.ema = TopKSAE(d_in, tc.n_latents, tc.k, normalize, tc.backend).to(device) if tc.ema_decay else None
+        self.sae = build_sae(tc.sae.architecture, d_in, n, dataclasses.asdict(tc.sae), normalize, tc.backend).to(device)
+        self.ema = self.sae.empty_like(tc.n_latents) if tc.ema_decay else None
         self.opt = optim.make(tc.optimizer, self.sae.parameters(), tc.lr, tc.adam_betas, tc.adam_eps, tc.sf_beta)
         self.scale = 1.0  # inputs are multiplied by it (train.normalize = scalar)
         self.step = 0
@@ -343,7 +341,7 @@ class TrainState:
         """Training seconds, over every process that ran this SAE."""
         return self._elapsed + time.time() - self._since
 
-    def weights(self) -> TopKSAE:
+    def weights(self) -> Dictionary:
         """The SAE that eval sees and save writes: the EMA if kept, else for schedule-free the running
         average x with its decoder rows put back on the unit sphere (an average of unit rows is shorter),
         else the trained weights themselves. Sharded: the whole SAE gather() collected, on rank 0."""
@@ -440,7 +438,7 @@ def train(plans: list[Plan], progress: bool = True) -> dict:
             if state.shard is None:
                 state.scale = _init(state.sae, p, sample)
             else:  # the one-process init, then this rank's rows of it
-                whole = TopKSAE(p.d_in, p.tc.n_latents, p.tc.k, state.sae.normalize, p.tc.backend)
+                whole = state.sae.empty_like(p.tc.n_latents)
                 state.scale = _init(whole, p, sample)
                 state.sae.load_state_dict(state.shard.rows(whole.state_dict()))
                 del whole
@@ -562,16 +560,16 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
     sae, opt, shard = state.sae, state.opt, state.shard
     for g in opt.param_groups:
         g["lr"] = lr
-    dormant = state.since_fired >= tc.dormant_tokens
+    dormant = state.since_fired >= tc.sae.dormant_tokens
     n_dormant = int(dormant.sum()) if shard is None else shard.count(dormant)
-    k_aux = min(tc.k_aux, n_dormant) if tc.aux_alpha > 0 else 0
+    k_aux = min(tc.sae.k_aux, n_dormant) if tc.sae.aux_alpha > 0 else 0
     if shard is None:
         o = sae.forward_train(x, dormant, k_aux, matmul_dtype)
         rows = _global_rows(x)
     else:
         o = shard.forward_train(sae, x, dormant, k_aux, matmul_dtype)
         rows = x.shape[0]
-    loss, fvu, aux, nmse = sae_loss(x, o, tc.aux_alpha, rows, whole_batch=shard is not None)
+    loss, fvu, aux, nmse = sae_loss(x, o, tc.sae.aux_alpha, rows, whole_batch=shard is not None)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if dist.rank_world()[1] > 1 and shard is None:
@@ -686,7 +684,7 @@ def _init_sample(p: Plan, n: int) -> torch.Tensor:
     return torch.cat(parts)[:n]
 
 
-def _init(sae: TopKSAE, p: Plan, sample: torch.Tensor) -> float:
+def _init(sae: Dictionary, p: Plan, sample: torch.Tensor) -> float:
     """Tied random init; input scale and b_pre from the init sample (_init_sample). Returns the scale."""
     tc = p.tc
     sae.reset_parameters(torch.Generator().manual_seed(derive_seed(tc.seed, -1)))
@@ -717,36 +715,17 @@ def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> tor
 
 
 @torch.no_grad()
-def evaluate(sae: TopKSAE, x_raw: torch.Tensor, scale: float, batch: int,
+def evaluate(sae: Dictionary, x_raw: torch.Tensor, scale: float, batch: int,
              matmul_dtype: torch.dtype | None = None) -> dict:
-    """FVU, normalised MSE, L0, per-latent firing density and the dead fraction (latents that never
-    fired on these rows) on held-out rows, in training space."""
+    """pipeline.metrics on held-out rows, in training space (normalised, scaled), with the
+    per-latent firing density and the count of rows."""
     dev = sae.W_enc.device
-    n = sae.n_latents
-    N = x_raw.shape[0]
-    if N == 0:
-        return {"fvu": float("nan"), "nmse": float("nan"), "explained_variance": float("nan"), "l0": 0.0,
-                "dead_frac": float("nan"), "eval_tokens": 0, "density": torch.zeros(n)}
-    mean = torch.zeros(sae.d_in, dtype=torch.float64, device=dev)
-    for i in range(0, N, batch):
-        mean += (sae.preprocess(x_raw[i:i + batch].to(dev)) * scale).double().sum(0)
-    mean /= N
-    se = var = nmse = l0 = 0.0
-    fires = torch.zeros(n, dtype=torch.long, device=dev)
-    for i in range(0, N, batch):
+    stats = ReconStats(sae.d_in, sae.n_latents, dev)
+    for i in range(0, x_raw.shape[0], batch):
         x = sae.preprocess(x_raw[i:i + batch].to(dev)) * scale
         o = sae.forward_train(x, matmul_dtype=matmul_dtype)
-        e = x - o.x_hat
-        se += e.double().pow(2).sum().item()
-        var += (x.double() - mean).pow(2).sum().item()
-        nmse += (e.pow(2).sum(1) / x.pow(2).sum(1).clamp_min(1e-30)).sum().item()
-        on = o.vals > 0
-        l0 += on.sum().item()
-        fires.scatter_add_(0, o.idx.reshape(-1), on.long().reshape(-1))
-    fvu = se / max(var, 1e-30)
-    return {"fvu": fvu, "nmse": nmse / N, "explained_variance": 1 - fvu, "l0": l0 / N,
-            "dead_frac": (fires == 0).float().mean().item(), "eval_tokens": N,
-            "density": (fires.double() / N).cpu()}
+        stats.add(x, o.x_hat, o.idx, o.vals)
+    return {**stats.result(), "eval_tokens": stats.rows, "density": stats.density()}
 
 
 def _finish(p: Plan, state: TrainState, x_eval: torch.Tensor) -> dict:
@@ -840,7 +819,7 @@ def _saved_cfg(p: Plan, state: TrainState, ev: dict) -> dict:
         "tokens_trained": tokens, "steps": tc.n_steps, "epochs": tokens / p.rows_per_epoch,
         "eval": ev, "eval_chunks": p.eval_chunks, "dropped_nonfinite": sum(state.nonfinite.values()),
         "train_seconds": state.elapsed,
-        "train": {**{k: v for k, v in dataclasses.asdict(tc).items() if k != "sweep"}, "n_steps": tc.n_steps},
+        "train": {**{k: v for k, v in tc.flat().items() if k != "sweep"}, "n_steps": tc.n_steps},
         "fingerprint": p.fingerprint, "package_version": pipeline.__version__,
         # What the store was harvested from, so eval can check its corpus and find the held-out
         # windows even once the store is gone.
@@ -848,12 +827,21 @@ def _saved_cfg(p: Plan, state: TrainState, ev: dict) -> dict:
     }
 
 
+def _settings_text(tc: TrainConfig) -> str:
+    """`k 32` for the default TopK; `<architecture> k 32 ...` for another."""
+    model = {k: v for k, v in dataclasses.asdict(tc.sae).items() if v is not None}
+    name = model.pop("architecture")
+    own = tc.sae.model_keys()
+    text = ", ".join(f"{k} {v}" for k, v in model.items() if k in own)
+    return text if name == DEFAULT else f"{name}: {text}"
+
+
 def _announce(p: Plan, step: int, n_eval: int):
     tc = p.tc
     tokens = tc.n_steps * tc.batch_size
     epochs = tokens / p.rows_per_epoch
     held = f"{len(p.eval_chunks)} held out" if p.eval_chunks else "none held out: eval rows are training rows"
-    print(f"train: {p.name}: d {p.d_in}, n_latents {tc.n_latents}, k {tc.k}, {tc.n_steps} steps x "
+    print(f"train: {p.name}: d {p.d_in}, n_latents {tc.n_latents}, {_settings_text(tc)}, {tc.n_steps} steps x "
           f"{tc.batch_size} tokens, lr {tc.lr:.3g}, {p.device.type}; {p.rows_per_epoch} trainable tokens in "
           f"{len(p.train_chunks)} chunks ({held}), {n_eval} eval tokens")
     if epochs > 1:

@@ -15,7 +15,7 @@ others will be written anyway). Arrays made before checksums are reported as
 unchecksummed: only their presence can be checked.
 
 Every finished SAE of the run (`saes/<L>/<hook>/`) is checked against the
-sha256 its `done` marker recorded (pipeline.sae owns that rule).
+sha256 its `done` marker recorded (pipeline.saes owns that rule).
 
 `plan()` lists what to check, `run()` reads the chunk files with a small thread
 pool and returns a Report (its lines, and the one error line when something is
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import zarr
 
-from pipeline.sae import verify_saved
+from pipeline.saes import verify_saved
 from pipeline.store import (REPAIR_HINT, ActivationStore, MetadataError, ProgressLog, array_name, chunk_problem,
                             has_crc, n_chunks_of)
 

@@ -41,7 +41,7 @@ from urllib.parse import quote
 
 from pipeline import fsio
 from pipeline.paths import DONE, EVAL_FILE, leaf, records_dir, records_root, sae_dir, split_leaf
-from pipeline.sae import saved_cfg, saved_marker
+from pipeline.saes import saved_cfg, saved_marker
 
 SHARD_SIZE = 64
 DATA_DIR = "viewer_data"

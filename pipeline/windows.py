@@ -23,7 +23,7 @@ from pipeline.accumulators import Collator
 from pipeline.config import CollateConfig
 from pipeline.errors import UserError
 from pipeline.loader import excludes_bos
-from pipeline.sae import TopKSAE
+from pipeline.saes import Dictionary
 from pipeline.scan import batch_rows_for, one_cpu_thread, read_ahead
 from pipeline.store import ActivationStore
 
@@ -85,7 +85,7 @@ def pick(col: Collator, cfg: CollateConfig, context_size: int, scratch: Path) ->
                    _scratch(scratch / "tokens.npy", (R, W), np.int32))
 
 
-def cut_windows(store: ActivationStore, layer: int, hook: str, sae: TopKSAE, recs: Records,
+def cut_windows(store: ActivationStore, layer: int, hook: str, sae: Dictionary, recs: Records,
                 cfg: CollateConfig, device):
     """Pass 2: fill recs.acts / recs.tokens. Reads each store chunk holding a picked
     sequence once and encodes only the picked sequences, each once."""

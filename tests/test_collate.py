@@ -27,7 +27,8 @@ from pipeline.errors import UserError
 from pipeline.paths import records_dir
 from pipeline.windows import TokenText
 from pipeline.config import CollateConfig, config_from_dict
-from pipeline.sae import TopKSAE
+from pipeline.saes import load_sae
+from pipeline.saes.topk import TopKSAE
 from pipeline.store import write_synthetic
 from stages import collate as stage
 from stages.cli import main
@@ -128,7 +129,7 @@ def brute_random(a: torch.Tensor, latent: int, seed: int, n_random: int) -> list
 @pytest.mark.parametrize("prepend_bos", [True, False])
 def test_scan_matches_brute_force(tmp_path, tokenizer_dir, prepend_bos):
     store, acts, _ = make_run(tmp_path, tokenizer_dir, prepend_bos)
-    sae = TopKSAE.load(tmp_path / "saes/0/resid_post")
+    sae = load_sae(tmp_path / "saes/0/resid_post")
     cfg = CollateConfig(**make_cfg(tmp_path)["collate"])
     col = S.scan(store, 0, "resid_post", sae, cfg, "cpu")
 
@@ -233,7 +234,7 @@ def test_files_match_schema_and_brute_force(tmp_path, tokenizer_dir, tokenizer, 
     assert page == out / "viewer.html" and page.exists()
     assert (out / "done").exists() and not (out / "_scratch").exists()
 
-    sae = TopKSAE.load(tmp_path / "saes/0/resid_post")
+    sae = load_sae(tmp_path / "saes/0/resid_post")
     Z = sae.encode_dense(acts)  # one big batch: equal to the scan's up to float rounding
     Z_ref = Z.clone()  # what every statistic and every record's acts must show
     if exclude_bos:

@@ -21,7 +21,7 @@ def write(tmp_path, text):
 def test_defaults_overrides_and_yaml_floats(tmp_path):
     cfg = load_config(write(tmp_path, BASE + "train: {lr: 4e-4}\n"),
                       ["harvest.layers=[1, 2]", "train.k=16", "collate.window=8"])
-    assert cfg.harvest.layers == [1, 2] and cfg.train.k == 16 and cfg.collate.window == 8
+    assert cfg.harvest.layers == [1, 2] and cfg.train.sae.k == 16 and cfg.collate.window == 8
     assert cfg.train.lr == pytest.approx(4e-4)  # YAML 1.1 reads 4e-4 as a string
     assert cfg.harvest.hooks == ["resid_post"] and cfg.harvest.storage_dtype == "bfloat16"
 
@@ -29,7 +29,7 @@ def test_defaults_overrides_and_yaml_floats(tmp_path):
 @pytest.mark.parametrize("extra, overrides, needle", [
     ("harvest: {layers: [3], n_tokens: 1024, bogus: 1}\n", [], "unknown key harvest.bogus"),
     ("", ["train.lr=-1"], "train.lr = -1.0 must be > 0"),
-    ("", ["train.k=0"], "train.k = 0 must be > 0"),
+    ("", ["train.k=0"], "train.sae.k = 0 must be > 0"),
     ("", ["train.optimizer=sgd"], "train.optimizer = 'sgd'"),
     ("", ["train.lr_schedule=step"], "train.lr_schedule = 'step'"),
     ("", ["train.sf_beta=1"], "train.sf_beta = 1.0 must be in"),
@@ -77,7 +77,7 @@ def test_bool_refuses_numbers_and_strings(tmp_path, value):
 
 def test_integers_refuse_bools_and_fractions(tmp_path):
     for value in ("true", "2.5"):
-        with pytest.raises(ConfigError, match=r"train\.k = .* should be an integer$"):
+        with pytest.raises(ConfigError, match=r"train\.sae\.k = .* should be an integer$"):
             load_config(write(tmp_path, BASE), [f"train.k={value}"])
 
 
@@ -107,7 +107,7 @@ def test_set_errors_are_one_line_naming_the_item(tmp_path, item, needle):
 
 def test_set_fills_an_empty_section(tmp_path):
     cfg = load_config(write(tmp_path, BASE + "train:\n"), ["train.k=4", "collate.seed=3"])
-    assert cfg.train.k == 4 and cfg.collate.seed == 3
+    assert cfg.train.sae.k == 4 and cfg.collate.seed == 3
 
 
 def test_set_errors_through_the_cli_exit_2_in_one_line(tmp_path):

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from pipeline.config import config_from_dict
 from pipeline.eval import run as eval_run
 from pipeline.paths import sae_dir
-from pipeline.sae import TopKSAE, saved_marker
+from pipeline.saes import saved_marker
+from pipeline.saes.topk import TopKSAE
 from stages.cli import main
 from tests.helpers import harvest_config, make_model, write_corpus
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from helpers import harvest_config, make_model, write_corpus
 from pipeline.paths import sae_dir
-from pipeline.sae import TopKSAE
+from pipeline.saes.topk import TopKSAE
 from stages.cli import main
 
 D, CTX, HARVESTED, LAYER = 32, 16, 24, 1  # harvest_config: 24 windows of 16 tokens, layers [1]

@@ -142,7 +142,7 @@ def test_logit_lens_on_every_family(tmp_path, family):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.sae import TopKSAE
+    from pipeline.saes import load_sae
 
     hook, norm_path, kind, eps = LENS[family]
     model_dir = tmp_path / "model"
@@ -167,7 +167,7 @@ def test_logit_lens_on_every_family(tmp_path, family):
 
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     eps = getattr(lm.config, eps) if isinstance(eps, str) else eps
-    W_dec = TopKSAE.load(run / "saes" / "1" / hook).W_dec.detach().float()
+    W_dec = load_sae(run / "saes" / "1" / hook).W_dec.detach().float()
     with torch.no_grad():
         logits = _final_norm(kind, lm.get_submodule(norm_path), eps, W_dec) @ lm.get_output_embeddings().weight.T
     up, down = logits.topk(10, dim=1), logits.topk(10, dim=1, largest=False)

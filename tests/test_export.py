@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from pipeline import fsio
 from pipeline.errors import UserError
-from pipeline.sae import TopKSAE, saved_marker, verify_saved
+from pipeline.saes import load_sae, saved_marker, verify_saved
+from pipeline.saes.topk import TopKSAE
 from stages.cli import main
 
 D, N, K = 24, 96, 6
@@ -164,7 +165,7 @@ def test_damaged_sae_is_one_line_naming_the_file_and_how_to_retrain(tmp_path, ca
     damage(tmp_path / "sae" / name)
 
     with pytest.raises(UserError) as e:
-        TopKSAE.load(tmp_path / "sae")
+        load_sae(tmp_path / "sae")
     message = str(e.value)
     assert what in message and "saepipe train CONFIG --layers 3 --force" in message, message
     assert str(tmp_path / "sae" / ("sae.safetensors" if name == "sae.safetensors" else "")) in message

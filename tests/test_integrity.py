@@ -350,7 +350,7 @@ def test_small_corpus_says_how_many_tokens(gpt2, corpus, tmp_path, capsys):
 
 def test_verify_checks_trained_saes_against_their_marker(clean, gpt2, corpus, tmp_path):
     from pipeline.paths import sae_dir
-    from pipeline.sae import TopKSAE
+    from pipeline.saes.topk import TopKSAE
 
     run_dir, _ = copy_run(clean, tmp_path, gpt2, corpus)
     folder = sae_dir(run_dir, 1, "resid_post")

@@ -11,7 +11,7 @@ import torch
 
 from pipeline import optim
 from pipeline.config import config_from_dict
-from pipeline.sae import TopKSAE
+from pipeline.saes import load_sae
 from stages import train as stage
 from tests.test_train import config, planted_store, sae_folder
 
@@ -90,7 +90,7 @@ def test_schedule_free_run_saves_the_average_with_unit_decoder_rows(tmp_path):
     info = stage.run(cfg, progress=False)[(0, "resid_post")]
     assert info["train"]["optimizer"] == "signum_sf"
     assert info["train"]["lr"] == pytest.approx(optim.default_lr("signum_sf", 128, atoms.shape[1]))
-    sae = TopKSAE.load(sae_folder(tmp_path / "run", layer=0))
+    sae = load_sae(sae_folder(tmp_path / "run", layer=0))
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
     best = (atoms @ sae.W_dec.T).max(1).values
     assert best.mean() > 0.8 and info["eval"]["fvu"] < 0.2

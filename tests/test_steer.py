@@ -12,7 +12,8 @@ from helpers import harvest_config, make_model, write_corpus
 from pipeline import steer
 from pipeline.config import config_from_dict
 from pipeline.paths import sae_dir
-from pipeline.sae import TopKSAE
+from pipeline.saes import load_sae
+from pipeline.saes.topk import TopKSAE
 from stages.cli import main
 
 LAYERS, D, N_LATENTS, NEW = 3, 32, 16, 8
@@ -93,7 +94,7 @@ def test_steered_generation_matches_a_hand_written_hook(tmp_path, llama, normali
     folder, model = llama
     cfg, _ = _setup(tmp_path, folder)
     path = sae_dir(tmp_path / "run", LAYERS - 1, "resid_post")
-    sae = TopKSAE.load(path)
+    sae = load_sae(path)
     sae.normalize = sae.cfg["normalize"] = normalize
     sae.save(path)
     row, s = sae.W_dec[7].detach(), 6.0

@@ -22,7 +22,7 @@ from pipeline import fsio, steer
 from pipeline.config import config_from_dict
 from pipeline.errors import UserError
 from pipeline.paths import sae_dir
-from pipeline.sae import TopKSAE
+from pipeline.saes.topk import TopKSAE
 from pipeline.store import write_synthetic
 from stages.cli import main as cli
 

@@ -16,7 +16,7 @@ import yaml
 from pipeline import train as trainer
 from pipeline.config import config_from_dict
 from pipeline.paths import records_dir, sae_dir
-from pipeline.sae import TopKSAE, saved_marker
+from pipeline.saes import load_sae, saved_marker
 from pipeline.store import ActivationStore
 from stages import train as stage
 from test_train import cli, config, random_store, snapshot, write_config
@@ -231,8 +231,8 @@ BAD = {
     "repeated name": ([{"k": 4}, {"k": 4}], "train.sweep[1] and train.sweep[0] are both name 'k4'"),
     "repeated plain": ([{}, {"name": "x"}, {}], "train.sweep[2] and train.sweep[0] are both the plain config"),
     "nested": ([{"sweep": [{}]}], "train.sweep[0] holds a sweep of its own"),
-    "bad value": ([{"k": 0}], "train.sweep[0]: train.k = 0 must be > 0"),
-    "bad type": ([{"k": "many"}], "train.sweep[0].k = 'many' should be an integer"),
+    "bad value": ([{"k": 0}], "train.sweep[0]: train.sae.k = 0 must be > 0"),
+    "bad type": ([{"k": "many"}], "train.sweep[0].sae.k = 'many' should be an integer"),
     "bad name": ([{"name": "../x"}], "train.sweep[0].name = '../x': use letters, digits"),
     "empty": ([], "train.sweep is empty"),
     "k above the width": ([{}, {"k": 20, "n_latents": 16}], "layer 1 resid_post@k20_n_latents16: train.k = 20 "
@@ -297,7 +297,7 @@ def test_collate_eval_steer_and_export_reach_every_member(tmp_path):
 
     for m in folders:  # steer takes the member's decoder row
         p = steer.plan(cfg, 1, 5, [1.0], "The quick", member=m)
-        assert torch.equal(p.direction, TopKSAE.load(folders[m]).W_dec[5])
+        assert torch.equal(p.direction, load_sae(folders[m]).W_dec[5])
     cfg_file = write_config(tmp_path / "c.yaml", raw)
     code, out = cli("steer", cfg_file, "--layer", 1, "--latent", 5, "--strength", 1, "--prompt", "The",
                     "--member", "k5")
@@ -305,7 +305,7 @@ def test_collate_eval_steer_and_export_reach_every_member(tmp_path):
 
     code, out = cli("export", folders[None], "--member", "k4", "--format", "saelens", "--out", tmp_path / "x")
     assert code == 0, out
-    assert torch.equal(load_file(tmp_path / "x" / "sae_weights.safetensors")["W_dec"], TopKSAE.load(folders["k4"]).W_dec)
+    assert torch.equal(load_file(tmp_path / "x" / "sae_weights.safetensors")["W_dec"], load_sae(folders["k4"]).W_dec)
 
 
 def test_collate_of_a_sweep_reads_the_store_once_for_all_members(tmp_path, monkeypatch):
@@ -359,7 +359,7 @@ def test_two_ranks_train_the_one_process_sweep(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         folders[ranks] = [run / "saes" / "1" / f for f in FOLDERS[:2]]
     for one, two in zip(*folders.values()):
-        a, b = TopKSAE.load(one), TopKSAE.load(two)
+        a, b = load_sae(one), load_sae(two)
         assert a.k == (8 if one.name == "resid_post" else 4)
         for name, w in a.state_dict().items():
             torch.testing.assert_close(b.state_dict()[name], w, rtol=1e-4, atol=1e-5, msg=f"{one.name} {name}")

@@ -21,8 +21,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from pipeline.config import config_from_dict
-import pipeline.sae as sae_module
-from pipeline.sae import TopKSAE
+import pipeline.saes.topk as sae_module
+from pipeline.saes import load_sae
+from pipeline.saes.topk import TopKSAE
 from pipeline.store import ActivationStore, write_synthetic
 from pipeline.train import OUTPUTS, geometric_median, learning_rate, plan_sae, sae_loss
 from stages import train as stage
@@ -134,10 +135,12 @@ def test_adam_inside_the_backward_is_the_step_after_it(monkeypatch, aux_dense_ra
     # TrainState steps W_dec and W_enc from hooks as their gradients complete (and frees them);
     # bit for bit the weights of one optimizer step after the whole backward, AuxK on.
     from pipeline.config import TrainConfig
+    from pipeline.saes.topk import TopKSettings
     from pipeline.train import TrainState, train_step
 
     monkeypatch.setattr(sae_module, "AUX_DENSE_RATIO", aux_dense_ratio)
-    tc = TrainConfig(n_latents=64, k=4, batch_size=40, lr=1e-2, k_aux=8, dormant_tokens=40, backend="torch")
+    tc = TrainConfig(n_latents=64, sae=TopKSettings(k=4, k_aux=8, dormant_tokens=40), batch_size=40, lr=1e-2,
+                     backend="torch")
     states = [TrainState(tc, 16, torch.device("cpu")) for _ in range(2)]
     assert len(states[0].hooks) == 2
     states[1].sae.load_state_dict(states[0].sae.state_dict())
@@ -209,7 +212,7 @@ def test_recovers_planted_dictionary_with_few_dead_latents(tmp_path):
     assert cfg.train.lr is None
     stage.run(cfg, progress=False)
     out = sae_folder(tmp_path / "run", layer=0)
-    sae = TopKSAE.load(out)
+    sae = load_sae(out)
     best = (atoms @ (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)).T).max(1).values
     info = json.loads((out / "cfg.json").read_text())
     assert info["train"]["optimizer"] == "adam" and info["train"]["lr"] == 1e-2  # the rule, capped at small n
@@ -254,7 +257,7 @@ def test_scalar_normalisation_is_folded_so_the_saved_sae_takes_raw_activations(t
     info = json.loads((out / "cfg.json").read_text())
     assert info["normalize"] == "none" and info["normalize_trained"] == "scalar"
     assert info["input_scale"] == pytest.approx(1 / 50, rel=0.05)
-    sae = TopKSAE.load(out)
+    sae = load_sae(out)
     share = -(-1024 // len(info["eval_chunks"]))  # eval_rows: an equal share of each held-out chunk, no BOS
     held = torch.cat([raw[c * 512:(c + 1) * 512][torch.arange(512) % 64 != 0][:share] for c in info["eval_chunks"]])[:1024]
     assert info["eval"]["eval_tokens"] == 1024
@@ -266,7 +269,7 @@ def test_scalar_normalisation_is_folded_so_the_saved_sae_takes_raw_activations(t
 def test_layer_norm_option_is_recorded(tmp_path):
     random_store(tmp_path / "run", scale=7.0)
     stage.run(config_from_dict(config(tmp_path / "run", normalize="layer_norm", n_tokens=256 * 10)), progress=False)
-    sae = TopKSAE.load(sae_folder(tmp_path / "run"))
+    sae = load_sae(sae_folder(tmp_path / "run"))
     assert sae.normalize == "layer_norm" and sae.cfg["normalize"] == "layer_norm"
     x = torch.randn(5, 32) * 7
     torch.testing.assert_close(sae.pre_acts(x), sae.pre_acts(x * 3 + 2), rtol=1e-4, atol=1e-4)
@@ -340,7 +343,7 @@ def _foreign_checkpoint(run_dir):
 
 
 BAD = {
-    "k zero": (["--set", "train.k=0"], None, "train.k = 0 must be > 0"),
+    "k zero": (["--set", "train.k=0"], None, "train.sae.k = 0 must be > 0"),
     "k above n_latents": (["--set", "train.k=300"], None, "exceeds train.n_latents = 256"),
     "k above derived n_latents": (["--set", "train.n_latents=null", "--set", "train.expansion_factor=1",
                                    "--set", "train.k=40"], None, "exceeds n_latents = 32"),
@@ -382,7 +385,8 @@ def test_no_store_is_one_line(tmp_path):
 # --------------------------------------------------------------------------- the triton path
 TRITON_STEP = """
 import torch
-from pipeline.sae import TopKSAE
+from pipeline.saes import load_sae
+from pipeline.saes.topk import TopKSAE
 from pipeline.train import sae_loss
 torch.manual_seed(0)
 grads = {}

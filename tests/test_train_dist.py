@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as td
 
-from pipeline.sae import TopKSAE, verify_saved
+from pipeline.saes import load_sae, verify_saved
 from test_train import REPO, config, random_store, sae_folder, work_folder, write_config
 
 pytestmark = pytest.mark.skipif(not td.is_available() or not td.is_gloo_available(),
@@ -69,7 +69,7 @@ def test_two_ranks_train_the_one_process_sae(tmp_path):
         out = _train(cfg, ranks)
         assert out.returncode == 0, out.stderr[-3000:]
         saes[ranks] = sae_folder(run)
-    one, two = TopKSAE.load(saes[1]), TopKSAE.load(saes[2])
+    one, two = load_sae(saes[1]), load_sae(saes[2])
     for name, a in one.state_dict().items():
         # float32 sums taken in another order (two ranks' halves) drift apart by ~1e-5 over 40 steps;
         # a wrong reduction (a rank's own variance, unsummed counters) is off by far more.
@@ -104,7 +104,7 @@ def test_a_killed_rank_stops_the_run_and_every_rank_resumes_from_the_checkpoint(
     assert "resuming from the checkpoint at step" in resumed.stdout
     unbroken = _train(cfgs["unbroken"], 2)
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
-    a, b = (TopKSAE.load(sae_folder(run)).state_dict() for run in runs.values())
+    a, b = (load_sae(sae_folder(run)).state_dict() for run in runs.values())
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
@@ -227,7 +227,7 @@ def one_process_run(tmp_path_factory) -> Path:
 
 
 def _assert_same_sae(one: Path, other: Path):
-    a, b = TopKSAE.load(sae_folder(one)).state_dict(), TopKSAE.load(sae_folder(other)).state_dict()
+    a, b = load_sae(sae_folder(one)).state_dict(), load_sae(sae_folder(other)).state_dict()
     for name in a:
         # float32 products split over ranks sum in another order: ~2e-5 apart after 200 steps here
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=5e-5, msg=name)
@@ -260,7 +260,8 @@ import sys
 import torch
 
 from pipeline import dist
-from pipeline.sae import TopKSAE
+from pipeline.saes import load_sae
+from pipeline.saes.topk import TopKSAE
 from pipeline.shard import Shard
 from pipeline.train import sae_loss
 from test_train import tiny_double_sae

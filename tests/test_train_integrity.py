@@ -25,7 +25,7 @@ from pipeline import fsio
 from pipeline import train as trainer
 from pipeline.config import config_from_dict
 from pipeline.paths import DONE
-from pipeline.sae import TopKSAE, saved_marker
+from pipeline.saes import load_sae, saved_marker
 from stages import train as stage
 from stages.cli import main
 from test_train import REPO, SAEPIPE, config, random_store, sae_folder, work_folder, write_config
@@ -71,7 +71,7 @@ def assert_same_result(out, ref):
     assert files(out)["sae.safetensors"] == files(ref)["sae.safetensors"]
     assert metrics(out) == metrics(ref)
     assert not (out.parent / (out.name + ".partial")).exists() and not (out.parent / (out.name + ".old")).exists()
-    TopKSAE.load(out)
+    load_sae(out)
 
 
 def start(cfg, *args, limit_bytes=None):
@@ -136,7 +136,7 @@ def test_killed_force_run_keeps_the_old_sae_and_a_rerun_resumes_and_replaces_it(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert files(out) == before  # the old SAE: complete, same bytes, loadable
-    assert TopKSAE.load(out).cfg["train"]["seed"] == 1
+    assert load_sae(out).cfg["train"]["seed"] == 1
 
     code, text = cli("train", cfg)  # without --force the finished old SAE (of another seed) stands
     assert code == 2 and "(seed 1 there vs 0 now)" in text and files(out) == before, text

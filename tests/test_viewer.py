@@ -17,7 +17,7 @@ import torch
 
 from helpers import CORPUS, make_tokenizer
 from pipeline.config import config_from_dict
-from pipeline.sae import TopKSAE
+from pipeline.saes.topk import TopKSAE
 from pipeline.store import write_synthetic
 from pipeline.viewer import read_feature
 from stages import collate as stage
@@ -378,7 +378,7 @@ def test_overview_shows_the_eval_of_the_sae_there_now(records, browser, tmp_path
 
     from selenium.webdriver.common.by import By
 
-    from pipeline.sae import saved_marker
+    from pipeline.saes import saved_marker
     from pipeline.viewer import write_index_page
 
     root = tmp_path / "run"
