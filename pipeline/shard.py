@@ -39,7 +39,7 @@ from pipeline import dist
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
 from pipeline.kernels import decode, encode_gather
-from pipeline.saes import Dictionary, TrainOutput
+from pipeline.saes import Dictionary, TrainOutput, architecture
 
 SHARDED = ("W_enc", "b_lat", "W_dec")  # split along the latents; b_pre is replicated
 
@@ -49,6 +49,9 @@ def check(tc: TrainConfig, name: str):
     _, world = dist.rank_world()
     if not tc.shard_latents or world == 1:
         return
+    if not architecture(tc.sae.architecture).shards:
+        raise UserError(f"{name}: train.shard_latents does not split a {tc.sae.architecture} SAE's latents; set "
+                        "shard_latents: false (the ranks then split the batch)")
     if tc.n_latents % world:
         raise UserError(f"{name}: train.shard_latents splits n_latents = {tc.n_latents} over {world} ranks, which "
                         f"does not divide it; make n_latents a multiple of {world}, or change --nproc_per_node")

@@ -80,7 +80,7 @@ from pipeline.loader import (CACHE_BYTES, BatchLoader, Cursor, RowFilter, count_
 from pipeline.metrics import ReconStats
 from pipeline.model import resolve_device
 from pipeline.paths import DONE, leaf, sae_dir
-from pipeline.saes import DEFAULT, Dictionary, build_sae, saved_cfg
+from pipeline.saes import DEFAULT, Dictionary, TrainView, build_sae, saved_cfg
 from pipeline.shard import Shard, check as check_shard
 from pipeline.store import ActivationStore, Location
 
@@ -560,20 +560,16 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
     sae, opt, shard = state.sae, state.opt, state.shard
     for g in opt.param_groups:
         g["lr"] = lr
-    dormant = state.since_fired >= tc.sae.dormant_tokens
-    n_dormant = int(dormant.sum()) if shard is None else shard.count(dormant)
-    k_aux = min(tc.sae.k_aux, n_dormant) if tc.sae.aux_alpha > 0 else 0
-    if shard is None:
-        o = sae.forward_train(x, dormant, k_aux, matmul_dtype)
-        rows = _global_rows(x)
-    else:
-        o = shard.forward_train(sae, x, dormant, k_aux, matmul_dtype)
-        rows = x.shape[0]
-    loss, fvu, aux, nmse = sae_loss(x, o, tc.sae.aux_alpha, rows, whole_batch=shard is not None)
+    split = dist.rank_world()[1] > 1 and shard is None  # the ranks hold parts of the batch
+    view = TrainView(tc.sae, state.since_fired, matmul_dtype, dist.all_reduce_ if split else (lambda t: t), shard)
+    o = sae.train_forward(x, view)
+    rows = _global_rows(x) if shard is None else x.shape[0]
+    fvu, nmse = reconstruction_loss(x, o.x_hat, rows, whole_batch=shard is not None)
+    loss, aux = sae.train_loss(x, o, fvu, view)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if dist.rank_world()[1] > 1 and shard is None:
-        # Each rank's loss is its rows' share of the batch's (global denominators, sae_loss):
+        # Each rank's loss is its rows' share of the batch's (global denominators, reconstruction_loss):
         # the sum of the ranks' gradients is the one-process gradient. (The weight matrices
         # stepped inside the backward were summed there; their gradients are gone.)
         for prm in sae.parameters():
@@ -583,7 +579,7 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
     if tc.grad_clip:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), tc.grad_clip)
     opt.step()
-    sae.normalize_decoder()
+    sae.after_step()
     with torch.no_grad():
         if state.ema is not None:
             for pe, ps in zip(state.ema.parameters(), sae.parameters()):
@@ -598,7 +594,7 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
         state.since_fired = (state.since_fired + rows) * (fires == 0)
         state.log_sums += sums
     state.step += 1
-    return n_dormant
+    return view.n_dormant
 
 
 def learning_rate(tc: TrainConfig, step: int) -> float:
@@ -622,16 +618,18 @@ def _global_rows(x: torch.Tensor) -> int:
     return int(dist.all_reduce_(torch.tensor(x.shape[0], device=x.device)))
 
 
-def sae_loss(x: torch.Tensor, o, aux_alpha: float, rows: int | None = None, whole_batch: bool = False):
-    """(loss, fvu, aux, nmse): FVU + aux_alpha * AuxK, plus OpenAI's per-token normalised MSE for the log.
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, rows: int | None = None,
+                        whole_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fvu, nmse): the FVU every architecture's loss starts from, and OpenAI's per-token normalised
+    MSE for the log.
 
-    Under torchrun x is this rank's rows of the batch: the denominators (the batch's variance, the
-    residual's energy, its row count) are the whole batch's, so each rank's terms are its share of
-    the one-process values and they sum to them. `rows`: the whole batch's row count, when the
-    caller has it (_global_rows). `whole_batch`: x is the whole batch on every rank (latent
-    sharding), so nothing is summed over the ranks."""
+    Under torchrun x is this rank's rows of the batch: the denominators (the batch's variance, its
+    row count) are the whole batch's, so each rank's terms are its share of the one-process values
+    and they sum to them. `rows`: the whole batch's row count, when the caller has it
+    (_global_rows). `whole_batch`: x is the whole batch on every rank (latent sharding), so nothing
+    is summed over the ranks."""
     split = dist.rank_world()[1] > 1 and not whole_batch
-    e = x - o.x_hat
+    e = x - x_hat
     with torch.no_grad():
         n = rows or (_global_rows(x) if split else x.shape[0])
         if not split:
@@ -640,15 +638,9 @@ def sae_loss(x: torch.Tensor, o, aux_alpha: float, rows: int | None = None, whol
             mean = dist.all_reduce_(x.sum(0)) / n
             var = dist.all_reduce_((x - mean).pow(2).sum())
     fvu = e.pow(2).sum() / var.clamp_min(1e-30)
-    aux = torch.zeros((), device=x.device)
-    if o.aux_hat is not None:
-        # dormant latents learn to predict what the live ones missed (the residual, detached)
-        r = e.detach()
-        energy = r.pow(2).sum()
-        aux = (o.aux_hat - r).pow(2).sum() / (dist.all_reduce_(energy) if split else energy).clamp_min(1e-30)
     with torch.no_grad():
         nmse = (e.pow(2).sum(1) / x.pow(2).sum(1).clamp_min(1e-30)).sum() / n
-    return fvu + aux_alpha * aux, fvu, aux, nmse
+    return fvu, nmse
 
 
 def _settle(p: Plan) -> dict | None:
@@ -723,7 +715,7 @@ def evaluate(sae: Dictionary, x_raw: torch.Tensor, scale: float, batch: int,
     stats = ReconStats(sae.d_in, sae.n_latents, dev)
     for i in range(0, x_raw.shape[0], batch):
         x = sae.preprocess(x_raw[i:i + batch].to(dev)) * scale
-        o = sae.forward_train(x, matmul_dtype=matmul_dtype)
+        o = sae.train_forward(x, TrainView(matmul_dtype=matmul_dtype))
         stats.add(x, o.x_hat, o.idx, o.vals)
     return {**stats.result(), "eval_tokens": stats.rows, "density": stats.density()}
 

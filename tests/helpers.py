@@ -165,3 +165,18 @@ def harvest_config(model_dir, corpus, run_dir, **harvest) -> dict:
         "harvest": {"layers": [1], "n_tokens": 16 * 24, "context_size": 16, "batch_size": 5,
                     "storage_dtype": "float32", "chunk_rows": 64, **harvest},
     }
+
+
+def topk_loss(sae, x, o, aux_alpha: float, rows: int | None = None, whole_batch: bool = False):
+    """(loss, fvu, aux, nmse) of a TopK training forward `o`, as pipeline.train's step takes them:
+    the trainer's reconstruction loss, then the architecture's own terms (AuxK at aux_alpha)."""
+    from pipeline import dist
+    from pipeline.saes import TrainView
+    from pipeline.saes.topk import TopKSettings
+    from pipeline.train import reconstruction_loss
+
+    fvu, nmse = reconstruction_loss(x, o.x_hat, rows, whole_batch)
+    split = dist.rank_world()[1] > 1 and not whole_batch
+    view = TrainView(TopKSettings(aux_alpha=aux_alpha), global_sum=dist.all_reduce_ if split else (lambda t: t))
+    loss, aux = sae.train_loss(x, o, fvu, view)
+    return loss, fvu, aux, nmse

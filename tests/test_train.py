@@ -25,7 +25,8 @@ import pipeline.saes.topk as sae_module
 from pipeline.saes import load_sae
 from pipeline.saes.topk import TopKSAE
 from pipeline.store import ActivationStore, write_synthetic
-from pipeline.train import OUTPUTS, geometric_median, learning_rate, plan_sae, sae_loss
+from pipeline.train import OUTPUTS, geometric_median, learning_rate, plan_sae
+from tests.helpers import topk_loss
 from stages import train as stage
 from stages.cli import main
 
@@ -118,7 +119,7 @@ def test_sparse_training_step_matches_dense_autograd(monkeypatch, aux_dense_rati
     monkeypatch.setattr(sae_module, "AUX_DENSE_RATIO", aux_dense_ratio)  # each of AuxK's two paths
     sae, x = tiny_double_sae()
     dormant = torch.rand(64) < 0.5
-    loss, fvu, aux, _ = sae_loss(x, sae.forward_train(x, dormant, k_aux=8), aux_alpha=0.25)
+    loss, fvu, aux, _ = topk_loss(sae, x, sae.forward_train(x, dormant, k_aux=8), aux_alpha=0.25)
     assert aux > 0 and loss == fvu + 0.25 * aux
     loss.backward()
     ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
@@ -387,7 +388,7 @@ TRITON_STEP = """
 import torch
 from pipeline.saes import load_sae
 from pipeline.saes.topk import TopKSAE
-from pipeline.train import sae_loss
+from tests.helpers import topk_loss
 torch.manual_seed(0)
 grads = {}
 for backend in ("torch", "triton"):
@@ -397,7 +398,7 @@ for backend in ("torch", "triton"):
     x = torch.randn(24, 16)
     dormant = torch.arange(64) % 2 == 0
     torch.manual_seed(1)
-    loss = sae_loss(x, sae.forward_train(x, dormant, k_aux=8), aux_alpha=1 / 32)[0]
+    loss = topk_loss(sae, x, sae.forward_train(x, dormant, k_aux=8), aux_alpha=1 / 32)[0]
     loss.backward()
     grads[backend] = [p.grad for p in sae.parameters()]
     torch.manual_seed(0)

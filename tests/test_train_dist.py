@@ -263,7 +263,7 @@ from pipeline import dist
 from pipeline.saes import load_sae
 from pipeline.saes.topk import TopKSAE
 from pipeline.shard import Shard
-from pipeline.train import sae_loss
+from helpers import topk_loss
 from test_train import tiny_double_sae
 
 out = sys.argv[1]
@@ -272,7 +272,7 @@ sae, x = tiny_double_sae()
 dormant = torch.zeros(64, dtype=torch.bool)
 dormant[[3, 7, 20, 30]] = True  # all in rank 0's half: rank 1 offers AuxK no candidate
 if rank == 0:  # the one-process step
-    loss = sae_loss(x, sae.forward_train(x, dormant, k_aux=3), aux_alpha=0.25)[0]
+    loss = topk_loss(sae, x, sae.forward_train(x, dormant, k_aux=3), aux_alpha=0.25)[0]
     loss.backward()
     torch.save({n: p.grad for n, p in sae.named_parameters()}, f"{out}/one.pt")
     sae.zero_grad()
@@ -280,8 +280,8 @@ shard = Shard(64, rank, world)
 with dist.group():
     local = TopKSAE(16, 32, 4, backend="torch").double()
     local.load_state_dict(shard.rows(sae.state_dict()))
-    loss = sae_loss(x, shard.forward_train(local, x, dormant[shard.lo:shard.hi], k_aux=3), aux_alpha=0.25,
-                    whole_batch=True)[0]
+    loss = topk_loss(local, x, shard.forward_train(local, x, dormant[shard.lo:shard.hi], k_aux=3), aux_alpha=0.25,
+                     whole_batch=True)[0]
     loss.backward()
     torch.save({"loss": loss.detach(), **{n: p.grad for n, p in local.named_parameters()}}, f"{out}/rank{rank}.pt")
 '''

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.saes.base import (LN_EPS, WEIGHTS, Dictionary, TrainOutput, read_checked, retrain_hint, saved_cfg,
-                                saved_marker, verify_saved)
+from pipeline.saes.base import (LN_EPS, WEIGHTS, Dictionary, TrainOutput, TrainView, read_checked, retrain_hint,
+                                saved_cfg, saved_marker, verify_saved)
 
 ARCHITECTURES: dict[str, type[Dictionary]] = {}
 DEFAULT = "topk"  # what a cfg.json without an `architecture` key holds (saepipe wrote it before it had others)
@@ -72,5 +72,5 @@ def _import_all():
 
 _import_all()
 
-__all__ = ["ARCHITECTURES", "LN_EPS", "WEIGHTS", "Dictionary", "TrainOutput", "architecture", "build_sae", "load_sae", "register",
+__all__ = ["ARCHITECTURES", "LN_EPS", "WEIGHTS", "Dictionary", "TrainOutput", "TrainView", "architecture", "build_sae", "load_sae", "register",
            "saved_cfg", "saved_marker", "verify_saved"]

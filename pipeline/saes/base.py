@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import safetensors.torch
@@ -65,6 +67,26 @@ class TrainOutput(NamedTuple):
     aux_hat: torch.Tensor | None  # [B, d] the dormant latents' reconstruction of the residual (no b_pre), or None
 
 
+@dataclass
+class TrainView:
+    """What a training step shows the architecture besides the batch (pipeline.train builds it).
+
+    settings      its train.sae section, every default resolved
+    since_fired   [n] training tokens since each latent (of this rank's shard) last fired
+    matmul_dtype  the dtype of the dense encoder matmul (None: the weights')
+    global_sum    sums a tensor over the ranks that split the batch (identity for one process):
+                  every loss denominator must be the whole batch's
+    shard         pipeline.shard.Shard when the ranks split the latents, else None
+    n_dormant     set by train_forward: latents its dead-latent rule counts as dormant (for the log)
+    """
+    settings: Settings | None = None
+    since_fired: torch.Tensor | None = None
+    matmul_dtype: torch.dtype | None = None
+    global_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    shard: object | None = None
+    n_dormant: int = 0
+
+
 class Dictionary(nn.Module):
     """The base of every architecture (pipeline.saes registers each by its `architecture`)."""
 
@@ -72,6 +94,7 @@ class Dictionary(nn.Module):
     Settings: ClassVar[type]  # its train.sae section, a Settings dataclass
     # Export format -> the architecture's name there (pipeline.export); a format not listed cannot hold it.
     exports: ClassVar[dict[str, str]] = {}
+    shards: ClassVar[bool] = False  # train_forward handles view.shard (train.shard_latents)
 
     def __init__(self, d_in: int, n_latents: int, normalize: str = "none", backend: str = "auto"):
         super().__init__()
@@ -100,6 +123,21 @@ class Dictionary(nn.Module):
 
     def decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def train_forward(self, x: torch.Tensor, view: TrainView) -> TrainOutput:
+        """One differentiable forward on a batch already in training space (preprocessed, scaled);
+        with a view of no settings (evaluation), without any auxiliary part."""
+        raise NotImplementedError
+
+    def train_loss(self, x: torch.Tensor, o: TrainOutput, fvu: torch.Tensor,
+                   view: TrainView) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to minimise, its auxiliary term for the log) given the batch's FVU, whose
+        denominator the trainer already made the whole batch's. Default: the FVU alone."""
+        return fvu, torch.zeros((), device=x.device)
+
+    def after_step(self):
+        """Called after every optimizer step: keeps the decoder rows at unit norm by default."""
+        self.normalize_decoder()
 
     # ---- the input normalisation, and the one place it is undone
     def input_scale(self, x: torch.Tensor) -> torch.Tensor | float:

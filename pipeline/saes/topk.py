@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pipeline.config import setting
 from pipeline.errors import UserError
 from pipeline.saes import register
-from pipeline.saes.base import Dictionary, Settings, TrainOutput
+from pipeline.saes.base import Dictionary, Settings, TrainOutput, TrainView
 
 # AuxK runs as dense matmuls over the dormant columns while they number at most this many times k_aux
 # (torch backend; on CPU the two paths cost the same near 4x, at d 384 and at d 768)
@@ -103,6 +103,7 @@ class TopKSAE(Dictionary):
     architecture = "topk"
     Settings = TopKSettings
     exports = {"saelens": "topk", "sparsify": "topk"}  # both compute relu(topk(...)) as encode() does
+    shards = True
 
     def __init__(self, d_in: int, n_latents: int, k: int, normalize: str = "none", backend: str = "auto"):
         super().__init__(d_in, n_latents, normalize, backend)
@@ -158,6 +159,29 @@ class TopKSAE(Dictionary):
             idx = z.topk(self.k, dim=-1, sorted=False).indices
         vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend))
         return self.decode(idx, vals), idx, vals, z
+
+    def train_forward(self, x: torch.Tensor, view: TrainView) -> TrainOutput:
+        """forward_train with AuxK over the latents silent for dormant_tokens (k_aux of them a row, at
+        most as many as are dormant), or the latent-sharded forward when the ranks split the latents."""
+        st = view.settings
+        if st is None:
+            return self.forward_train(x, matmul_dtype=view.matmul_dtype)
+        dormant = view.since_fired >= st.dormant_tokens
+        view.n_dormant = int(dormant.sum()) if view.shard is None else view.shard.count(dormant)
+        k_aux = min(st.k_aux, view.n_dormant) if st.aux_alpha > 0 else 0
+        if view.shard is not None:
+            return view.shard.forward_train(self, x, dormant, k_aux, view.matmul_dtype)
+        return self.forward_train(x, dormant, k_aux, view.matmul_dtype)
+
+    def train_loss(self, x: torch.Tensor, o: TrainOutput, fvu: torch.Tensor,
+                   view: TrainView) -> tuple[torch.Tensor, torch.Tensor]:
+        """FVU + aux_alpha * AuxK: the dormant latents learn to predict what the live ones missed
+        (the residual, detached), normalised by the whole batch's residual energy."""
+        aux = torch.zeros((), device=x.device)
+        if o.aux_hat is not None:
+            r = (x - o.x_hat).detach()
+            aux = (o.aux_hat - r).pow(2).sum() / view.global_sum(r.pow(2).sum()).clamp_min(1e-30)
+        return fvu + view.settings.aux_alpha * aux, aux
 
     def forward_train(self, x: torch.Tensor, dormant: torch.Tensor | None = None, k_aux: int = 0,
                       matmul_dtype: torch.dtype | None = None) -> TrainOutput:
