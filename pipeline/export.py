@@ -1,8 +1,8 @@
 """Write a trained SAE folder in the layouts SAELens and sparsify load.
 
 Each architecture lists the formats that can hold it and its name there
-(`Dictionary.exports`, with its settings, e.g. `k`, copied into the cfg); any
-other pairing is refused in one line. For TopK both tools compute the same SAE
+(`Dictionary.exports`) and adds what else a format needs (`export_extras`: `k`
+for TopK, a threshold, ...); any other pairing is refused in one line. For TopK both tools compute the same SAE
 as we do; only names and layouts differ:
 
     ours                   SAELens                 sparsify
@@ -76,12 +76,13 @@ def saelens(sae: Dictionary) -> tuple[dict, dict, str]:
     hook, layer = c.get("hook"), c.get("layer")
     hook_name = f"blocks.{layer}.{_TL_HOOKS[hook]}" if hook in _TL_HOOKS else f"layers.{layer}.{hook}"
     dataset = c.get("dataset") or {}
-    tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_lat, "W_dec": sae.W_dec, "b_dec": sae.b_pre}
+    extra_tensors, extra_cfg = sae.export_extras("saelens")
+    tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_lat, "W_dec": sae.W_dec, "b_dec": sae.b_pre, **extra_tensors}
     cfg = {
         "architecture": sae.exports["saelens"],
         "d_in": sae.d_in,
         "d_sae": sae.n_latents,
-        **sae.settings(),
+        **extra_cfg,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
@@ -110,14 +111,16 @@ def sparsify(sae: Dictionary) -> tuple[dict, dict, str]:
     if sae.normalize == "layer_norm":
         raise UserError("this SAE was trained on per-token layer-normed inputs, which sparsify cannot apply; "
                         "export it with --format saelens (normalize_activations: layer_norm)")
-    tensors = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_lat, "W_dec": sae.W_dec, "b_dec": sae.b_pre}
+    extra_tensors, extra_cfg = sae.export_extras("sparsify")
+    tensors = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_lat, "W_dec": sae.W_dec, "b_dec": sae.b_pre,
+               **extra_tensors}
     unit = bool(torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.n_latents), atol=1e-4))
     cfg = {
         "activation": sae.exports["sparsify"],
         "expansion_factor": max(1, sae.n_latents // sae.d_in),
         "normalize_decoder": unit,  # false after scalar folding: renormalising would change the SAE
         "num_latents": sae.n_latents,
-        **sae.settings(),
+        **extra_cfg,
         "multi_topk": False,
         "skip_connection": False,
         "transcode": False,

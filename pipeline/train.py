@@ -561,7 +561,8 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
     for g in opt.param_groups:
         g["lr"] = lr
     split = dist.rank_world()[1] > 1 and shard is None  # the ranks hold parts of the batch
-    view = TrainView(tc.sae, state.since_fired, matmul_dtype, dist.all_reduce_ if split else (lambda t: t), shard)
+    view = TrainView(tc.sae, state.since_fired, matmul_dtype, dist.all_reduce_ if split else (lambda t: t), shard,
+                     state.step, tc.n_steps, opt)
     o = sae.train_forward(x, view)
     rows = _global_rows(x) if shard is None else x.shape[0]
     fvu, nmse = reconstruction_loss(x, o.x_hat, rows, whole_batch=shard is not None)
@@ -579,7 +580,7 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
     if tc.grad_clip:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), tc.grad_clip)
     opt.step()
-    sae.after_step()
+    sae.after_step(view)
     with torch.no_grad():
         if state.ema is not None:
             for pe, ps in zip(state.ema.parameters(), sae.parameters()):

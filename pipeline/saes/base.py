@@ -77,13 +77,22 @@ class TrainView:
     global_sum    sums a tensor over the ranks that split the batch (identity for one process):
                   every loss denominator must be the whole batch's
     shard         pipeline.shard.Shard when the ranks split the latents, else None
+    step, n_steps this step's index (0-based) and the run's length (for warm-ups and schedules)
+    optimizer     the torch optimizer (after_step may reset a latent's state when it reinitialises it)
     n_dormant     set by train_forward: latents its dead-latent rule counts as dormant (for the log)
+
+    A buffer an architecture registers (register_buffer, persistent) is part of its state_dict,
+    so it is checkpointed, resumed and saved with the weights: running estimates (a BatchTopK
+    threshold) belong there.
     """
     settings: Settings | None = None
     since_fired: torch.Tensor | None = None
     matmul_dtype: torch.dtype | None = None
     global_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     shard: object | None = None
+    step: int = 0
+    n_steps: int = 1
+    optimizer: object | None = None
     n_dormant: int = 0
 
 
@@ -135,9 +144,14 @@ class Dictionary(nn.Module):
         denominator the trainer already made the whole batch's. Default: the FVU alone."""
         return fvu, torch.zeros((), device=x.device)
 
-    def after_step(self):
+    def after_step(self, view: TrainView):
         """Called after every optimizer step: keeps the decoder rows at unit norm by default."""
         self.normalize_decoder()
+
+    def export_extras(self, fmt: str) -> tuple[dict, dict]:
+        """(tensors, cfg keys) the export format needs beyond W_enc, b_enc, W_dec, b_dec and the
+        settings (pipeline.export): a threshold, gate biases, ... Default: none."""
+        return {}, {}
 
     # ---- the input normalisation, and the one place it is undone
     def input_scale(self, x: torch.Tensor) -> torch.Tensor | float:

@@ -113,6 +113,9 @@ class TopKSAE(Dictionary):
     def settings(self) -> dict:
         return {"k": self.k}
 
+    def export_extras(self, fmt: str) -> tuple[dict, dict]:
+        return {}, {"k": self.k}
+
     @classmethod
     def from_cfg(cls, d_in: int, n_latents: int, settings: dict, normalize: str = "none",
                  backend: str = "auto") -> "TopKSAE":
