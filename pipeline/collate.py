@@ -145,7 +145,8 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: Dictionary, 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    meta = {"layer": layer, "hook": hook, "d_in": sae.d_in, "k": sae.k, **({"member": member} if member else {})}
+    meta = {"layer": layer, "hook": hook, "d_in": sae.d_in, "architecture": sae.architecture, **sae.settings(),
+            **({"member": member} if member else {})}
 
     try:
         col = col if col is not None else scan(store, layer, hook, sae, cfg, device)
