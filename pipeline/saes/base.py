@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import safetensors.torch
@@ -246,7 +246,8 @@ class Dictionary(nn.Module):
             "normalize": self.normalize,
             **(extra_cfg or {}),
         }
-        tensors = {name: p.detach().float().contiguous().cpu() for name, p in self.named_parameters()}
+        # Parameters and persistent buffers (running estimates such as a threshold) alike.
+        tensors = {name: t.detach().float().contiguous().cpu() for name, t in self.state_dict().items()}
         blob = safetensors.torch.save(tensors)
         # The old marker goes first, so a kill mid-save leaves a folder that is not done;
         # Ctrl-C waits until the marker is written.
