@@ -141,7 +141,7 @@ def step_state(n: int, d: int, k: int, batch: int, device: torch.device):
     """(TrainState, its TrainConfig, a batch) for timing pipeline.train.train_step itself: Adam, no dormant
     latents (so no AuxK), the torch backend."""
     from pipeline.config import TrainConfig
-    from pipeline.train import TrainState
+    from pipeline.train_state import TrainState
 
     tc = TrainConfig(n_latents=n, sae=TopKSettings(k=k, k_aux=1, dormant_tokens=10**12), batch_size=batch, lr=1e-4,
                      backend="torch")

@@ -1,19 +1,22 @@
-"""Train TopK SAEs on the (layer, hook)s of the activation store: one each, or a sweep of several.
+"""Train SAEs on the (layer, hook)s of the activation store: one each, or a sweep of several.
 
 `plan()` resolves and checks everything first (widths, k, the store, NaN/Inf
 rows, an earlier run in the output folder), so bad input fails before a byte
 is written. `run()` then takes every SAE's lock and `train()`s the SAEs of each
 (layer, hook) together, by the recipe of DESIGN.md:
 
-    loss = ||x - x_hat||^2 / ||x - mean(x)||^2  +  aux_alpha * AuxK
+    loss = ||x - x_hat||^2 / ||x - mean(x)||^2  +  the architecture's terms (TopK: aux_alpha * AuxK)
     Adam (tiny eps) under warmup then cosine decay, or schedule-free sign descent; decoder rows kept unit-norm
     (parallel gradient removed before the step, rows renormalised after it),
     tied init, b_pre from the geometric median of a sample.
 
-AuxK trains the dormant latents (silent for the last `dormant_tokens` training
-tokens) to predict what the live ones missed. Everything a step depends on is
-one `TrainState`, checkpointed atomically, and batches are a pure function of
-(seed, step), so a killed run resumes to the same weights as an unbroken one.
+The dictionary is any architecture of pipeline.saes: the step asks it for its
+training forward and its loss terms (TopK's are AuxK's: the dormant latents,
+silent for the last `dormant_tokens` training tokens, predict what the live ones
+missed) and adds them to the FVU. Everything a step depends on is one
+`TrainState` (pipeline/train_state.py: state, init, checkpoints), checkpointed
+atomically, and batches are a pure function of (seed, step), so a killed run
+resumes to the same weights as an unbroken one.
 
 A sweep (`train.sweep`, config.TrainConfig.members) is several SAEs of one
 (layer, hook) fed from one BatchLoader: each batch is read and decoded once and
@@ -57,13 +60,12 @@ checkpoints or saves, so every file keeps the one-process layout.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
 import shutil
 import time
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,16 +77,17 @@ from pipeline import dist, dtypes, fsio, optim, plots
 from pipeline.config import Config, TrainConfig, logistics
 from pipeline.errors import UserError
 from pipeline.kernels import resolve_backend
-from pipeline.loader import (CACHE_BYTES, BatchLoader, Cursor, RowFilter, count_nonfinite, derive_seed, eval_rows,
-                             split_chunks, trainable_rows)
+from pipeline.loader import (CACHE_BYTES, BatchLoader, RowFilter, count_nonfinite, eval_rows, split_chunks,
+                             trainable_rows)
 from pipeline.metrics import ReconStats
 from pipeline.model import resolve_device
 from pipeline.paths import DONE, leaf, sae_dir
-from pipeline.saes import DEFAULT, Dictionary, TrainView, build_sae, saved_cfg
+from pipeline.saes import DEFAULT, Dictionary, TrainView, saved_cfg
 from pipeline.shard import Shard, check as check_shard
 from pipeline.store import ActivationStore, Location
+from pipeline.train_state import (CHECKPOINT, TrainState, init_sample, init_weights, load_checkpoint, publish,
+                                  rewrite_metrics, save_checkpoint)
 
-CHECKPOINT = "checkpoint.pt"
 # A finished SAE folder holds exactly these (DONE written last, by Dictionary.save).
 OUTPUTS = ("metrics.jsonl", "loss.png", "loss.svg", "density.png", "density.svg", "sae.safetensors", "cfg.json",
            DONE)
@@ -246,7 +249,7 @@ def _status(p: Plan, out: Path) -> str:
             _same_config(work, d, theirs.get("d_in"), theirs.get("fingerprint", {}), ours, p.name)
     if (work / CHECKPOINT).exists():
         try:
-            ck = _load_checkpoint(work / CHECKPOINT, mmap=True)["fingerprint"]
+            ck = load_checkpoint(work / CHECKPOINT, mmap=True)["fingerprint"]
         except Exception as e:
             if p.force:
                 return "fresh"
@@ -292,109 +295,6 @@ def _matmul_dtype(autocast: str, device: torch.device) -> torch.dtype | None:
 
 
 # --------------------------------------------------------------------------- the state
-class TrainState:
-    """Everything a training step depends on, checkpointed as one: weights, Adam, EMA, the dormant
-    counters, the loader's cursor, the input scale, the log sums, the rows dropped, the RNG."""
-
-    def __init__(self, tc: TrainConfig, d_in: int, device: torch.device, shard: Shard | None = None):
-        normalize = "layer_norm" if tc.normalize == "layer_norm" else "none"  # scalar is folded in, not applied
-        # Latent sharding: this rank's n_latents / W latents (pipeline.shard); state_dict() and weights()
-        # are then the one-process ones, which gather() collects on rank 0 into `full` first.
-        self.shard, self.full = shard, None
-        n = tc.n_latents if shard is None else shard.n_local
-        self.sae = build_sae(tc.sae.architecture, d_in, n, dataclasses.asdict(tc.sae), normalize, tc.backend).to(device)
-        self.ema = self.sae.empty_like(tc.n_latents) if tc.ema_decay else None
-        self.opt = optim.make(tc.optimizer, self.sae.parameters(), tc.lr, tc.adam_betas, tc.adam_eps, tc.sf_beta)
-        self.scale = 1.0  # inputs are multiplied by it (train.normalize = scalar)
-        self.step = 0
-        self.cursor = Cursor()  # where the next batch starts in the loader's row stream
-        self.since_fired = torch.zeros(n, dtype=torch.long, device=device)  # tokens since last fired
-        self.nonfinite: dict[int, int] = {}  # chunk -> NaN/Inf rows dropped (the RowFilter counts into it)
-        self.log_sums = torch.zeros(4, device=device)  # loss, fvu, nmse, aux since the last train row
-        self.log_from = 0  # the step of the last train row
-        self._elapsed, self._since = 0.0, time.time()
-        # Adam steps each weight matrix inside the backward, as soon as its gradient is whole, and
-        # frees that gradient: only one [n, d] gradient is alive at a time (at n 131072, d 768 the
-        # two together were most of a step's memory). Adam's update is per parameter, so this is
-        # the same arithmetic as one step after the backward. Not for schedule-free (one shared
-        # step count) nor with grad_clip (it needs every gradient first).
-        self.hooks = []
-        if tc.optimizer == "adam" and not tc.grad_clip:
-            self.hooks = [w.register_post_accumulate_grad_hook(self._step_in_backward)
-                          for w in (self.sae.W_dec, self.sae.W_enc)]
-
-    def _step_in_backward(self, w: torch.nn.Parameter):
-        if self.shard is None:  # a shard's rows already hold their whole gradient
-            dist.all_reduce_(w.grad)
-        if w is self.sae.W_dec:
-            self.sae.remove_parallel_grad()
-        others = [(q, q.grad) for q in self.sae.parameters() if q is not w]
-        for q, _ in others:  # the optimizer steps every parameter holding a gradient: just this one now
-            q.grad = None
-        self.opt.step()
-        for q, g in others:
-            q.grad = g
-        w.grad = None
-
-    @property
-    def elapsed(self) -> float:
-        """Training seconds, over every process that ran this SAE."""
-        return self._elapsed + time.time() - self._since
-
-    def weights(self) -> Dictionary:
-        """The SAE that eval sees and save writes: the EMA if kept, else for schedule-free the running
-        average x with its decoder rows put back on the unit sphere (an average of unit rows is shorter),
-        else the trained weights themselves. Sharded: the whole SAE gather() collected, on rank 0."""
-        if self.shard is not None:
-            return self.full["sae"]
-        if self.ema is not None:
-            return self.ema
-        if not optim.is_schedule_free(self.opt):
-            return self.sae
-        avg = copy.deepcopy(self.sae)
-        with torch.no_grad():
-            for a, p in zip(avg.parameters(), self.sae.parameters()):
-                a.copy_(self.opt.averaged(p))
-        avg.normalize_decoder()
-        return avg
-
-    def gather(self):
-        """Sharded: the one-process layout of the weights, Adam state and counters into `full` on rank 0, for
-        weights() and state_dict(). Every rank calls it at the same point."""
-        self.full = self.shard.gather(self.sae, self.opt, self.since_fired)
-
-    def state_dict(self) -> dict:
-        """In the one-process layout, sharded or not (a sharded state gather()s first)."""
-        sae, opt, since_fired = ((self.sae, self.opt.state_dict(), self.since_fired) if self.shard is None else
-                                 (self.full["sae"], self.full["optimizer"], self.full["since_fired"]))
-        return {
-            "sae": _cpu(sae), "ema": None if self.ema is None else _cpu(self.ema),
-            "optimizer": opt, "scale": self.scale, "step": self.step,
-            "cursor": self.cursor.as_list(), "since_fired": since_fired.cpu(), "nonfinite": dict(self.nonfinite),
-            "log_sums": self.log_sums.cpu(), "log_from": self.log_from, "elapsed": self.elapsed,
-            "rng": torch.get_rng_state(),
-        }
-
-    def load_state_dict(self, state: dict):
-        """From the one-process layout (a shard takes its slice), whoever wrote it."""
-        device = self.since_fired.device
-        if self.shard is not None:
-            state = self.shard.take(state)
-        self.sae.load_state_dict(state["sae"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["optimizer"])  # moves the optimizer's state to the weights' device
-        self.scale, self.step, self.cursor = state["scale"], state["step"], Cursor(*state["cursor"])
-        self.since_fired = state["since_fired"].to(device)
-        self.nonfinite.clear()
-        self.nonfinite.update(state["nonfinite"])
-        self.log_sums, self.log_from = state["log_sums"].to(device), state["log_from"]
-        self._elapsed, self._since = state["elapsed"], time.time()
-        torch.set_rng_state(state["rng"])
-
-
-def _cpu(module: torch.nn.Module) -> dict:
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- training
@@ -431,21 +331,21 @@ def train(plans: list[Plan], progress: bool = True) -> dict:
     for p in members:
         state = TrainState(p.tc, p.d_in, p.device, Shard.of(p.tc))
         if p.status == "resume":
-            state.load_state_dict(_load_checkpoint(p.work / CHECKPOINT)["state"])
+            state.load_state_dict(load_checkpoint(p.work / CHECKPOINT)["state"])
         else:
             if sample is None:  # read once: a member with a smaller init_sample takes the first rows of it
-                sample = _init_sample(first, max(q.tc.init_sample for q in members))
+                sample = init_sample(first, max(q.tc.init_sample for q in members))
             if state.shard is None:
-                state.scale = _init(state.sae, p, sample)
+                state.scale = init_weights(state.sae, p, sample)
             else:  # the one-process init, then this rank's rows of it
                 whole = state.sae.empty_like(p.tc.n_latents)
-                state.scale = _init(whole, p, sample)
+                state.scale = init_weights(whole, p, sample)
                 state.sae.load_state_dict(state.shard.rows(whole.state_dict()))
                 del whole
             if state.ema is not None:
                 state.ema.load_state_dict(state.sae.state_dict())
         if main:
-            _rewrite_metrics(p.work, last_step=state.step)  # a killed run may have logged past its checkpoint
+            rewrite_metrics(p.work, last_step=state.step)  # a killed run may have logged past its checkpoint
         states.append(state)
     del sample
     # One row filter for the one loader: its NaN/Inf counts (chunk -> rows, the same whoever read
@@ -537,7 +437,7 @@ def _after_step(p: Plan, state: TrainState, metrics, rf: RowFilter, x_eval: torc
         _append(metrics, {"split": "eval", "step": step, "tokens": step * B, **ev})
     if checkpoint_due:
         metrics.flush()
-        _save_checkpoint(p.work / CHECKPOINT, p.fingerprint, state)
+        save_checkpoint(p.work / CHECKPOINT, p.fingerprint, state)
     return t_log, shown
 
 
@@ -655,56 +555,10 @@ def _settle(p: Plan) -> dict | None:
         print(f"train: {p.name}: already trained in {p.out}; skipping (--force retrains it)")
         return saved_cfg(p.out)
     if p.status == "finish":
-        _publish(p.work, p.out)
+        publish(p.work, p.out)
         print(f"train: {p.name}: finished the interrupted save -> {p.out}")
         return saved_cfg(p.out)
     return None
-
-
-def _init_sample(p: Plan, n: int) -> torch.Tensor:
-    """The init sample: the first n rows of the training chunks in an order drawn from the seed. A
-    smaller sample is the first rows of a larger one, so a sweep reads it once for every member."""
-    rf = p.row_filter()
-    g = torch.Generator().manual_seed(derive_seed(p.tc.seed, -2))
-    order = torch.randperm(len(p.train_chunks), generator=g).tolist()
-    parts, have = [], 0
-    for i in order:
-        if have >= n:
-            break
-        c = p.train_chunks[i]
-        parts.append(rf(c, p.store.read_chunk(p.layer, p.hook, c)).float())
-        have += parts[-1].shape[0]
-    return torch.cat(parts)[:n]
-
-
-def _init(sae: Dictionary, p: Plan, sample: torch.Tensor) -> float:
-    """Tied random init; input scale and b_pre from the init sample (_init_sample). Returns the scale."""
-    tc = p.tc
-    sae.reset_parameters(torch.Generator().manual_seed(derive_seed(tc.seed, -1)))
-    x = sae.preprocess(sample[: tc.init_sample])
-    # scalar: one factor so the mean row norm is sqrt(d); folded into the saved weights
-    scale = math.sqrt(x.shape[1]) / x.norm(dim=1).mean().item() if tc.normalize == "scalar" else 1.0
-    x = x * scale
-    with torch.no_grad():
-        if tc.b_pre_init == "geometric_median":
-            sae.b_pre.copy_(geometric_median(x))
-        elif tc.b_pre_init == "mean":
-            sae.b_pre.copy_(x.mean(0))
-    return scale
-
-
-def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> torch.Tensor:
-    """Weiszfeld's iterations: the point minimising the sum of distances to the rows of x."""
-    x = x.double()
-    y = x.mean(0)
-    for _ in range(iters):
-        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)
-        y_next = (w[:, None] * x).sum(0) / w.sum()
-        moved = (y_next - y).norm()
-        y = y_next
-        if moved <= tol * max(1.0, y.norm().item()):
-            break
-    return y.float()
 
 
 @torch.no_grad()
@@ -735,68 +589,18 @@ def _finish(p: Plan, state: TrainState, x_eval: torch.Tensor) -> dict:
     plots.loss_figure(work, rows, f"{p.name}: loss")
     plots.density_figure(work, density, x_eval.shape[0], f"{p.name}: feature density on held-out tokens")
     saved.save(work, info)
-    _publish(work, p.out)
+    publish(work, p.out)
     print(f"train: {p.name}: done; eval fvu {ev['fvu']:.4f}, dead {ev['dead_frac']:.1%} "
           f"(never fired on {ev['eval_tokens']} eval tokens) -> {p.out}")
     return saved.cfg
 
 
 # --------------------------------------------------------------------------- files
-def _publish(work: Path, out: Path):
-    """A saved work folder replaces `out`: the checkpoint (and any temp file) goes first,
-    so the finished folder holds OUTPUTS only; the old SAE keeps the name until then."""
-    with fsio.no_interrupt():
-        for f in [work / CHECKPOINT, *work.glob("*.tmp")]:
-            f.unlink(missing_ok=True)
-        fsio.swap_dir(work, out)
-
-
-def _save_checkpoint(path: Path, fingerprint: dict, state: TrainState):
-    blob = {"format": 2, "fingerprint": fingerprint, "state": state.state_dict()}
-    tmp = path.with_name(path.name + ".tmp")
-    # Ctrl-C inside torch.save surfaces as a RuntimeError: hold it until the write is whole.
-    with fsio.no_interrupt():
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(blob, f)
-        except (OSError, RuntimeError) as e:
-            with suppress(OSError):
-                tmp.unlink(missing_ok=True)  # a torn temp file only takes the space a full disk lacks
-            cause = e if isinstance(e, OSError) else e.__context__
-            if isinstance(cause, OSError):  # torch wraps the failed write (disk full, EFBIG, read-only)
-                raise cause from None
-            raise
-        fsio.publish(tmp, path)  # a kill leaves either the old checkpoint or the new one
-
-
-def _load_checkpoint(path: Path, mmap: bool = False) -> dict:
-    """Plain tensors and containers only (weights_only): a checkpoint can't run code when loaded."""
-    if mmap:  # cheap look at the fingerprint; fall back where mmap is not possible
-        try:
-            return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
-        except RuntimeError:
-            pass
-    return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def _append(f, row: dict):
     f.write(json.dumps(row) + "\n")
     f.flush()
-
-
-def _rewrite_metrics(work: Path, last_step: int):
-    """Keep only rows up to the checkpoint being resumed from."""
-    path = work / "metrics.jsonl"
-    keep = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # torn by the kill
-            if row.get("step", math.inf) <= last_step:
-                keep.append(line + "\n")
-    fsio.write_atomic(path, "".join(keep))
 
 
 def _saved_cfg(p: Plan, state: TrainState, ev: dict) -> dict:

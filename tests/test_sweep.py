@@ -112,7 +112,7 @@ def test_members_at_different_steps_after_a_kill_resume_to_the_unbroken_sweep(tm
 
     # Keep the third member's checkpoint of step 20; finish the first member, then die while
     # finishing the second: the second is left at its step-40 checkpoint, the first is done.
-    save, finish, kept = trainer._save_checkpoint, trainer._finish, tmp_path / "step20.pt"
+    save, finish, kept = trainer.save_checkpoint, trainer._finish, tmp_path / "step20.pt"
 
     def saving(path, fingerprint, state):
         save(path, fingerprint, state)
@@ -127,7 +127,7 @@ def test_members_at_different_steps_after_a_kill_resume_to_the_unbroken_sweep(tm
             raise Killed
         return finish(p, state, x_eval)
 
-    monkeypatch.setattr(trainer, "_save_checkpoint", saving)
+    monkeypatch.setattr(trainer, "save_checkpoint", saving)
     monkeypatch.setattr(trainer, "_finish", finishing)
     with pytest.raises(Killed):
         stage.run(cfg, progress=False)

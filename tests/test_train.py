@@ -25,7 +25,8 @@ import pipeline.saes.topk as sae_module
 from pipeline.saes import load_sae
 from pipeline.saes.topk import TopKSAE
 from pipeline.store import ActivationStore, write_synthetic
-from pipeline.train import OUTPUTS, geometric_median, learning_rate, plan_sae
+from pipeline.train import OUTPUTS, learning_rate, plan_sae
+from pipeline.train_state import geometric_median
 from tests.helpers import topk_loss
 from stages import train as stage
 from stages.cli import main
@@ -137,7 +138,8 @@ def test_adam_inside_the_backward_is_the_step_after_it(monkeypatch, aux_dense_ra
     # bit for bit the weights of one optimizer step after the whole backward, AuxK on.
     from pipeline.config import TrainConfig
     from pipeline.saes.topk import TopKSettings
-    from pipeline.train import TrainState, train_step
+    from pipeline.train import train_step
+    from pipeline.train_state import TrainState
 
     monkeypatch.setattr(sae_module, "AUX_DENSE_RATIO", aux_dense_ratio)
     tc = TrainConfig(n_latents=64, sae=TopKSettings(k=4, k_aux=8, dormant_tokens=40), batch_size=40, lr=1e-2,
