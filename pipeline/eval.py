@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import viewer
+from pipeline import fsio, plots, viewer
 from pipeline.config import Config, EvalConfig
 from pipeline.data import load_texts, make_windows
 from pipeline.errors import UserError
@@ -65,8 +65,8 @@ from pipeline.harvest import run_fingerprint
 from pipeline.metrics import ReconStats
 from pipeline.model import (ActivationCapture, check_context_size, load_causal_lm, record_block_outputs,
                             resume_after_block, splice)
-from pipeline.paths import EVAL_FILE, leaf, model_key, sae_dir
-from pipeline.saes import Dictionary, load_sae, saved_cfg, saved_marker
+from pipeline.paths import EVAL_FILE, frontier_stem, leaf, model_key, sae_dir, split_leaf
+from pipeline.saes import DEFAULT, Dictionary, load_sae, saved_cfg, saved_marker
 from pipeline.store import ActivationStore, Location
 
 KEYS = ("ce_clean", "ce_spliced", "ce_zero", "delta_ce", "ce_recovered", "kl", "fvu", "l0", "dead_frac", "n_tokens")
@@ -407,18 +407,49 @@ def run(cfg: Config, layers: list[int] | None = None, force: bool = False,
         results = evaluate(p, progress) if p.todo else {}
         rows = []
         for t in p.targets:
+            arch = (saved_cfg(t.folder) or {}).get("architecture", DEFAULT)
             if t in p.todo:
-                row = {**_finite(results[t.key]), "sae_sha256": t.fingerprint["sae_sha256"],
+                row = {**_finite(results[t.key]), "architecture": arch, "sae_sha256": t.fingerprint["sae_sha256"],
                        "fingerprint": t.fingerprint}
                 write_atomic(t.folder / EVAL_FILE, json.dumps(row, indent=2, allow_nan=False) + "\n")
             elif t.done is not None and not force:
-                row = t.done
+                row = {"architecture": arch, **t.done}
             else:
                 continue  # a hook eval cannot splice
             rows.append((t.layer, leaf(t.hook, t.member), row))
-        if p.todo and viewer.index_page(cfg.run_path).exists():  # collate's index page shows these numbers
+        for layer, hook in dict.fromkeys((t.layer, t.hook) for t in p.targets):
+            draw_frontier(cfg.run_path, layer, hook)
+        if viewer.index_page(cfg.run_path).exists():  # collate's index page shows these numbers and pictures
             viewer.write_index_page(cfg.run_path)
         return rows
+
+
+def frontier_points(run_dir, layer: int, hook: str) -> list[dict]:
+    """Every SAE of (layer, hook) in run_dir with a current eval.json (the plain folder and each
+    sweep member's, whatever the config now lists): name, architecture, l0, delta_ce, fvu."""
+    points = []
+    parent = sae_dir(run_dir, layer, hook).parent
+    for folder in sorted(parent.iterdir()) if parent.is_dir() else []:
+        name, member = split_leaf(folder.name)
+        if name != hook or not folder.is_dir() or folder.name.endswith((".partial", ".old")):
+            continue
+        marker, cfg = saved_marker(folder), saved_cfg(folder)
+        row = fsio.read_json(folder / EVAL_FILE)
+        if marker is None or cfg is None or row.get("sae_sha256") != marker["sha256"]:
+            continue  # no eval, or one of other weights
+        points.append({"name": folder.name, "architecture": cfg.get("architecture", DEFAULT),
+                       **{k: row.get(k) for k in ("l0", "delta_ce", "fvu")}})
+    return points
+
+
+def draw_frontier(run_dir, layer: int, hook: str) -> list[Path]:
+    """saes/<layer>/frontier-<hook>.png and .svg (pipeline.paths.frontier_stem); none without points."""
+    points = frontier_points(run_dir, layer, hook)
+    if not points:
+        return []
+    folder, stem = frontier_stem(run_dir, layer, hook)
+    return plots.frontier_figure(folder, stem, points, f"layer {layer} {hook}: every SAE evaluated "
+                                 "(held-out windows; lower is better)")
 
 
 def _pick(row: dict, *keys: str) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -205,6 +206,15 @@ def make_dirs(path, key: str, value) -> Path | None:
             why = f"cannot create a folder in {there} ({_DISK_ERRORS.get(e.errno) or e.strerror or type(e).__name__})"
         raise UserError(f"{key} {value}: {why}; choose another {key}") from None
     return made[-1] if made else None
+
+
+def read_json(path) -> dict:
+    """A JSON object from a file, or {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def tree_size(folder) -> int:

@@ -3,6 +3,7 @@
     <run_dir>/activations.zarr                  harvest (pipeline.store)
     <run_dir>/saes/<layer>/<hook>/              train: one SAE, `done` marker last
     <run_dir>/saes/<layer>/<hook>@<member>/     train: a named member of train.sweep, the same files
+    <run_dir>/saes/<layer>/frontier-<hook>.png  eval: L0 against delta CE and FVU of every SAE there
     <run_dir>/records/<layer>/<hook>/           collate: records and viewer, `done` marker last
     <run_dir>/records/<layer>/<hook>@<member>/  collate: a sweep member's records
     <run_dir>/records/index.html                collate: links every layer's (and member's) viewer
@@ -42,6 +43,12 @@ def model_key(name: str) -> str:
 
 def sae_dir(run_dir, layer: int, hook: str, member: str | None = None) -> Path:
     return Path(run_dir) / "saes" / str(layer) / leaf(hook, member)
+
+
+def frontier_stem(run_dir, layer: int, hook: str) -> tuple[Path, str]:
+    """(folder, stem) of saepipe eval's frontier picture of every SAE of (layer, hook):
+    <run_dir>/saes/<layer>/frontier-<hook>.png and .svg (files beside the SAE folders)."""
+    return Path(run_dir) / "saes" / str(layer), f"frontier-{hook}"
 
 
 def records_dir(run_dir, layer: int, hook: str, member: str | None = None) -> Path:

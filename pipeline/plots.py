@@ -1,4 +1,5 @@
-"""The pictures a finished SAE folder holds: the loss curves and the feature-density histogram.
+"""The pictures: a finished SAE folder's loss curves and feature-density histogram, and eval's
+frontier of every SAE of a (layer, hook).
 
 Drawn with matplotlib, the field's standard, as PNG (to look at) and SVG (to
 zoom into). Figures go through the Agg canvas directly, never pyplot: no
@@ -33,6 +34,45 @@ def density_figure(folder, density, n_tokens: int, title: str) -> list[Path]:
     density[i] is the fraction of the n_tokens tokens on which latent i fired.
     """
     return _save(draw_density(density, n_tokens, title), Path(folder), "density")
+
+
+def frontier_figure(folder, stem: str, points: list[dict], title: str) -> list[Path]:
+    """<stem>.png and <stem>.svg in folder: draw_frontier(points); returns their paths."""
+    return _save(draw_frontier(points, title), Path(folder), stem)
+
+
+def draw_frontier(points: list[dict], title: str) -> Figure:
+    """L0 against delta CE (left) and against FVU (right, log), one dot per SAE, labelled with its
+    name and coloured by architecture: the sparsity / faithfulness trade-off of every SAE of one
+    (layer, hook), architectures and sweep members side by side. points: dicts with name,
+    architecture, l0, delta_ce, fvu (a missing or non-finite value leaves that dot out)."""
+    fig = Figure(figsize=(11, 4.8), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    fig.suptitle(title)
+    colours = {a: f"C{i}" for i, a in enumerate(sorted({p["architecture"] for p in points}))}
+    for ax, key, label in ((axes[0], "delta_ce", "ΔCE (spliced − clean), nats/token"),
+                           (axes[1], "fvu", "FVU (fraction of variance unexplained)")):
+        shown = set()
+        for p in sorted(points, key=lambda p: p["name"]):
+            x, y = p.get("l0"), p.get(key)
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (x, y)) or (key == "fvu" and y <= 0):
+                continue
+            arch = p["architecture"]
+            ax.plot([x], [y], "o", color=colours[arch], label=None if arch in shown else arch)
+            shown.add(arch)
+            ax.annotate(p["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if key == "fvu" and ax.lines:
+            ax.set_yscale("log")
+            _plain_log_labels(ax)
+        ax.set_xlabel("L0 (latents firing per token)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.4)
+        if ax.lines:
+            ax.legend(title="architecture")
+        else:
+            ax.text(0.5, 0.5, "no SAE with these numbers", transform=ax.transAxes, ha="center", va="center")
+    return fig
 
 
 def draw_loss(rows: list[dict], title: str) -> Figure:

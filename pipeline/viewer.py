@@ -32,6 +32,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from itertools import count
 from importlib import resources
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Iterator
 from urllib.parse import quote
 
 from pipeline import fsio
-from pipeline.paths import DONE, EVAL_FILE, leaf, records_dir, records_root, sae_dir, split_leaf
+from pipeline.paths import DONE, EVAL_FILE, frontier_stem, leaf, records_dir, records_root, sae_dir, split_leaf
 from pipeline.saes import saved_cfg, saved_marker
 
 SHARD_SIZE = 64
@@ -165,14 +166,6 @@ def finished_records(run_dir) -> list[tuple[int, str, str | None]]:
     return sorted(found, key=lambda t: (t[0], t[1], t[2] or ""))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _num(x, digits: int = 4, percent: bool = False) -> str:
     """A cell: "–" for anything missing or not finite (an eval on no tokens is NaN)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
@@ -186,7 +179,7 @@ def _lm_eval(run_dir, layer: int, hook: str, member: str | None = None) -> dict:
     """saepipe eval's numbers (the SAE folder's eval.json) while they belong to the SAE there now."""
     sae = sae_dir(run_dir, layer, hook, member)
     now = (saved_marker(sae) or {}).get("sha256")
-    lm = _read_json(sae / EVAL_FILE)
+    lm = fsio.read_json(sae / EVAL_FILE)
     return lm if now is not None and lm.get("sae_sha256") == now else {}
 
 
@@ -195,12 +188,12 @@ _LM_HEAD = ("<th>CE clean</th><th>CE spliced</th><th>&Delta;CE</th><th>CE recove
 
 def _row(run_dir, layer: int, hook: str, member: str | None, with_lm: bool) -> str:
     out, sae = records_dir(run_dir, layer, hook, member), sae_dir(run_dir, layer, hook, member)
-    s = _read_json(out / "summary.json")
+    s = fsio.read_json(out / "summary.json")
     ev = (saved_cfg(sae) or {}).get("eval")
     ev = ev if isinstance(ev, dict) else {}
     # dead_frac_eval: its name in SAEs trained before "dead" got one meaning.
     dead_frac = ev.get("dead_frac", ev.get("dead_frac_eval"))
-    fingerprint = _read_json(out / DONE).get("fingerprint")
+    fingerprint = fsio.read_json(out / DONE).get("fingerprint")
     made_from = fingerprint.get("sae.sha256") if isinstance(fingerprint, dict) else None
     now = (saved_marker(sae) or {}).get("sha256")
     note = " (its SAE is gone)" if now is None else "" if made_from == now else " (the SAE changed since: rerun collate)"
@@ -232,11 +225,26 @@ def write_index_page(run_dir) -> Path:
     rows = "\n".join(_row(run_dir, *found_one, with_lm) for found_one in found)
     text = Template(template("records_index.html")).substitute(
         run_dir=html.escape(str(Path(run_dir).resolve())), lm_head=_LM_HEAD if with_lm else "",
-        rows=rows or f'<tr><td colspan="{14 if with_lm else 9}">none yet</td></tr>')
+        rows=rows or f'<tr><td colspan="{14 if with_lm else 9}">none yet</td></tr>',
+        frontiers=_frontiers(run_dir, found))
     fsio.write_atomic(page, text)
     for found_one in found:
         _write_eval_script(run_dir, *found_one)
     return page
+
+
+def _frontiers(run_dir, found: list[tuple[int, str, str | None]]) -> str:
+    """saepipe eval's frontier picture of each listed (layer, hook) that has one, linked to its SVG."""
+    parts = []
+    for layer, hook in dict.fromkeys((layer, hook) for layer, hook, _ in found):
+        folder, stem = frontier_stem(run_dir, layer, hook)
+        if (folder / f"{stem}.png").is_file():
+            rel = os.path.relpath(folder, index_page(run_dir).parent)
+            src = html.escape(quote(f"{rel}/{stem}"))
+            parts.append(f'<figure><a href="{src}.svg"><img src="{src}.png" alt="frontier of layer {layer} '
+                         f'{html.escape(hook)}" width="880"></a><figcaption>layer {layer} {html.escape(hook)}: '
+                         'L0 against &Delta;CE and FVU of every SAE evaluated</figcaption></figure>')
+    return "\n".join(parts)
 
 
 def _write_eval_script(run_dir, layer: int, hook: str, member: str | None = None):

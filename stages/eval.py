@@ -2,7 +2,8 @@
 
     saepipe eval CONFIG [--layers 3,4] [--force]    (every train.sweep member too)
 
-The work is pipeline.eval's; this prints one table row per SAE.
+The work is pipeline.eval's; this prints one table row per SAE (and eval draws each
+(layer, hook)'s frontier: saes/<L>/frontier-<hook>.png).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ _COLUMNS = ("ce_clean", "ce_spliced", "ce_zero", "delta_ce", "ce_recovered", "kl
 
 
 def table(rows: list[tuple[int, str, dict]]) -> str:
-    head = ["layer", "hook", *_COLUMNS, "n_tokens"]
-    lines = [[str(layer), hook, *(_num(r.get(c)) for c in _COLUMNS), str(r.get("n_tokens"))] for layer, hook, r in rows]
+    head = ["layer", "hook", "architecture", *_COLUMNS, "n_tokens"]
+    lines = [[str(layer), hook, str(r.get("architecture")), *(_num(r.get(c)) for c in _COLUMNS), str(r.get("n_tokens"))]
+             for layer, hook, r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *lines])
 

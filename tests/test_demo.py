@@ -75,7 +75,7 @@ def test_demo_config_end_to_end(tmp_path, corpus, name):
             assert ev["ce_clean"] <= ev["ce_spliced"] + 1e-3 and math.isfinite(ev["kl"]), ev
     if "eval" in stages:
         table = outputs["eval"].strip().splitlines()
-        assert table[0].split()[:3] == ["layer", "hook", "ce_clean"] and len(table) == 1 + len(layers)
+        assert table[0].split()[:4] == ["layer", "hook", "architecture", "ce_clean"] and len(table) == 1 + len(layers)
     # The demo ends by pointing at the viewer page, which exists.
     viewers = [w for line in outputs["collate"].splitlines() for w in line.split() if w.endswith(".html")]
     assert viewers and all(Path(v).exists() for v in viewers), outputs["collate"]

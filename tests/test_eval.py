@@ -169,7 +169,7 @@ def test_numbers_match_a_plain_pytorch_reference(tmp_path, llama, exclude_bos):
     assert row["ce_clean"] == pytest.approx(ref["own_loss"], abs=1e-5)
     assert row["sae_sha256"] == saved_marker(folder)["sha256"]
     text = (folder / "eval.json").read_text()
-    assert set(json.loads(text)) == {*ref} - {"own_loss"} | {"sae_sha256", "fingerprint"}
+    assert set(json.loads(text)) == {*ref} - {"own_loss"} | {"architecture", "sae_sha256", "fingerprint"}
     json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
 
 

@@ -288,3 +288,41 @@ def test_without_the_store_the_sae_vouches_for_the_corpus(run):
     (folder / "cfg.json").write_text(json.dumps(cfg))
     res = _cli(root, raw, "eval", "--layers", "2", "--force")
     assert res.exit_code == 0 and "no record of its corpus in the SAEs" in res.output, res.output
+
+
+def test_the_frontier_shows_every_evaluated_sae_of_the_layer(run):
+    """saes/<L>/frontier-<hook>.png: one dot per SAE with a current eval.json (plain and sweep
+    members alike), labelled; the records index page shows it."""
+    from pipeline import eval as evaluator
+    from pipeline import plots, viewer
+
+    root, raw, folder = run
+    _save(root / "run", raw["model"]["name"], seed=2)  # the plain SAE, evaluated again below
+    member = sae_dir(root / "run", LAYER, "resid_post", "k4")
+    TopKSAE(D, 4 * D, 4, backend="torch").save(member, {"layer": LAYER, "hook": "resid_post", "context_size": CTX,
+                                                        "prepend_bos": True, "exclude_bos": True,
+                                                        "model": raw["model"]["name"]})
+    (root / "run/records/1/resid_post").mkdir(parents=True)
+    (root / "run/records/1/resid_post/done").write_text("{}")  # a finished records folder stands in
+    viewer.write_index_page(root / "run")
+    swept = _set(raw, "train.sweep", [{}, {"k": 4}])
+    res = _cli(root, swept, "eval", "--layers", str(LAYER))
+    assert res.exit_code == 0, res.output
+    table = [line.split() for line in res.output.splitlines() if line.split()[:1] == [str(LAYER)]]
+    assert [(r[1], r[2]) for r in table] == [("resid_post", "topk"), ("resid_post@k4", "topk")]
+
+    points = evaluator.frontier_points(root / "run", LAYER, "resid_post")
+    rows = {p["name"]: p for p in points}
+    assert set(rows) == {"resid_post", "resid_post@k4"}
+    for name, f in (("resid_post", folder), ("resid_post@k4", member)):
+        ev = json.loads((f / "eval.json").read_text())
+        assert (rows[name]["l0"], rows[name]["delta_ce"], rows[name]["fvu"]) == (ev["l0"], ev["delta_ce"], ev["fvu"])
+    assert (root / "run/saes/1/frontier-resid_post.png").stat().st_size > 0
+    assert (root / "run/saes/1/frontier-resid_post.svg").exists()
+    fig = plots.draw_frontier(points, "t")
+    for ax in fig.axes:  # one dot per SAE on each panel, at its (l0, value)
+        dots = sorted((line.get_xdata()[0], line.get_ydata()[0]) for line in ax.lines)
+        key = "delta_ce" if "ΔCE" in ax.get_ylabel() else "fvu"
+        assert dots == sorted((p["l0"], p[key]) for p in points)
+    page = viewer.index_page(root / "run").read_text()
+    assert '<img src="../saes/1/frontier-resid_post.png"' in page
