@@ -54,12 +54,14 @@ def export(sae_dir, fmt: str, out, member: str | None = None) -> Path:
         raise UserError(f"--format {fmt} cannot hold a {sae.architecture} SAE; export it as "
                         f"{' or '.join(sae.exports) or 'nothing yet'}")
     tensors, cfg, weights = (saelens if fmt == "saelens" else sparsify)(sae)
+    tensors = {k: v for k, v in tensors.items() if v is not None}  # export_extras drops a name with None
     # Build beside the target, then swap it in: a killed or failed export leaves no half-written --out.
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     made = fsio.make_dirs(tmp, "--out", out)  # with the parents --out needs, so a failure removes those too
     try:
-        blob = safetensors.torch.save({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()})
+        # clone: one weight under two names (gated: b_gate is b_enc) must be two tensors on disk
+        blob = safetensors.torch.save({k: v.detach().float().cpu().clone().contiguous() for k, v in tensors.items()})
         fsio.write_atomic(tmp / weights, blob)
         fsio.write_atomic(tmp / "cfg.json", json.dumps(cfg, indent=2))
         with fsio.no_interrupt():

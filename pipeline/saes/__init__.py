@@ -32,9 +32,14 @@ def architecture(name: str, where: str = "architecture") -> type[Dictionary]:
         raise UserError(f"{where} {name!r} is unknown; choose one of {', '.join(ARCHITECTURES)}") from None
 
 
-def build_sae(name: str, d_in: int, n_latents: int, settings: dict, normalize: str = "none",
+def build_sae(name: str, d_in: int, n_latents: int, settings: dict | None = None, normalize: str = "none",
               backend: str = "auto") -> Dictionary:
-    return architecture(name).from_cfg(d_in, n_latents, settings, normalize, backend)
+    """An untrained SAE; settings not given take the architecture's train.sae defaults."""
+    import dataclasses
+
+    cls = architecture(name)
+    return cls.from_cfg(d_in, n_latents, {**dataclasses.asdict(cls.Settings()), **(settings or {})}, normalize,
+                        backend)
 
 
 def load_sae(folder, device="cpu", backend: str = "auto") -> Dictionary:

@@ -149,8 +149,9 @@ class Dictionary(nn.Module):
         self.normalize_decoder()
 
     def export_extras(self, fmt: str) -> tuple[dict, dict]:
-        """(tensors, cfg keys) the export format needs beyond W_enc, b_enc, W_dec, b_dec and the
-        settings (pipeline.export): a threshold, gate biases, ... Default: none."""
+        """(tensors, cfg keys) the export format needs beyond W_enc, b_enc, W_dec, b_dec
+        (pipeline.export): a threshold, gate biases, ...; a tensor given as None is left out
+        (a format with no b_enc for this architecture). Default: none."""
         return {}, {}
 
     # ---- the input normalisation, and the one place it is undone
