@@ -485,6 +485,8 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
         if state.ema is not None:
             for pe, ps in zip(state.ema.parameters(), sae.parameters()):
                 pe.lerp_(ps, 1 - tc.ema_decay)
+            for be, bs in zip(state.ema.buffers(), sae.buffers()):  # running estimates (a threshold) as they are
+                be.copy_(bs)
         # scatter-add, not boolean indexing: no host sync, and duplicates are harmless
         fires = torch.zeros_like(state.since_fired)
         fires.scatter_add_(0, o.idx.reshape(-1), (o.vals > 0).long().reshape(-1))

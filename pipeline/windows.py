@@ -85,6 +85,17 @@ def pick(col: Collator, cfg: CollateConfig, context_size: int, scratch: Path) ->
                    _scratch(scratch / "tokens.npy", (R, W), np.int32))
 
 
+def encode_rows(sae: Dictionary, x: torch.Tensor, step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """sae.encode over x [N, d] a `step` of rows at a time, as one (idx [N, w], vals [N, w] float):
+    an architecture whose width varies by batch (BatchTopK's threshold) is padded to the widest with
+    vals 0 (off), which every reader skips."""
+    enc = [sae.encode(x[i: i + step].to(device)) for i in range(0, len(x), step)]
+    w = max(e[0].shape[1] for e in enc)
+    pad = [(torch.nn.functional.pad(i, (0, w - i.shape[1])), torch.nn.functional.pad(v.float(), (0, w - v.shape[1])))
+           for i, v in enc]
+    return torch.cat([i for i, _ in pad]), torch.cat([v for _, v in pad])
+
+
 def cut_windows(store: ActivationStore, layer: int, hook: str, sae: Dictionary, recs: Records,
                 cfg: CollateConfig, device):
     """Pass 2: fill recs.acts / recs.tokens. Reads each store chunk holding a picked
@@ -111,8 +122,7 @@ def cut_windows(store: ActivationStore, layer: int, hook: str, sae: Dictionary, 
     with tqdm(total=len(needed), unit="seq", desc=f"records {layer}/{hook}") as bar:
         for seqs, x, tok in read_ahead(read, by_chunk, cfg.reader_threads):
             flat = x.reshape(len(seqs) * ctx, -1)
-            enc = [sae.encode(flat[i: i + step].to(device)) for i in range(0, len(flat), step)]
-            idx, vals = torch.cat([e[0] for e in enc]), torch.cat([e[1] for e in enc]).float()
+            idx, vals = encode_rows(sae, flat, step, device)
             if skip_first:
                 # Excluded from the statistics, so excluded from the records too: a BOS
                 # act of 0 is drawn unshaded instead of as the record's brightest token.
