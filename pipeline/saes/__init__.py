@@ -70,9 +70,11 @@ def _import_all():
     import importlib
     import pkgutil
 
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
+    # The default first, so it leads every list of architectures (messages, the reference).
+    names = sorted((info.name for info in pkgutil.iter_modules(__path__) if info.name != "base"),
+                   key=lambda name: name != DEFAULT)
+    for name in names:
+        importlib.import_module(f"{__name__}.{name}")
 
 
 _import_all()
