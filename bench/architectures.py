@@ -1,0 +1,117 @@
+"""Every architecture on one frontier: step time against TopK's, and quality at equal L0.
+
+    python bench/architectures.py --step                      # step time / TopK's step, anchor shape
+    python bench/architectures.py --quality configs/smollm2.yaml --layer 6 [--run-dir runs/arch]
+
+--step: pipeline.train.train_step of each architecture at d 768, n 16384, B 1024 (k 32, or a
+target L0 of 32), CPU, timed interleaved with TopK's in one process, medians of --rounds;
+printed as ratios to TopK's step (the issue's targets: topk/batchtopk/matryoshka/jumprelu
+<= 1.5x, relu/gated <= 2.5x).
+
+--quality: every architecture as a member of one train.sweep on the config's store (the same
+batches, width, budget and seed for all), at L0 32 (k for the TopK family, target_l0 for the
+penalised ones), then `saepipe eval` on held-out windows: the table of held-out FVU, L0, dead
+fraction, delta CE and KL per architecture, and the frontier picture
+(saes/<L>/frontier-<hook>.png). The store is the config's run_dir's (harvest it first: `make
+harvest LAYERS=6`); the SAEs go into --run-dir's copy-free view of it (`store:` pointing at the
+harvested one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.saes import ARCHITECTURES  # noqa: E402
+
+L0 = 32
+# How each architecture is asked for L0 = 32: the TopK family by k, the penalised ones by their target.
+AT_L0 = {"topk": {"k": L0}, "batchtopk": {"k": L0}, "matryoshka": {"k": L0}, "jumprelu": {"target_l0": L0},
+         "relu": {"target_l0": L0}, "gated": {"target_l0": L0}}
+
+
+def sae_settings(name: str) -> dict:
+    return {"architecture": name, **AT_L0.get(name, {})}
+
+
+def step_times(rounds: int, d: int = 768, n: int = 16384, batch: int = 1024) -> dict:
+    """Median ms of one train_step per architecture, interleaved round by round."""
+    from pipeline.config import TrainConfig, sae_section
+    from pipeline.model import resolve_device
+    from pipeline.train import train_step
+    from pipeline.train_state import TrainState
+
+    device = resolve_device("cpu")
+    torch.manual_seed(0)
+    x = torch.randn(batch, d) * (1 + torch.rand(batch, 1))  # rows of uneven norm, as activations are
+    runs = {}
+    for name in ARCHITECTURES:
+        sae = sae_section(sae_settings(name), "train.sae.", "bench").resolve(d, n, batch, "", f"n_latents = {n}")
+        tc = TrainConfig(n_latents=n, sae=sae, batch_size=batch, lr=1e-4, backend="torch", n_tokens=batch * 1000)
+        runs[name] = (TrainState(tc, d, device), tc)
+    times = {name: [] for name in runs}
+    for i in range(rounds + 2):
+        for name, (state, tc) in runs.items():
+            t = time.perf_counter()
+            train_step(state, state.sae.preprocess(x), 1e-4, tc)
+            if i >= 2:  # the first two warm up (Adam's state, the allocator)
+                times[name].append(time.perf_counter() - t)
+    return {name: 1e3 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def quality(config: str, layer: int, run_dir: str, seed: int) -> list[dict]:
+    """One sweep of every architecture on the config's store, then saepipe eval; the rows."""
+    from pipeline import eval as lm_eval
+    from pipeline import train
+    from pipeline.config import load_config
+    from pipeline.store import Location
+
+    base = load_config(config)
+    store = Location.of(base).path
+    sweep = [{"sae": sae_settings(name), "name": name} for name in ARCHITECTURES]
+    cfg = load_config(config, [f"run_dir={run_dir}", f"store={store}", f"harvest.layers=[{layer}]",
+                               f"train.seed={seed}", f"train.sweep={json.dumps(sweep)}"])
+    train.run(cfg, [layer])
+    rows = []
+    for lay, hook, row in lm_eval.run(cfg, [layer]):
+        folder = Path(run_dir) / "saes" / str(lay) / hook
+        ev = json.loads((folder / "cfg.json").read_text())["eval"]
+        rows.append({"sae": hook, "architecture": row["architecture"], "l0": row["l0"], "fvu_heldout": ev["fvu"],
+                     "dead": ev["dead_frac"], "delta_ce": row["delta_ce"], "kl": row["kl"]})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--step", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quality", metavar="CONFIG")
+    ap.add_argument("--layer", type=int, default=6)
+    ap.add_argument("--run-dir", default="runs/architectures")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    if a.step:
+        ms = step_times(a.rounds)
+        print(f"{'architecture':<12} {'step ms':>9} {'/ topk':>8}   (d 768, n 16384, B 1024, L0 32, CPU, "
+              f"median of {a.rounds}, interleaved)")
+        for name, t in ms.items():
+            print(f"{name:<12} {t:>9.1f} {t / ms['topk']:>7.2f}x")
+    if a.quality:
+        rows = quality(a.quality, a.layer, a.run_dir, a.seed)
+        print(f"{'architecture':<12} {'L0':>7} {'FVU (held out)':>15} {'dead':>7} {'delta CE':>9} {'KL':>8}")
+        for r in rows:
+            print(f"{r['architecture']:<12} {r['l0']:>7.1f} {r['fvu_heldout']:>15.4f} {r['dead']:>7.1%} "
+                  f"{r['delta_ce']:>9.4f} {r['kl']:>8.4f}")
+    if not (a.step or a.quality):
+        ap.print_help()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""SAELens 6 loads every architecture we export to it and computes what we compute: its
+encode against ours, and its decode(encode(x)) against our reconstruction in the activations'
+own space, within 1e-5 relative on 1024 rows. Runs only where SAELens is installed (its venv,
+bench/.peers/saelens, made by `python bench/peers.py saelens`; `make interop` makes it)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import interop  # noqa: E402
+from pipeline.saes import ARCHITECTURES  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not interop.peer_python().exists(),
+                                reason="SAELens is not installed (python bench/peers.py saelens)")
+
+
+NAMES = sorted(n for n, cls in ARCHITECTURES.items() if "saelens" in cls.exports)
+
+
+@pytest.fixture(scope="module", params=["layer_norm", "none"])
+def compared(request, tmp_path_factory) -> dict:
+    """SAELens run once per normalisation on every architecture's export."""
+    rows = interop.compare(NAMES, tmp_path_factory.mktemp(request.param), request.param)
+    return {r["architecture"]: r for r in rows}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_saelens_computes_what_we_compute(compared, name):
+    row = compared[name]
+    assert row["live"] > 0  # not vacuous: latents fire
+    assert row["acts"] < 1e-5 and row["x_hat"] < 1e-5, row
