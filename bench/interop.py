@@ -52,15 +52,17 @@ def peer_python() -> Path:
 
 
 def candidate(name: str, seed: int = 0, normalize: str = "layer_norm"):
-    """A random SAE of architecture `name` whose every parameter and buffer is nonzero."""
+    """A random SAE of architecture `name`: biases (and any gate or magnitude parameter) nonzero, a
+    BatchTopK threshold as training leaves one; other buffers as the architecture makes them."""
     torch.manual_seed(seed)
     sae = build_sae(name, D, N, {}, normalize=normalize, backend="torch")
     with torch.no_grad():
-        for key, t in sae.state_dict().items():
-            if "threshold" in key:  # as training leaves it: positive, below most pre-activations that fire
-                t.copy_(0.05 + 0.1 * torch.rand_like(t))
-            elif t.dtype.is_floating_point and key not in ("W_enc", "W_dec"):
+        for key, t in sae.named_parameters():
+            if key not in ("W_enc", "W_dec"):
                 t.add_(0.05 * torch.randn_like(t))
+        for key, t in sae.named_buffers():
+            if key == "threshold":  # BatchTopK's, as training leaves it: positive, below most that fire
+                t.copy_(0.05 + 0.1 * torch.rand_like(t))
     return sae
 
 
