@@ -5,15 +5,17 @@ bench/.peers/saelens, made by `python bench/peers.py saelens`; `make interop` ma
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from pipeline.saes import ARCHITECTURES
 
-import interop  # noqa: E402
-from pipeline.saes import ARCHITECTURES  # noqa: E402
+# Loaded from its file: bench/ on sys.path would shadow packages by its scripts' names (kernels).
+_spec = importlib.util.spec_from_file_location("bench_interop", Path(__file__).resolve().parents[1] / "bench/interop.py")
+interop = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(interop)
 
 pytestmark = pytest.mark.skipif(not interop.peer_python().exists(),
                                 reason="SAELens is not installed (python bench/peers.py saelens)")
