@@ -271,13 +271,17 @@ class TrainConfig:
         return out
 
     def _member_sae(self, value, at: str, where: str):
-        """A sweep entry's `sae` overrides on top of this section's (all of its own when it names
-        another architecture)."""
+        """A sweep entry's `sae` overrides on top of this section's. A member of another architecture
+        keeps the settings the two share (k from topk to batchtopk), the rest its own defaults."""
+        from pipeline.saes import architecture
+
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {at.rstrip('.')} must be a mapping")
         base = dataclasses.asdict(self.sae)
-        if value.get("architecture", base["architecture"]) != base["architecture"]:
-            base = {}
+        name = value.get("architecture", base["architecture"])
+        if name != base["architecture"]:
+            own = {f.name for f in dataclasses.fields(architecture(name, f"{where}: {at}architecture =").Settings)}
+            base = {k: v for k, v in base.items() if k in own and k != "architecture"}
         return sae_section({**base, **value}, at, where)
 
     def validate(self, where):

@@ -88,3 +88,27 @@ def test_every_stage_runs_every_architecture(tmp_path, harvested, name):
 
     res = CliRunner().invoke(main, ["verify", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
+
+
+def test_a_sweep_trains_several_architectures_from_one_pass(tmp_path, harvested):
+    """Sweep members may differ in architecture: each its own folder, cfg.json and settings, from
+    the same batches; eval then puts them on one frontier."""
+    src, base = harvested
+    shutil.copytree(src / "run", tmp_path / "run")
+    sweep = [{}, {"sae": {"architecture": "batchtopk"}, "name": "btk"},
+             {"sae": {"architecture": "relu", "target_l0": 8}, "name": "relu8"}]
+    raw = {**base, "run_dir": str(tmp_path / "run"), "train": {**base["train"], "k": 8, "sweep": sweep}}
+    res = _cli(tmp_path, raw, "train")
+    assert res.exit_code == 0 and "3 SAEs from one pass over the batches" in res.output, res.output
+    got = {m: json.loads((sae_dir(tmp_path / "run", LAYER, "resid_post", m) / "cfg.json").read_text())
+           for m in (None, "btk", "relu8")}
+    assert [got[m]["architecture"] for m in (None, "btk", "relu8")] == ["topk", "batchtopk", "relu"]
+    # k carries over to the member of another architecture that has one
+    assert got[None]["k"] == 8 and got["btk"]["k"] == 8 and got["relu8"]["target_l0"] == 8
+    res = _cli(tmp_path, raw, "eval")
+    assert res.exit_code == 0, res.output
+    from pipeline.eval import frontier_points
+
+    points = frontier_points(tmp_path / "run", LAYER, "resid_post")
+    assert sorted((p["name"], p["architecture"]) for p in points) == [
+        ("resid_post", "topk"), ("resid_post@btk", "batchtopk"), ("resid_post@relu8", "relu")]
