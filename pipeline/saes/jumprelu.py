@@ -188,11 +188,7 @@ class JumpReLUSettings(Settings):
             raise ConfigError(f"{where}: train.sae.l0_coefficient = {self.l0_coefficient} must be >= 0")
         if self.l0_warmup is not None and not 0 <= self.l0_warmup <= 1:
             raise ConfigError(f"{where}: train.sae.l0_warmup = {self.l0_warmup} must be in [0, 1]")
-        for key in ("dormant_tokens", "k_aux"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"{where}: train.sae.{key} = {getattr(self, key)} must be >= 1")
-        if not self.aux_alpha >= 0:
-            raise ConfigError(f"{where}: train.sae.aux_alpha = {self.aux_alpha} must be >= 0")
+        _topk.validate_auxk(self, where)
 
     def model_keys(self) -> tuple[str, ...]:
         return ("sparsity", "target_l0")

@@ -45,7 +45,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import pipeline.saes.topk  # noqa: F401  (registered first: the default leads every list of architectures)
 from pipeline.config import setting
 from pipeline.errors import UserError
 from pipeline.saes import register

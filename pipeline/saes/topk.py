@@ -64,6 +64,18 @@ class _DormantDecode(torch.autograd.Function):
         return None, None, grad_x, grad_W_enc, grad_b, grad_W_dec
 
 
+def validate_auxk(st, where):
+    """AuxK's settings (dormant_tokens, k_aux, aux_alpha), for every architecture that revives its
+    dormant latents the TopK way."""
+    from pipeline.config import ConfigError
+
+    for key in ("dormant_tokens", "k_aux"):
+        if getattr(st, key) is not None and getattr(st, key) < 1:
+            raise ConfigError(f"{where}: train.sae.{key} = {getattr(st, key)} must be >= 1")
+    if not st.aux_alpha >= 0:
+        raise ConfigError(f"{where}: train.sae.aux_alpha = {st.aux_alpha} must be >= 0")
+
+
 @dataclass
 class TopKSettings(Settings):
     """`train.sae` of a TopK SAE. (Written flat in the train section, `train.k`, as configs did
@@ -81,11 +93,7 @@ class TopKSettings(Settings):
 
         if self.k <= 0:  # k <= n_latents needs d_model: resolve() checks it
             raise ConfigError(f"{where}: train.sae.k = {self.k} must be > 0")
-        for key in ("dormant_tokens", "k_aux"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"{where}: train.sae.{key} = {getattr(self, key)} must be >= 1")
-        if not self.aux_alpha >= 0:
-            raise ConfigError(f"{where}: train.sae.aux_alpha = {self.aux_alpha} must be >= 0")
+        validate_auxk(self, where)
 
     def model_keys(self) -> tuple[str, ...]:
         return ("k",)
