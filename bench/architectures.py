@@ -28,7 +28,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script, bench/ leads sys.path, and bench/kernels.py would shadow the `kernels` package
+# transformers imports: the repository instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
 from pipeline.saes import ARCHITECTURES  # noqa: E402
 

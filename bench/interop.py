@@ -23,7 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script, bench/ leads sys.path, and bench/kernels.py would shadow the `kernels` package
+# transformers imports: the repository instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
 from pipeline.export import export  # noqa: E402
 from pipeline.saes import ARCHITECTURES, build_sae  # noqa: E402
