@@ -77,7 +77,7 @@ def _load(config, overrides):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="saepipe")
 def main():
-    """saepipe: harvest activations, train TopK SAEs, collate latent records.
+    """saepipe: harvest activations, train SAEs (TopK, BatchTopK, JumpReLU, ...), collate latent records.
 
     Each stage reads the same YAML config and caches its results under the
     config's run_dir, so any stage can be rerun alone (e.g. on a new layer).
@@ -141,7 +141,7 @@ def verify(run, overrides, threads):
 @_FORCE
 @_user_errors
 def train(config, layers, overrides, force):
-    """Train one TopK SAE per harvested (layer, hook) into <run_dir>/saes/<L>/<hook>/.
+    """Train one SAE (train.sae: its architecture) per harvested (layer, hook) into <run_dir>/saes/<L>/<hook>/.
 
     With train.sweep, one SAE per member from one pass over the batches, a named
     member's in <hook>@<name>/. An interrupted run resumes from its last
