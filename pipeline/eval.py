@@ -61,7 +61,7 @@ from pipeline.config import Config, EvalConfig
 from pipeline.data import load_texts, make_windows
 from pipeline.errors import UserError
 from pipeline.fsio import target_locks, write_atomic
-from pipeline.harvest import run_fingerprint
+from pipeline.harvest import diffs, run_fingerprint
 from pipeline.metrics import ReconStats
 from pipeline.model import (ActivationCapture, check_context_size, load_causal_lm, record_block_outputs,
                             resume_after_block, splice)
@@ -146,12 +146,9 @@ def read_done(folder: Path, fp: dict) -> tuple[dict | None, list[str]]:
     there = row.get("fingerprint")
     if not isinstance(there, dict):  # made before fingerprints: it vouches for nothing but the weights
         return None, ["eval.json records no fingerprint (an older saepipe)"]
-    diffs = [f"{k}: {_show(there.get(k))} there, {_show(v)} now" for k, v in fp.items() if there.get(k) != v]
-    return (row, []) if not diffs else (None, diffs)
-
-
-def _show(v) -> str:
-    return v[:12] if isinstance(v, str) and len(v) == 64 else repr(v)  # a sha256: its prefix is enough
+    # A key new to the fingerprint comes with a new FORMAT, which differs.
+    changed = diffs(there, fp)
+    return (row, []) if not changed else (None, changed)
 
 
 @contextmanager
@@ -227,10 +224,9 @@ def _check_corpus(cfg: Config, w: Windows, found: list, now: dict):
         sources = [(folder, sae_cfg.get("store_fingerprint")) for *_, folder, _, sae_cfg in found]
         w.unchecked = not any(fp for _, fp in sources)
     for where, there in sources:
-        diffs = [f"{k}: {_show(there[k])} there, {_show(v)} now" for k, v in now.items()
-                 if isinstance(there, dict) and k in there and there[k] != v]
-        if diffs:
-            raise UserError(f"the corpus differs from the one {where} was harvested from ({'; '.join(diffs)}), so "
+        changed = diffs(there, now) if isinstance(there, dict) else []
+        if changed:
+            raise UserError(f"the corpus differs from the one {where} was harvested from ({'; '.join(changed)}), so "
                             "eval's held-out windows could be training tokens; restore the harvested data, or "
                             "harvest and train again on the new corpus in a new run_dir")
 

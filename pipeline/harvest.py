@@ -230,8 +230,9 @@ def _local_data_files(data: DataConfig) -> list[tuple[str, Path]]:
     return [(str(f), Path(f)) for f in files if Path(f).is_file()]
 
 
-def _diffs(there: dict, now: dict) -> list[str]:
-    """`key: old there, new now` for each key both sides know and disagree on."""
+def diffs(there: dict, now: dict) -> list[str]:
+    """`key: old there, new now` for each key both sides know and disagree on (every fingerprint's
+    way of saying what changed: the store's, its arrays', eval's)."""
     def show(v):
         return v[:12] if isinstance(v, str) and len(v) == 64 else repr(v)  # a sha256: its prefix is enough
 
@@ -249,9 +250,9 @@ def _compare_run(store: ActivationStore, fingerprint: dict):
                  "data.data_files": ds.get("data_files")}
     # One model named two ways (`models/x/`, `./models/x`) is the same model.
     same_model = model_key(there.get("model.name") or "") == model_key(fingerprint["model.name"])
-    diffs = _diffs({**there, "model.name": fingerprint["model.name"]} if same_model else there, fingerprint)
-    if diffs:
-        raise UserError(f"{store.path} was harvested with other settings: {'; '.join(diffs)}; they decide every "
+    changed = diffs({**there, "model.name": fingerprint["model.name"]} if same_model else there, fingerprint)
+    if changed:
+        raise UserError(f"{store.path} was harvested with other settings: {'; '.join(changed)}; they decide every "
                         "array in it, so use a new run_dir for the new settings, or restore the old ones")
 
 
@@ -263,7 +264,7 @@ def _array_diffs(arr, cfg: Config) -> list[str]:
     now = array_fingerprint(cfg)
     if cfg.harvest.chunk_rows is not None:  # unset = whatever the array was made with
         now["harvest.chunk_rows"] = cfg.harvest.chunk_rows
-    return _diffs(there, now)
+    return diffs(there, now)
 
 
 def _check_same_run(store: ActivationStore, n_sequences: int, prepend_bos: bool, fingerprint: dict):
