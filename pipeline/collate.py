@@ -157,7 +157,8 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: Dictionary, 
         shutil.rmtree(partial, ignore_errors=True)
         raise
     lens_out, lens_note = _logit_lens(sae, lens)
-    summary = records.write_records(partial, col, recs, TokenText(tokenizer), cfg, meta, lens_out, lens_note)
+    summary = records.write_records(partial, col, recs, TokenText(tokenizer), cfg, meta, lens_out, lens_note,
+                                    sae.latent_groups())
     del recs  # closes the memory maps before their files go
     shutil.rmtree(partial / "_scratch")
 
@@ -167,6 +168,10 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: Dictionary, 
     print(f"collate {layer}/{leaf(hook, member)}: {summary['n_latents']} latents, {summary['dead']} dead (never fired), "
           f"{summary['ultra_rare']} ultra-rare (density < {cfg.ultra_rare_density:g}), "
           f"{col.n_tokens} tokens; {size / 2**20:.1f} MiB in {out}")
+    grouped = summary.get("latent_groups")
+    if grouped:
+        counts = ", ".join(f"{g}: {r['live']}/{r['dead']}" for g, r in enumerate(grouped["groups"]))
+        print(f"collate {layer}/{leaf(hook, member)}: live/dead latents per {grouped['name']}: {counts}")
     return out / "viewer.html"
 
 

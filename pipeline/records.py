@@ -5,7 +5,9 @@ it was made from the inputs at hand.
                         (OpenAI sae-viewer's schema, plus stats), one JSON line each,
                         which the viewer loads and viewer.read_feature(s) reads
     index.json          the latent list: id, density, max_act, common top tokens
-    summary.json        counts over the whole store: n_tokens, dead, ultra-rare, ...
+    summary.json        counts over the whole store: n_tokens, dead, ultra-rare, ...;
+                        for an SAE that groups its latents (Dictionary.latent_groups),
+                        `latent_groups`: each group's range and live/dead counts
     viewer.html         the static viewer (pipeline.viewer)
     done                written last: the fingerprint of what the records were made
                         from (SAE weights, output-deciding settings)
@@ -22,6 +24,15 @@ collate also prints, once), or the hook's width is not the model's.
 
 "dead" means never fired on the whole store (the tokens the statistics counted,
 BOS excluded with exclude_bos): summary.json `dead`, and the viewer's word.
+
+Latent groups (an architecture's Dictionary.latent_groups(), e.g. nested prefixes) are
+contiguous runs of latents, so summary.json holds them once, not per latent:
+
+    "latent_groups": {"name": "prefix group",
+                      "groups": [{"first": 0, "last": 1, "live": 2, "dead": 0}, ...]}
+
+group g is groups[g]: latents first..last (both included), how many fired and how many
+never did. Absent for an SAE whose latents form no groups.
 """
 
 from __future__ import annotations
@@ -274,10 +285,31 @@ def _density_histogram(density: np.ndarray, bin_width: float = 0.25) -> dict:
             "counts": counts.tolist()}
 
 
+def latent_groups(groups: tuple[str, torch.Tensor | np.ndarray] | None, count: np.ndarray) -> dict | None:
+    """summary.json's `latent_groups` from Dictionary.latent_groups() and each latent's count of
+    positive activations: {"name", "groups": [{"first", "last", "live", "dead"}, ...]}, group g
+    at index g; None when the SAE has no groups."""
+    if groups is None:
+        return None
+    name, of = groups
+    of = np.asarray(of.cpu() if isinstance(of, torch.Tensor) else of, dtype=np.int64)
+    if of.shape != count.shape or (len(of) and (of[0] != 0 or not np.isin(np.diff(of), (0, 1)).all())):
+        raise ValueError(f"latent_groups() must number the {len(count)} latents' groups 0, 1, ... in latent "
+                         "order, each group a contiguous run")
+    out = []
+    for g in range(int(of[-1]) + 1 if len(of) else 0):
+        first, last = int(np.searchsorted(of, g, "left")), int(np.searchsorted(of, g, "right")) - 1
+        live = int((count[first: last + 1] > 0).sum())
+        out.append({"first": first, "last": last, "live": live, "dead": last - first + 1 - live})
+    return {"name": str(name), "groups": out}
+
+
 def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg: CollateConfig,
-                  meta: dict, lens: tuple[np.ndarray, ...] | None = None, lens_note: dict | None = None) -> dict:
+                  meta: dict, lens: tuple[np.ndarray, ...] | None = None, lens_note: dict | None = None,
+                  groups: tuple[str, torch.Tensor] | None = None) -> dict:
     """Every latent's record (into the viewer's shards), index.json, summary.json and the viewer.
-    `lens` is logit_lens()'s result (None: no lens, `lens_note` says why)."""
+    `lens` is logit_lens()'s result (None: no lens, `lens_note` says why); `groups` the SAE's
+    latent_groups() (None: its latents form no groups)."""
     ctx = col.ctx
     n_tok = max(col.n_tokens, 1)
     count = col.stats.count.cpu().numpy()
@@ -286,6 +318,7 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
     hist = col.stats.hist.cpu().numpy()
     density = count / n_tok
     n = len(count)
+    grouped = latent_groups(groups, count)  # first: an architecture's bad groups fail before any writing
 
     view = viewer.ViewerWriter(out, write_atomic)
     rec_text = _RecordText(recs, text, ctx)
@@ -341,6 +374,8 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
         "window": cfg.window,
         "logit_lens": lens_note,
     }
+    if grouped is not None:
+        summary["latent_groups"] = grouped
     index = {"layer": meta["layer"], "hook": meta["hook"], "n_latents": n, "n_tokens": col.n_tokens,
              "latents": latents}
     write_atomic(out / "index.json", _dumps(index))

@@ -24,7 +24,9 @@ per latent the indices of its own. A token shared by many latents costs one
 string, so the file stays near n_latents * distinct-picks integers.
 
 <run_dir>/records/index.html is plain HTML written from the finished records
-folders' summary.json and their SAEs' cfg.json: it needs no script at all.
+folders' summary.json and their SAEs' cfg.json: it needs no script at all. An SAE
+whose latents form groups (summary.json `latent_groups`, pipeline.records) gets a
+second table below the first: each group's latents and how many are live and dead.
 """
 
 from __future__ import annotations
@@ -226,11 +228,35 @@ def write_index_page(run_dir) -> Path:
     text = Template(template("records_index.html")).substitute(
         run_dir=html.escape(str(Path(run_dir).resolve())), lm_head=_LM_HEAD if with_lm else "",
         rows=rows or f'<tr><td colspan="{14 if with_lm else 9}">none yet</td></tr>',
-        frontiers=_frontiers(run_dir, found))
+        groups=_groups(run_dir, found), frontiers=_frontiers(run_dir, found))
     fsio.write_atomic(page, text)
     for found_one in found:
         _write_eval_script(run_dir, *found_one)
     return page
+
+
+def _groups(run_dir, found: list[tuple[int, str, str | None]]) -> str:
+    """The table of every listed SAE's latent groups (summary.json `latent_groups`): one row per
+    group with its latents and live/dead counts; "" when no listed SAE has groups."""
+    rows = []
+    for layer, hook, member in found:
+        grouped = fsio.read_json(records_dir(run_dir, layer, hook, member) / "summary.json").get("latent_groups")
+        if not isinstance(grouped, dict):
+            continue
+        name = html.escape(str(grouped.get("name", "group")))
+        for g, r in enumerate(grouped.get("groups", [])):
+            cells = [str(layer), html.escape(leaf(hook, member)), f"{name} {g}",
+                     f"{_num(r.get('first'))}..{_num(r.get('last'))}", _num(r.get("live")), _num(r.get("dead"))]
+            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    if not rows:
+        return ""
+    body = "\n".join(rows)
+    return ('<h2>Latent groups</h2>\n<table id="groups">\n  <thead>\n    <tr><th>layer</th><th>hook</th>'
+            '<th>group</th><th>latents</th><th>live</th><th>dead</th></tr>\n  </thead>\n  <tbody>\n'
+            f'{body}\n  </tbody>\n</table>\n<p class="muted">For each SAE whose architecture splits its latents '
+            'into groups: each group\'s latents (first..last, both included), how many fired on the stored '
+            'tokens collate read (live) and how many never did (dead). Prefix group 0 is the first, smallest '
+            'nested prefix; prefix group g the latents prefix g adds to prefix g &minus; 1.</p>')
 
 
 def _frontiers(run_dir, found: list[tuple[int, str, str | None]]) -> str:

@@ -143,3 +143,61 @@ def test_saepipe_train_end_to_end(tmp_path):
     # the loss adds the four smaller prefixes' FVUs (each >= the whole dictionary's) to the logged fvu
     assert all(r["loss"] > 2 * r["fvu"] for r in train)
     assert type(load_sae(folder)) is MatryoshkaSAE
+
+
+def test_collate_records_each_latents_prefix_group(tmp_path, capsys):
+    """summary.json's latent_groups: each prefix group's latents and its live/dead counts, against
+    prefix sizes worked out here and the records' own counts; nothing per latent."""
+    from helpers import make_tokenizer
+    from pipeline.viewer import read_features
+    from stages import collate as stage
+    from test_collate import make_cfg, make_run
+
+    n, prefixes = 48, [0.1, 0.35, 0.6, 1.0]
+    sizes = [5, 17, 29, 48]  # round(f * 48) of 4.8, 16.8, 28.8, 48
+    assert sizes == [int(f * n + 0.5) for f in prefixes]
+    sae = tiny(MatryoshkaSAE, n=n, prefixes=prefixes).float()
+    dead = [3, 20, 21]  # rigged never to fire: one in group 0, two in group 2
+    with torch.no_grad():
+        sae.b_lat[dead] = -100.0
+        sae.threshold.fill_(0.5)
+    make_tokenizer(tmp_path / "tok")
+    make_run(tmp_path, tmp_path / "tok", sae=sae)
+    [page] = stage.run(config_from_dict(make_cfg(tmp_path)))
+    out = page.parent
+    summary = json.loads((out / "summary.json").read_text())
+    features = list(read_features(out))
+    assert len(features) == n and all("group" not in f and "latent_groups" not in f for f in features)
+
+    grouped = summary["latent_groups"]
+    assert grouped["name"] == "prefix group"
+    ranges = [(r["first"], r["last"]) for r in grouped["groups"]]
+    assert ranges == [(0, 4), (5, 16), (17, 28), (29, 47)]
+    for j in range(n):  # the group holding each latent, against the prefix sizes
+        want = sum(j >= m for m in sizes[:-1])
+        assert [g for g, (a, b) in enumerate(ranges) if a <= j <= b] == [want], j
+    for g, r in enumerate(grouped["groups"]):
+        mine = features[r["first"]: r["last"] + 1]
+        assert r["dead"] == sum(f["n_positive"] == 0 for f in mine), g
+        assert r["live"] == sum(f["n_positive"] > 0 for f in mine) and r["live"] + r["dead"] == len(mine)
+        assert r["dead"] >= sum(r["first"] <= d <= r["last"] for d in dead) and r["live"] > 0
+    assert sum(r["dead"] for r in grouped["groups"]) == summary["dead"] >= len(dead)
+    assert summary["prefix_sizes"] == sizes  # the SAE's settings, as for every architecture
+    line = ", ".join(f"{g}: {r['live']}/{r['dead']}" for g, r in enumerate(grouped["groups"]))
+    assert f"live/dead latents per prefix group: {line}" in capsys.readouterr().out
+
+
+def test_latent_groups_must_be_contiguous_runs_in_order():
+    import numpy as np
+
+    from pipeline.records import latent_groups
+
+    count = np.array([1, 0, 2, 0, 0])
+    assert latent_groups(None, count) is None
+    got = latent_groups(("g", torch.tensor([0, 0, 1, 1, 2])), count)
+    assert got == {"name": "g", "groups": [{"first": 0, "last": 1, "live": 1, "dead": 1},
+                                           {"first": 2, "last": 3, "live": 1, "dead": 1},
+                                           {"first": 4, "last": 4, "live": 0, "dead": 1}]}
+    for bad in ([0, 1, 0, 1, 2], [1, 1, 2, 2, 2], [0, 0, 2, 2, 2], [0, 0, 1]):
+        with pytest.raises(ValueError, match="contiguous run"):
+            latent_groups(("g", torch.tensor(bad)), count)

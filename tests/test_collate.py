@@ -246,6 +246,7 @@ def test_files_match_schema_and_brute_force(tmp_path, tokenizer_dir, tokenizer, 
     assert summary["dead"] == int(((Z_ref > 0).sum(0) == 0).sum()) >= 1
     assert summary["exclude_bos"] is exclude_bos
     assert summary["excluded_positions"] == ([0] if exclude_bos else [])
+    assert "latent_groups" not in summary  # a TopK SAE's latents form no groups
 
     # Stored once: the viewer's shards are the records.
     assert [f["index"] for f in viewer.read_features(out)] == list(range(N_LAT))
@@ -594,6 +595,7 @@ def test_index_page_links_every_finished_layer_with_its_numbers(tmp_path, tokeni
     assert cells == [["0", "resid_post", "viewer", *numbers, "0.1235", "6.25%"],
                      ["3", "resid_post", "viewer (its SAE is gone)", *numbers, "–", "–"]]
     assert 'href="0/resid_post/viewer.html"' in page and 'href="3/resid_post/viewer.html"' in page
+    assert 'id="groups"' not in page and "Latent groups" not in page  # no listed SAE has latent groups
 
     # Retrained after collate: the row says its records are stale.
     with torch.no_grad():

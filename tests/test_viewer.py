@@ -72,6 +72,31 @@ def records(tmp_path_factory):
     return collate(root)
 
 
+GROUP_SIZES = [8, 16, 32]  # prefixes 0.25, 0.5, 1 of 32 latents
+GROUP_DEAD = 9  # rigged never to fire, in prefix group 1
+
+
+@pytest.fixture(scope="module")
+def group_records(tmp_path_factory):
+    """A collated run of a Matryoshka SAE (prefix groups 0..7, 8..15, 16..31), latent GROUP_DEAD dead."""
+    from pipeline.saes.matryoshka import MatryoshkaSAE
+
+    root = tmp_path_factory.mktemp("groups")
+    tok = make_tokenizer(root / "tok")
+    ids = tok.encode(" ".join(CORPUS * 4), add_special_tokens=False)[: N_SEQ * CTX]
+    tokens = np.array(ids, dtype=np.int32).reshape(N_SEQ, CTX)
+    acts = torch.randn(N_SEQ * CTX, D, generator=torch.Generator().manual_seed(0))
+    write_synthetic(root, acts, tokens, attrs={"tokenizer": str(root / "tok")})
+    torch.manual_seed(0)
+    sae = MatryoshkaSAE(D, 32, 4, prefixes=[0.25, 0.5, 1.0])
+    with torch.no_grad():
+        sae.threshold.fill_(1.0)
+        sae.b_lat[GROUP_DEAD] = -100
+    assert sae.prefix_sizes == GROUP_SIZES
+    sae.save(root / "saes/0/resid_post")
+    return collate(root)
+
+
 def collate(root):
     """Collate layer 0 of a synthetic run; the viewer page."""
     cfg = config_from_dict({
@@ -398,3 +423,82 @@ def test_overview_shows_the_eval_of_the_sae_there_now(records, browser, tmp_path
     write_index_page(root)
     _open(browser, page, "", "overview")
     assert "ΔCE" not in browser.find_element(By.ID, "overview-stats").text
+
+
+def test_latent_page_names_its_prefix_group_and_the_list_filters_by_group(group_records, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def group(i):  # from the prefix sizes, not from the records
+        return sum(i >= m for m in GROUP_SIZES[:-1])
+
+    starts = [0] + GROUP_SIZES[:-1]
+    for i in (0, 7, 8, GROUP_DEAD, 15, 16, 31):
+        _open(browser, group_records, f"#{i}", str(i))
+        g = group(i)
+        line = browser.find_element(By.ID, "feature-group")
+        assert line.is_displayed() and line.text == f"prefix group {g} (latents {starts[g]}..{GROUP_SIZES[g] - 1})"
+
+    def listed(d):
+        return [int(li.get_attribute("data-id")) for li in d.find_elements(By.CSS_SELECTOR, "#list li")]
+
+    _open(browser, group_records, "", "overview")
+    assert browser.find_element(By.ID, "group-filter").is_displayed()
+    pick = Select(browser.find_element(By.ID, "group"))
+    assert [o.get_attribute("value") for o in pick.options] == ["", "0", "1", "2"]
+    for g in range(3):
+        pick.select_by_value(str(g))
+        want = list(range(starts[g], GROUP_SIZES[g]))
+        WebDriverWait(browser, 20).until(lambda d: listed(d) == want)
+        assert browser.find_element(By.ID, "count").text == f"{len(want)} of 32 latents in prefix group {g}"
+    # The filter and the search narrow the list together.
+    browser.find_element(By.ID, "search").send_keys("1")
+    WebDriverWait(browser, 20).until(lambda d: d.execute_script("return state.searchState") == "ready")
+    assert 16 in listed(browser) and set(listed(browser)) <= set(range(16, 32)) and 1 not in listed(browser)
+    browser.find_element(By.ID, "search").clear()
+    pick.select_by_value("")
+    WebDriverWait(browser, 20).until(lambda d: listed(d) == list(range(32)))
+
+
+def test_overview_and_index_page_count_live_and_dead_latents_per_group(group_records, browser):
+    from selenium.webdriver.common.by import By
+
+    from pipeline.viewer import read_features
+
+    folder = group_records.parent
+    positive = [f["n_positive"] for f in read_features(folder)]
+    assert positive[GROUP_DEAD] == 0
+    starts = [0] + GROUP_SIZES[:-1]
+    counts = []  # (live, dead) per group, from the records
+    for a, b in zip(starts, GROUP_SIZES):
+        live = sum(c > 0 for c in positive[a:b])
+        counts.append((live, b - a - live))
+    assert all(live > 0 for live, _ in counts) and counts[1][1] >= 1
+
+    _open(browser, group_records, "", "overview")
+    assert browser.find_element(By.ID, "overview-groups").is_displayed()
+    rows = [tr.text for tr in browser.find_elements(By.CSS_SELECTOR, "#group-stats tr")]
+    assert rows == [f"prefix group {g} (latents {a}..{b - 1}) {live} live, {dead} dead"
+                    for g, (a, b, (live, dead)) in enumerate(zip(starts, GROUP_SIZES, counts))]
+    assert "per prefix group" in browser.find_element(By.ID, "overview-groups-title").text
+
+    browser.get((group_records.parents[2] / "index.html").resolve().as_uri())
+    rows = browser.find_elements(By.CSS_SELECTOR, "#groups tbody tr")
+    cells = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")] for tr in rows]
+    assert cells == [["0", "resid_post", f"prefix group {g}", f"{a}..{b - 1}", str(live), str(dead)]
+                     for g, (a, b, (live, dead)) in enumerate(zip(starts, GROUP_SIZES, counts))]
+
+
+def test_an_sae_without_groups_shows_none(records, browser):
+    from selenium.webdriver.common.by import By
+
+    assert "latent_groups" not in json.loads((records.parent / "summary.json").read_text())
+    _open(browser, records, "", "overview")
+    assert not browser.find_element(By.ID, "group-filter").is_displayed()
+    assert not browser.find_element(By.ID, "overview-groups").is_displayed()
+    assert "group" not in browser.find_element(By.TAG_NAME, "aside").text
+    _open(browser, records, f"#{TOPIC}", str(TOPIC))
+    assert not browser.find_element(By.ID, "feature-group").is_displayed()
+    assert "group" not in browser.find_element(By.TAG_NAME, "main").text
+    browser.get((records.parents[2] / "index.html").resolve().as_uri())
+    assert browser.find_elements(By.ID, "groups") == []

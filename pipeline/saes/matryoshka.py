@@ -135,6 +135,9 @@ class MatryoshkaSAE(BatchTopKSAE):
         """[n] int64: each latent's prefix group, 0 for the first prefix's latents (what the viewer shows)."""
         return self.group_of(torch.arange(self.n_latents, device=self.bounds.device))
 
+    def latent_groups(self) -> tuple[str, torch.Tensor]:
+        return "prefix group", self.groups()
+
     def train_forward(self, x: torch.Tensor, view: TrainView) -> TrainOutput | MatryoshkaOutput:
         """BatchTopK's training forward with every prefix's reconstruction; without settings
         (evaluation) BatchTopK's threshold rule."""
