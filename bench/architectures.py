@@ -2,6 +2,8 @@
 
     python bench/architectures.py --step                      # step time / TopK's step, anchor shape
     python bench/architectures.py --quality configs/smollm2.yaml --layer 6 [--run-dir runs/arch]
+    python bench/architectures.py --quality configs/smollm2.yaml --layer 15 --seeds 0 1 2 \
+        --set run_dir=runs/smol15 --set harvest.n_tokens=393216 --set eval.n_tokens=16384 --run-dir runs/arch15
 
 --step: pipeline.train.train_step of each architecture at d 768, n 16384, B 1024 (k 32, or a
 target L0 of 32, each latent's bias set so it fires on 32/n of the batch, where training
@@ -13,7 +15,9 @@ printed as ratios to TopK's step (the issue's targets: topk/batchtopk/matryoshka
 batches, width, budget and seed for all), at L0 32 (k for the TopK family, target_l0 for the
 penalised ones), then `saepipe eval` on held-out windows: the table of held-out FVU, L0, dead
 fraction, delta CE and KL per architecture, and the frontier picture
-(saes/<L>/frontier-<hook>.png). The store is the config's run_dir's (harvest it first: `make
+(saes/<L>/frontier-<hook>.png). With several --seeds, one sweep per seed (its own run folder,
+<run-dir>/seed<S>) and the table of medians over them, with each architecture's ratio to TopK's.
+--set: overrides of the config (where its store is, the eval's tokens), as saepipe's --set. The store is the config's run_dir's (harvest it first: `make
 harvest LAYERS=6`); the SAEs go into --run-dir's copy-free view of it (`store:` pointing at the
 harvested one).
 """
@@ -76,17 +80,17 @@ def step_times(rounds: int, d: int = 768, n: int = 16384, batch: int = 1024) -> 
     return {name: 1e3 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
-def quality(config: str, layer: int, run_dir: str, seed: int) -> list[dict]:
+def quality(config: str, layer: int, run_dir: str, seed: int, overrides: tuple = ()) -> list[dict]:
     """One sweep of every architecture on the config's store, then saepipe eval; the rows."""
     from pipeline import eval as lm_eval
     from pipeline import train
     from pipeline.config import load_config
     from pipeline.store import Location
 
-    base = load_config(config)
+    base = load_config(config, list(overrides))
     store = Location.of(base).path
     sweep = [{"sae": sae_settings(name), "name": name} for name in ARCHITECTURES]
-    cfg = load_config(config, [f"run_dir={run_dir}", f"store={store}", f"harvest.layers=[{layer}]",
+    cfg = load_config(config, [*overrides, f"run_dir={run_dir}", f"store={store}", f"harvest.layers=[{layer}]",
                                f"train.seed={seed}", f"train.sweep={json.dumps(sweep)}"])
     train.run(cfg, [layer])
     rows = []
@@ -98,6 +102,29 @@ def quality(config: str, layer: int, run_dir: str, seed: int) -> list[dict]:
     return rows
 
 
+KEYS = ("l0", "fvu_heldout", "dead", "delta_ce", "kl")
+
+
+def medians(runs: dict) -> list[dict]:
+    """Per architecture, the median of each number over the seeds' rows."""
+    out = []
+    for r in next(iter(runs.values())):
+        same = [row for rows in runs.values() for row in rows if row["architecture"] == r["architecture"]]
+        out.append({"architecture": r["architecture"],
+                    **{k: sorted(row[k] for row in same)[len(same) // 2] for k in KEYS}})
+    return out
+
+
+def table(rows: list[dict], ratios: bool = False):
+    topk = next((r for r in rows if r["architecture"] == "topk"), None)
+    extra = f" {'dCE / topk':>11}" if ratios and topk else ""
+    print(f"{'architecture':<12} {'L0':>7} {'FVU (held out)':>15} {'dead':>7} {'delta CE':>9} {'KL':>8}{extra}")
+    for r in rows:
+        more = f" {r['delta_ce'] / topk['delta_ce']:>10.3f}x" if extra else ""
+        print(f"{r['architecture']:<12} {r['l0']:>7.1f} {r['fvu_heldout']:>15.4f} {r['dead']:>7.1%} "
+              f"{r['delta_ce']:>9.4f} {r['kl']:>8.4f}{more}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--step", action="store_true")
@@ -105,7 +132,8 @@ def main():
     ap.add_argument("--quality", metavar="CONFIG")
     ap.add_argument("--layer", type=int, default=6)
     ap.add_argument("--run-dir", default="runs/architectures")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a = ap.parse_args()
     if a.step:
         ms = step_times(a.rounds)
@@ -114,11 +142,15 @@ def main():
         for name, t in ms.items():
             print(f"{name:<12} {t:>9.1f} {t / ms['topk']:>7.2f}x")
     if a.quality:
-        rows = quality(a.quality, a.layer, a.run_dir, a.seed)
-        print(f"{'architecture':<12} {'L0':>7} {'FVU (held out)':>15} {'dead':>7} {'delta CE':>9} {'KL':>8}")
-        for r in rows:
-            print(f"{r['architecture']:<12} {r['l0']:>7.1f} {r['fvu_heldout']:>15.4f} {r['dead']:>7.1%} "
-                  f"{r['delta_ce']:>9.4f} {r['kl']:>8.4f}")
+        runs = {}
+        for seed in a.seeds:
+            where = a.run_dir if len(a.seeds) == 1 else f"{a.run_dir}/seed{seed}"
+            runs[seed] = quality(a.quality, a.layer, where, seed, tuple(a.set))
+            print(f"seed {seed}:")
+            table(runs[seed])
+        if len(a.seeds) > 1:
+            print(f"median over seeds {', '.join(map(str, a.seeds))}:")
+            table(medians(runs), ratios=True)
     if not (a.step or a.quality):
         ap.print_help()
 

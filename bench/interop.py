@@ -9,7 +9,9 @@ and run on the same 1024 rows. Compared: the latent activations (SAELens' encode
 encode, densified) and the reconstruction in the activations' own space (SAELens'
 decode(encode(x)), which undoes its layer norm, against our reconstruct_raw), as the largest
 difference relative to the largest magnitude. tests/test_interop.py asserts the same where the
-venv exists.
+venv exists. Transcoders too ("<architecture> transcoder", "... skip transcoder": every
+architecture SAELens holds as one, on raw inputs): their prediction against SAELens's
+decode(encode(x)), W_skip x included.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ for folder, rows, out in zip(*[iter(sys.argv[1:])] * 3):  # (folder, rows, out) 
     x = load_file(rows)["x"]
     with torch.no_grad():
         acts = sae.encode(x)
-        x_hat = sae.decode(acts)
+        # A skip transcoder's W_skip x is part of its forward, not of decode.
+        x_hat = sae(x) if getattr(sae, "W_skip", None) is not None else sae.decode(acts)
     save_file({"acts": acts.contiguous(), "x_hat": x_hat.contiguous()}, out)
 """
 
@@ -55,11 +58,19 @@ def peer_python() -> Path:
     return Path(__file__).resolve().parent / ".peers" / "saelens" / "bin" / "python"
 
 
+TRANSCODES = {"transcoder": False, "skip transcoder": True}  # the kinds of transcoder, and whether it has W_skip
+SAELENS_TRANSCODERS = ("relu", "jumprelu", "batchtopk", "matryoshka")  # the architectures SAELens holds as one
+
+
 def candidate(name: str, seed: int = 0, normalize: str = "layer_norm"):
-    """A random SAE of architecture `name`: biases (and any gate or magnitude parameter) nonzero, a
+    """A random SAE of architecture `name` ("<architecture> transcoder" / "... skip transcoder": that
+    architecture as a transcoder): biases (and any gate, magnitude or skip parameter) nonzero, a
     BatchTopK threshold as training leaves one; other buffers as the architecture makes them."""
     torch.manual_seed(seed)
-    sae = build_sae(name, D, N, {}, normalize=normalize, backend="torch")
+    arch, _, kind = name.partition(" ")
+    sae = build_sae(arch, D, N, {}, normalize=normalize, backend="torch")
+    if kind:
+        sae.make_transcoder(TRANSCODES[kind])
     with torch.no_grad():
         for key, t in sae.named_parameters():
             if key not in ("W_enc", "W_dec"):
@@ -79,7 +90,9 @@ def compare(names: list[str], root: Path, normalize: str = "layer_norm") -> list
     saes, args = {}, []
     for name in names:
         saes[name] = sae = candidate(name, normalize=normalize)
-        sae.save(root / name / "sae", {"layer": 0, "hook": "resid_post"})
+        where = ({"layer": 0, "hook": "mlp_in", "target_hook": "mlp_out"} if sae.transcoder else
+                 {"layer": 0, "hook": "resid_post"})
+        sae.save(root / name / "sae", where)
         out = export(root / name / "sae", "saelens", root / name / "saelens")
         args += [str(out), str(root / "rows.safetensors"), str(root / name / "theirs.safetensors")]
     done = subprocess.run([str(peer_python()), "-c", PEER, *args], capture_output=True, text=True)
@@ -94,10 +107,16 @@ def compare(names: list[str], root: Path, normalize: str = "layer_norm") -> list
         theirs = load_file(str(root / name / "theirs.safetensors"))
         with torch.no_grad():
             ours_acts, ours_hat = sae.encode_dense(x), sae.reconstruct_raw(x)[0]
-        rows.append({"architecture": name, "saelens_name": sae.exports["saelens"], "normalize": normalize,
+        saelens_name = json.loads((root / name / "saelens" / "cfg.json").read_text())["architecture"]
+        rows.append({"architecture": name, "saelens_name": saelens_name, "normalize": normalize,
                      "acts": rel(theirs["acts"], ours_acts), "x_hat": rel(theirs["x_hat"], ours_hat),
                      "live": int((ours_acts > 0).sum())})
     return rows
+
+
+def transcoders() -> list[str]:
+    """The transcoders SAELens holds, each kind."""
+    return [f"{arch} {kind}" for arch in SAELENS_TRANSCODERS for kind in TRANSCODES]
 
 
 def main():
@@ -107,12 +126,12 @@ def main():
     rows = []
     for normalize in ("layer_norm", "none"):
         with tempfile.TemporaryDirectory() as tmp:
-            rows += compare(names, Path(tmp), normalize)
+            rows += compare(names + (transcoders() if normalize == "none" else []), Path(tmp), normalize)
     print(json.dumps(rows, indent=2))
-    print(f"{'architecture':<12} {'normalize':<10} {'as SAELens':<10} {'encode rel diff':>16} "
+    print(f"{'architecture':<28} {'normalize':<10} {'as SAELens':<24} {'encode rel diff':>16} "
           f"{'reconstruction rel diff':>24}")
     for r in rows:
-        print(f"{r['architecture']:<12} {r['normalize']:<10} {r['saelens_name']:<10} {r['acts']:>16.2e} "
+        print(f"{r['architecture']:<28} {r['normalize']:<10} {r['saelens_name']:<24} {r['acts']:>16.2e} "
               f"{r['x_hat']:>24.2e}")
 
 

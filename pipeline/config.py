@@ -28,7 +28,7 @@ from pipeline.errors import UserError
 from pipeline.kernels import BACKENDS
 from pipeline.paths import is_url
 
-NAMED_HOOKS = ("resid_post", "attn_out", "mlp_out")
+NAMED_HOOKS = ("resid_post", "attn_out", "mlp_out", "mlp_in")
 
 
 class ConfigError(UserError):
@@ -126,6 +126,12 @@ class TrainConfig:
                      metadata={"doc": "the dictionary: its `architecture` and that architecture's own settings (one "
                                       "table each, below); older configs' flat `train.k` etc. mean train.sae.k",
                                "section": True, "logistics": False})
+    transcode: dict[str, str] | None = setting(None, "hooks trained as transcoders: {input hook: the hook it "
+                                                     "predicts}, e.g. {mlp_in: mlp_out} (harvest both); the "
+                                                     "other hooks train SAEs. A transcoder's folder is named "
+                                                     "after its input hook")
+    skip_connection: bool = setting(False, "transcoders: add a dense skip connection W_skip x (d_model x d_model, "
+                                           "starting at zero) to the prediction")
     n_latents: int | None = setting(None, "SAE width; null = expansion_factor × d_model")
     expansion_factor: int = setting(8, "n_latents per d_model, when n_latents is null")
     n_tokens: int = setting(10_000_000, "training budget in tokens; more than one epoch of the store is fine")
@@ -319,13 +325,30 @@ class TrainConfig:
             _positive(where, f"train.{key}", getattr(self, key))
         if self.shuffle_chunks is not None:
             _positive(where, "train.shuffle_chunks", self.shuffle_chunks)
+        if self.transcode is not None:
+            if not isinstance(self.transcode, dict) or not self.transcode:
+                raise ConfigError(f"{where}: train.transcode = {self.transcode!r} must map input hooks to the hooks "
+                                  "they predict, e.g. {mlp_in: mlp_out}")
+            for src, dst in self.transcode.items():
+                for hook in (src, dst):
+                    if not isinstance(hook, str) or (hook not in NAMED_HOOKS and not _is_module_path(hook)):
+                        raise ConfigError(f"{where}: train.transcode: unknown hook {hook!r}; use one of "
+                                          f"{', '.join(NAMED_HOOKS)} or a dotted module path inside the block")
+                if src == dst:
+                    raise ConfigError(f"{where}: train.transcode maps {src} to itself; that is an SAE: leave "
+                                      f"{src} out of train.transcode")
         self.members(where)
+
+    def target_hook(self, hook: str) -> str | None:
+        """The hook a transcoder on `hook` predicts (train.transcode), None for an SAE."""
+        return (self.transcode or {}).get(hook)
 
 
 # What the one stream of batches of a sweep is made of (pipeline.loader, train.plan_sae), so every
 # member shares it: the batches, their count, their order, the rows held out and the rows dropped.
 # The logistics (run_lock, checkpoint steps, eval rows, device) are shared too.
-SWEEP_SHARED = ("batch_size", "n_tokens", "seed", "eval_fraction", "shuffle_chunks", "exclude_bos", "skip_nonfinite")
+SWEEP_SHARED = ("batch_size", "n_tokens", "seed", "eval_fraction", "shuffle_chunks", "exclude_bos", "skip_nonfinite",
+                "transcode")
 _MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 _RESERVED = (".partial", ".old", ".tmp")  # the suffixes of a folder's work, swap and temp names (fsio, train)
 

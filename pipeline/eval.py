@@ -40,6 +40,10 @@ another corpus would hand eval training tokens as "held out". A hook whose
 output is not the residual shape is left out with one line; the others go on.
 With train.sweep, every member's SAE (<hook>@<member>, pipeline.paths) is one more
 SAE of the same pass: its own spliced and zero-ablated runs, its own eval.json.
+
+A transcoder (train.transcode, its folder named after its input hook) is spliced where it
+writes: its target hook's activation (the MLP's output) is replaced by its prediction from
+the input hook's activation in the same forward, and zero-ablated there; fvu is of the target.
 """
 
 from __future__ import annotations
@@ -126,7 +130,14 @@ def fingerprint(cfg: Config, w: Windows, corpus: dict, sae_sha256: str, sae_cfg:
         "model.dtype": cfg.model.dtype, **corpus,
         "context_size": w.context_size, "prepend_bos": w.prepend_bos, "held_out_after": w.skip,
         "eval.n_tokens": cfg.eval.n_tokens, "pass_bos": _passes_bos(sae_cfg),
+        **({"target_hook": sae_cfg["target_hook"]} if sae_cfg.get("target_hook") else {}),
     }
+
+
+def splice_point(hook: str, sae: Dictionary) -> tuple[str, str | None]:
+    """(the hook whose activation is replaced, the hook the SAE reads when it is another one)."""
+    target = sae.cfg.get("target_hook") if sae.transcoder else None
+    return (target, hook) if target else (hook, None)
 
 
 def _passes_bos(sae_cfg: dict) -> bool:
@@ -269,16 +280,18 @@ def _splicable(model, todo: list[Target], saes: dict, context_size: int) -> list
     line each, so the config's other hooks are still evaluated; when none is left, one refusal."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     d_model = getattr(cfg, "hidden_size", None)
-    points = [(t.layer, t.hook) for t in todo]
+    points = list(dict.fromkeys((t.layer, h) for t in todo for h in splice_point(t.hook, saes[t.key]) if h))
     device = next(model.parameters()).device
     ids = torch.zeros(1, min(2, context_size), dtype=torch.long, device=device)
     outs = ActivationCapture(model, points).run(ids)
     keep, skipped = [], []
     for t in todo:
-        shape = tuple(outs[(t.layer, t.hook)].shape)
-        if shape != (1, ids.shape[1], d_model):
-            why = (f"hook {t.hook!r} of layer {t.layer} outputs shape {list(shape)}, not the residual shape "
-                   f"[batch, tokens, {d_model}]; eval splices SAEs into resid_post, attn_out or mlp_out")
+        bad = [(h, tuple(outs[(t.layer, h)].shape)) for h in splice_point(t.hook, saes[t.key]) if h]
+        bad = [(h, shape) for h, shape in bad if shape != (1, ids.shape[1], d_model)]
+        if bad:
+            hook, shape = bad[0]
+            why = (f"hook {hook!r} of layer {t.layer} outputs shape {list(shape)}, not the residual shape "
+                   f"[batch, tokens, {d_model}]; eval splices SAEs into resid_post, attn_out, mlp_out or mlp_in")
             skipped.append((t, why))
             continue
         d_in = saes[t.key].d_in
@@ -298,16 +311,18 @@ def _splicable(model, todo: list[Target], saes: dict, context_size: int) -> list
 
 
 def _replacer(sae: Dictionary, pass_bos: bool, stats: ReconStats | None):
-    """fn(x [B, T, d]) for splice: the SAE's reconstruction (stats given) or zeros, BOS kept when passed."""
+    """fn(x [B, T, d], src) for splice: the SAE's reconstruction of x (a transcoder's prediction of x
+    from src, the input hook's activation; stats given) or zeros, BOS kept when passed."""
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
+    def fn(x: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
         start = 1 if pass_bos else 0
         body = x[:, start:]
         if stats is None:
             new = torch.zeros_like(body)
         else:
             flat = body.reshape(-1, body.shape[-1])
-            x_hat, idx, vals = sae.reconstruct_raw(flat)
+            read = flat if src is None else src[:, start:].reshape(-1, src.shape[-1])
+            x_hat, idx, vals = sae.reconstruct_raw(read)
             stats.add(flat, x_hat, idx, vals)
             new = x_hat.to(x.dtype).reshape(body.shape)
         return torch.cat([x[:, :start], new], dim=1) if start else new
@@ -359,19 +374,20 @@ def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
             ce_clean -= logp_clean.gather(-1, targets.unsqueeze(-1)).double().sum()
             p_clean = logp_clean.exp()
 
-            def forward(layer, hook, fn):
-                with splice(model, layer, hook, fn), \
+            def forward(layer, hook, sae, fn):
+                where, source = splice_point(hook, sae)
+                with splice(model, layer, where, fn, source), \
                         (resume_after_block(model, layer - 1, before[layer - 1]) if layer > 0 else nullcontext()):
                     return model(input_ids=ids, attention_mask=mask).logits
 
             for key, sae in p.saes.items():
                 (layer, hook, _), s, pass_bos = key, sums[key], p.pass_through[key]
-                logits = forward(layer, hook, _replacer(sae, pass_bos, stats[key]))
+                logits = forward(layer, hook, sae, _replacer(sae, pass_bos, stats[key]))
                 logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
                 s.ce_spliced -= logp.gather(-1, targets.unsqueeze(-1)).double().sum()
                 s.kl += (p_clean * (logp_clean - logp)).sum(-1).double().sum()
                 del logits, logp
-                s.ce_zero += _ce(forward(layer, hook, _replacer(sae, pass_bos, None)), targets)
+                s.ce_zero += _ce(forward(layer, hook, sae, _replacer(sae, pass_bos, None)), targets)
             bar.update(ids.numel())
     finally:
         bar.close()
@@ -402,8 +418,11 @@ def run(cfg: Config, layers: list[int] | None = None, force: bool = False,
                 print(f"{name}: eval.json was made with other settings ({'; '.join(t.stale)}); redoing")
         results = evaluate(p, progress) if p.todo else {}
         rows = []
+        pictures = {}
         for t in p.targets:
-            arch = (saved_cfg(t.folder) or {}).get("architecture", DEFAULT)
+            sae_cfg = saved_cfg(t.folder) or {}
+            arch, target = sae_cfg.get("architecture", DEFAULT), sae_cfg.get("target_hook")
+            pictures[(t.layer, target or t.hook)] = True
             if t in p.todo:
                 row = {**_finite(results[t.key]), "architecture": arch, "sae_sha256": t.fingerprint["sae_sha256"],
                        "fingerprint": t.fingerprint}
@@ -412,8 +431,8 @@ def run(cfg: Config, layers: list[int] | None = None, force: bool = False,
                 row = {"architecture": arch, **t.done}
             else:
                 continue  # a hook eval cannot splice
-            rows.append((t.layer, leaf(t.hook, t.member), row))
-        for layer, hook in dict.fromkeys((t.layer, t.hook) for t in p.targets):
+            rows.append((t.layer, leaf(t.hook, t.member) + (f"->{target}" if target else ""), row))
+        for layer, hook in pictures:  # a transcoder is drawn where it is spliced, beside that hook's SAEs
             draw_frontier(cfg.run_path, layer, hook)
         if viewer.index_page(cfg.run_path).exists():  # collate's index page shows these numbers and pictures
             viewer.write_index_page(cfg.run_path)
@@ -422,18 +441,22 @@ def run(cfg: Config, layers: list[int] | None = None, force: bool = False,
 
 def frontier_points(run_dir, layer: int, hook: str) -> list[dict]:
     """Every SAE of (layer, hook) in run_dir with a current eval.json (the plain folder and each
-    sweep member's, whatever the config now lists): name, architecture, l0, delta_ce, fvu."""
+    sweep member's, whatever the config now lists), and every transcoder that predicts (layer, hook):
+    name, architecture, l0, delta_ce, fvu."""
     points = []
     parent = sae_dir(run_dir, layer, hook).parent
     for folder in sorted(parent.iterdir()) if parent.is_dir() else []:
         name, member = split_leaf(folder.name)
-        if name != hook or not folder.is_dir() or folder.name.endswith((".partial", ".old")):
+        if not folder.is_dir() or folder.name.endswith((".partial", ".old")):
             continue
         marker, cfg = saved_marker(folder), saved_cfg(folder)
+        if cfg is None or (cfg.get("target_hook") or name) != hook:
+            continue
         row = fsio.read_json(folder / EVAL_FILE)
-        if marker is None or cfg is None or row.get("sae_sha256") != marker["sha256"]:
+        if marker is None or row.get("sae_sha256") != marker["sha256"]:
             continue  # no eval, or one of other weights
-        points.append({"name": folder.name, "architecture": cfg.get("architecture", DEFAULT),
+        to = f" (transcoder from {name})" if cfg.get("target_hook") else ""
+        points.append({"name": folder.name + to, "architecture": cfg.get("architecture", DEFAULT),
                        **{k: row.get(k) for k in ("l0", "delta_ce", "fvu")}})
     return points
 

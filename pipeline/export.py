@@ -1,7 +1,7 @@
 """Write a trained SAE folder in the layouts SAELens and sparsify load.
 
 Each architecture lists the formats that can hold it and its name there
-(`Dictionary.exports`) and adds what else a format needs (`export_extras`: `k`
+(`Dictionary.exports`; as a transcoder, `Dictionary.transcodes`) and adds what else a format needs (`export_extras`: `k`
 for TopK, a threshold, ...); any other pairing is refused in one line. For TopK both tools compute the same SAE
 as we do; only names and layouts differ:
 
@@ -16,6 +16,12 @@ encoder(x - b_dec))): the same latents as our encode. Scalar normalisation is
 already folded into our saved weights, so neither needs to know about it;
 per-token layer norm maps to SAELens' normalize_activations "layer_norm" and
 has no sparsify equivalent.
+
+A transcoder (cfg.json `transcoder`) takes its input as it is (no b_dec subtracted) and adds
+W_skip x [d, d] when it has a skip connection, as both tools' transcoders do: SAELens's
+`transcoder` (ReLU: our relu) and `jumprelu_transcoder` (our jumprelu, batchtopk, matryoshka),
+with `skip_` variants; sparsify's TopK with `transcode` and `skip_connection`. Its input must
+reach it raw: a transcoder trained on layer-normed inputs is refused.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from pipeline.saes import Dictionary, load_sae
 
 FORMATS = ("saelens", "sparsify")
 # TransformerLens names for the hooks harvest knows by name; module-path hooks keep our naming.
-_TL_HOOKS = {"resid_post": "hook_resid_post", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
+_TL_HOOKS = {"resid_post": "hook_resid_post", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
+             "mlp_in": "ln2.hook_normalized"}
+
 
 
 def export(sae_dir, fmt: str, out, member: str | None = None) -> Path:
@@ -50,9 +58,13 @@ def export(sae_dir, fmt: str, out, member: str | None = None) -> Path:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} already exists and is not empty; choose a new folder or remove it")
     sae = load_sae(sae_dir)  # a finished, intact SAE or one line saying how to retrain it
-    if fmt not in sae.exports:
-        raise UserError(f"--format {fmt} cannot hold a {sae.architecture} SAE; export it as "
-                        f"{' or '.join(sae.exports) or 'nothing yet'}")
+    formats, kind = (sae.transcodes, "transcoder") if sae.transcoder else (sae.exports, "SAE")
+    if fmt not in formats:
+        raise UserError(f"--format {fmt} cannot hold a {sae.architecture} {kind}; export it as "
+                        f"{' or '.join(formats) or 'nothing yet'}")
+    if sae.transcoder and sae.normalize == "layer_norm":
+        raise UserError(f"this transcoder was trained on per-token layer-normed inputs, which --format {fmt} cannot "
+                        "apply to a transcoder; retrain it with train.normalize: scalar (or none)")
     tensors, cfg, weights = (saelens if fmt == "saelens" else sparsify)(sae)
     tensors = {k: v for k, v in tensors.items() if v is not None}  # export_extras drops a name with None
     # Build beside the target, then swap it in: a killed or failed export leaves no half-written --out.
@@ -73,21 +85,32 @@ def export(sae_dir, fmt: str, out, member: str | None = None) -> Path:
     return out
 
 
+def _tl_hook(layer, hook: str | None) -> str:
+    return f"blocks.{layer}.{_TL_HOOKS[hook]}" if hook in _TL_HOOKS else f"layers.{layer}.{hook}"
+
+
 def saelens(sae: Dictionary) -> tuple[dict, dict, str]:
     c = sae.cfg
     hook, layer = c.get("hook"), c.get("layer")
-    hook_name = f"blocks.{layer}.{_TL_HOOKS[hook]}" if hook in _TL_HOOKS else f"layers.{layer}.{hook}"
+    hook_name = _tl_hook(layer, hook)
     dataset = c.get("dataset") or {}
     extra_tensors, extra_cfg = sae.export_extras("saelens")
     tensors = {"W_enc": sae.W_enc.T, "b_enc": sae.b_lat, "W_dec": sae.W_dec, "b_dec": sae.b_pre, **extra_tensors}
+    architecture, transcoding = sae.exports["saelens"], {}
+    if sae.transcoder:
+        architecture = sae.transcodes["saelens"][sae.W_skip is not None]
+        if sae.W_skip is not None:
+            tensors["W_skip"] = sae.W_skip
+        transcoding = {"d_out": sae.d_in}
     cfg = {
-        "architecture": sae.exports["saelens"],
+        "architecture": architecture,
         "d_in": sae.d_in,
         "d_sae": sae.n_latents,
+        **transcoding,
         **extra_cfg,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not sae.transcoder,
         "normalize_activations": "layer_norm" if sae.normalize == "layer_norm" else "none",
         "reshape_activations": "none",
         "rescale_acts_by_decoder_norm": False,
@@ -104,6 +127,8 @@ def saelens(sae: Dictionary) -> tuple[dict, dict, str]:
             "sae_lens_training_version": None,
             "saepipe_version": pipeline.__version__,
             "saepipe_hook": hook,
+            **({"hook_name_out": _tl_hook(layer, c.get("target_hook")), "saepipe_target_hook": c.get("target_hook")}
+               if sae.transcoder else {}),
         },
     }
     return tensors, cfg, "sae_weights.safetensors"
@@ -115,7 +140,7 @@ def sparsify(sae: Dictionary) -> tuple[dict, dict, str]:
                         "export it with --format saelens (normalize_activations: layer_norm)")
     extra_tensors, extra_cfg = sae.export_extras("sparsify")
     tensors = {"encoder.weight": sae.W_enc, "encoder.bias": sae.b_lat, "W_dec": sae.W_dec, "b_dec": sae.b_pre,
-               **extra_tensors}
+               **extra_tensors, **({"W_skip": sae.W_skip} if sae.W_skip is not None else {})}
     unit = bool(torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.n_latents), atol=1e-4))
     cfg = {
         "activation": sae.exports["sparsify"],
@@ -124,8 +149,8 @@ def sparsify(sae: Dictionary) -> tuple[dict, dict, str]:
         "num_latents": sae.n_latents,
         **extra_cfg,
         "multi_topk": False,
-        "skip_connection": False,
-        "transcode": False,
+        "skip_connection": sae.W_skip is not None,
+        "transcode": sae.transcoder,
         "d_in": sae.d_in,
     }
     return tensors, cfg, "sae.safetensors"

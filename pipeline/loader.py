@@ -15,6 +15,10 @@ the batches an uninterrupted one would.
 Held-out chunks, spread evenly over the store, are never part of the stream;
 `eval_rows` reads the first rows of them for evaluation.
 
+A transcoder's rows are pairs: with `target`, each row is the input hook's row and the
+target hook's row of the same token side by side ([.., d_in + d_out], read_rows), so the
+pair is shuffled, filtered and batched as one row.
+
 Reading: a background thread assembles windows ahead of the trainer (one
 window in hand, `prefetch` more queued), each read by a pool of threads
 (zarr decompression releases the GIL). Under torchrun every rank trains on the
@@ -77,6 +81,17 @@ def excludes_bos(store: ActivationStore, exclude_bos: bool) -> bool:
     return exclude_bos and bool(store.attrs.get("prepend_bos", False))
 
 
+def read_rows(store: ActivationStore, layer: int, hook: str, target: str | None, chunk: int) -> torch.Tensor:
+    """Chunk `chunk` of (layer, hook), with (layer, target)'s rows beside it when given: the same
+    tokens, since harvest cuts every hook's rows from the same windows."""
+    x = store.read_chunk(layer, hook, chunk)
+    return x if target is None else torch.cat([x, store.read_chunk(layer, target, chunk)], dim=1)
+
+
+def row_width(store: ActivationStore, layer: int, hook: str, target: str | None) -> int:
+    return store.d_model(layer, hook) + (store.d_model(layer, target) if target is not None else 0)
+
+
 class RowFilter:
     """Which rows of a chunk may be trained on: not BOS (when excluded), finite."""
 
@@ -112,10 +127,11 @@ class BatchLoader:
 
     def __init__(self, store: ActivationStore, layer: int, hook: str, chunks: list[int], batch_size: int,
                  seed: int, window_chunks: int, row_filter: RowFilter, device: torch.device,
-                 reader_threads: int = 4, prefetch: int = 1, start: Cursor = Cursor(), cache: bool = False):
+                 reader_threads: int = 4, prefetch: int = 1, start: Cursor = Cursor(), cache: bool = False,
+                 target: str | None = None):
         if not chunks:
             raise UserError(f"layer {layer} {hook}: no chunks left to train on")
-        self.store, self.layer, self.hook = store, layer, hook
+        self.store, self.layer, self.hook, self.target = store, layer, hook, target
         self.chunks, self.batch_size, self.seed = list(chunks), batch_size, seed
         self.window_chunks = max(1, min(window_chunks, len(self.chunks)))
         self.n_windows = -(-len(self.chunks) // self.window_chunks)
@@ -151,7 +167,7 @@ class BatchLoader:
         return [have[c] if c in have else read[c] for c in ids]
 
     def _read(self, c: int) -> torch.Tensor:
-        return self.filter(c, self.store.read_chunk(self.layer, self.hook, c))
+        return self.filter(c, read_rows(self.store, self.layer, self.hook, self.target, c))
 
     def _read_shared(self, ids: list[int], pool: ThreadPoolExecutor) -> dict[int, torch.Tensor]:
         """Rank r reads ids r, r + W, ...; the rows of all of them (and the NaN/Inf rows each dropped,
@@ -164,7 +180,7 @@ class BatchLoader:
             meta[rank + j * world] = torch.tensor([x.shape[0], self.filter.nonfinite.get(c, 0)])
         dist.all_reduce_(meta, self.group)
         rows = meta[:, 0].tolist()
-        local = torch.cat(got) if got else torch.empty(0, self.store.d_model(self.layer, self.hook),
+        local = torch.cat(got) if got else torch.empty(0, row_width(self.store, self.layer, self.hook, self.target),
                                                          dtype=self.store.dtype(self.layer, self.hook))
         per_rank = dist.all_gather_rows(local, [sum(rows[r::world]) for r in range(world)], self.group)
         out = {}
@@ -273,10 +289,10 @@ class _Gate:
             return produced < self.allowed and (self.finish or not self.closed)
 
 
-def count_nonfinite(store: ActivationStore, layer: int, hook: str, threads: int = 4) -> int:
-    """NaN/Inf rows in the whole array (one read pass, `threads` readers)."""
+def count_nonfinite(store: ActivationStore, layer: int, hook: str, threads: int = 4, target: str | None = None) -> int:
+    """NaN/Inf rows in the whole array (with `target`: pairs with one in either; one read pass, `threads` readers)."""
     def bad(c):
-        x = store.read_chunk(layer, hook, c)
+        x = read_rows(store, layer, hook, target, c)
         return int(x.shape[0] - torch.isfinite(x).all(dim=1).sum())
 
     with ThreadPoolExecutor(threads) as pool:
@@ -296,9 +312,9 @@ def trainable_rows(store: ActivationStore, layer: int, hook: str, chunks: list[i
 
 
 def eval_rows(store: ActivationStore, layer: int, hook: str, chunks: list[int], n: int,
-              row_filter: RowFilter) -> torch.Tensor:
-    """About n filtered rows as float32 on CPU: an equal share from the start of each held-out chunk,
-    so the eval set spans as many sequences of the corpus as the held-out chunks do."""
+              row_filter: RowFilter, target: str | None = None) -> torch.Tensor:
+    """About n filtered rows (pairs, with `target`) as float32 on CPU: an equal share from the start of
+    each held-out chunk, so the eval set spans as many sequences of the corpus as the held-out chunks do."""
     share = -(-n // max(1, len(chunks)))
-    out = [row_filter(c, store.read_chunk(layer, hook, c))[:share].float() for c in chunks]
-    return torch.cat(out)[:n] if out else torch.empty(0, store.d_model(layer, hook))
+    out = [row_filter(c, read_rows(store, layer, hook, target, c))[:share].float() for c in chunks]
+    return torch.cat(out)[:n] if out else torch.empty(0, row_width(store, layer, hook, target))

@@ -8,9 +8,10 @@ without a table of architectures. Hook points:
     resid_post   output of block L (the residual stream after it)
     attn_out     what block L's attention sublayer adds to the residual stream
     mlp_out      what block L's MLP sublayer adds to the residual stream
+    mlp_in       what block L's MLP reads: its input, after the norm before it (a transcoder's input)
     a.b.c        output of any module at that dotted path inside block L
 
-attn_out / mlp_out are refused, in one line, in blocks without attention / MLP (Mamba).
+attn_out / mlp_out / mlp_in are refused, in one line, in blocks without attention / MLP (Mamba).
 Every hook is seen as [B, T, d]: a module that works on flattened tokens (OPT's fc2)
 is viewed back, and a copy is kept (Falcon adds into its MLP's output in place).
 
@@ -53,6 +54,21 @@ _SUBLAYERS = {
 # post_feedforward_layernorm: in Llama-style blocks post_attention_layernorm is the MLP's
 # *input* norm, so that name alone says nothing.
 _SANDWICH = {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"}
+# Hooks that are a module's *input*, not its output: the MLP's own module, or the first layer of an
+# MLP that has none (BERT's intermediate, OPT's fc1, which reads tokens flattened to [B*T, d]).
+_INPUTS = {"mlp_in": ("mlp", "feed_forward", "ffn", "intermediate", "fc1")}
+
+
+def is_input_hook(hook: str) -> bool:
+    """Whether (layer, hook) is what its module reads rather than what it returns."""
+    return hook in _INPUTS
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    for v in (*args, *kwargs.values()):
+        if torch.is_tensor(v):
+            return v
+    return None
 
 
 def resolve_device(device: str, key: str = "model.device") -> torch.device:
@@ -325,24 +341,48 @@ def load_causal_lm(name: str, revision: str = "main", dtype: str = "float32", de
 
 
 @contextmanager
-def splice(model: nn.Module, layer: int, hook: str, fn):
-    """Inside the block, the (layer, hook) module's output x [B, T, d] becomes fn(x);
-    a tuple output keeps its other members."""
-    module = resolve_hook_points(model, [(layer, hook)])[(layer, hook)]
+def splice(model: nn.Module, layer: int, hook: str, fn, source: str | None = None):
+    """Inside the block, the (layer, hook) activation x [B, T, d] becomes fn(x) (an input hook:
+    what its module reads; a tuple output keeps its other members). With `source` (a transcoder's
+    input hook, read earlier in the same block), it becomes fn(x, s) for s the source's activation."""
+    points = [(layer, hook)] + ([(layer, source)] if source is not None else [])
+    modules = resolve_hook_points(model, points)
     block = find_blocks(model)[layer]
     lead: dict = {}
+    seen: dict = {}
+
+    def new(x):
+        x3 = _as_tokens(x, lead.get(block, ()))
+        return (fn(x3) if source is None else fn(x3, seen.pop("source"))).reshape(x.shape)
 
     def replace(_mod, _inp, output):
         x = output[0] if isinstance(output, tuple) else output
-        y = fn(_as_tokens(x, lead.get(block, ()))).reshape(x.shape)
-        return (y, *output[1:]) if isinstance(output, tuple) else y
+        return (new(x), *output[1:]) if isinstance(output, tuple) else new(x)
 
-    handle = module.register_forward_hook(replace)
+    def replace_input(_mod, args, kwargs):
+        if args and torch.is_tensor(args[0]):
+            return (new(args[0]), *args[1:]), kwargs
+        key = next(k for k, v in kwargs.items() if torch.is_tensor(v))
+        return args, {**kwargs, key: new(kwargs[key])}
+
+    def keep_source(_mod, args, kwargs, output=None):
+        x = _first_tensor(args, kwargs) if output is None else (output[0] if isinstance(output, tuple) else output)
+        seen["source"] = _as_tokens(x, lead.get(block, ()))
+
+    handles = []
+    if source is not None:
+        mod = modules[(layer, source)]
+        handles.append(mod.register_forward_pre_hook(keep_source, with_kwargs=True) if is_input_hook(source) else
+                       mod.register_forward_hook(lambda m, a, kw, out: keep_source(m, a, kw, out), with_kwargs=True))
+    module = modules[(layer, hook)]
+    handles.append(module.register_forward_pre_hook(replace_input, with_kwargs=True) if is_input_hook(hook)
+                   else module.register_forward_hook(replace))
     try:
         with _block_inputs([block], lead):
             yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 @contextmanager
@@ -490,14 +530,14 @@ def hook_module(block: nn.Module, hook: str, layer: int) -> nn.Module:
         return block
     if hook in _SANDWICH and hasattr(block, "post_feedforward_layernorm"):
         return block.get_submodule(_SANDWICH[hook])
-    candidates = _SUBLAYERS.get(hook, (hook,))
+    candidates = _INPUTS.get(hook) or _SUBLAYERS.get(hook, (hook,))
     for path in candidates:
         try:
             return block.get_submodule(path)
         except AttributeError:
             continue
     children = ", ".join(n for n, _ in block.named_children())
-    if hook in _SUBLAYERS and hasattr(block, "mixer"):  # Mamba and its kin
+    if (hook in _SUBLAYERS or hook in _INPUTS) and hasattr(block, "mixer"):  # Mamba and its kin
         what = "attention" if hook == "attn_out" else "MLP"
         raise UserError(f"hook {hook!r}: {type(block).__name__} has no {what}, only a state-space `mixer` (which is "
                         "not attention); use resid_post, or hook the mixer by its path: mixer")
@@ -574,8 +614,15 @@ class ActivationCapture:
 
             return fn
 
+        def input_saver(key):
+            def fn(_mod, args, kwargs):
+                out[key] = _as_tokens(_first_tensor(args, kwargs), lead.get(self.blocks[key], ())).clone()
+
+            return fn
+
         for key, mod in self.modules.items():
-            handles.append(mod.register_forward_hook(saver(key)))
+            handles.append(mod.register_forward_pre_hook(input_saver(key), with_kwargs=True) if is_input_hook(key[1])
+                           else mod.register_forward_hook(saver(key)))
 
         def stop(_mod, _inp, _output):
             raise _StopForward

@@ -9,7 +9,8 @@ activations (any scalar input scale is folded into its weights at save time),
 so a decoder row is already in the model's activation space; an SAE trained on
 per-token layer-normed inputs reconstructs x as x_hat * (std(x) + eps) + mean(x),
 so its row is scaled by each token's std(x) + eps the same way (the SAE's
-input_scale, the one owner of that rule).
+input_scale, the one owner of that rule; a transcoder's row is added at the hook it predicts,
+output_scale).
 
 With train.sweep, `member` picks the sweep member whose SAE steers (its folder
 `<hook>@<member>`); none picks the plain one, the `{}` entry.
@@ -52,7 +53,7 @@ class Plan:
     hook: str
     latent: int
     direction: torch.Tensor  # [d] W_dec[latent], on the model's device and dtype
-    input_scale: Callable  # the SAE's: x [.., d] -> how much larger x is than what the SAE encodes
+    input_scale: Callable  # the SAE's output_scale: x [.., d] -> how much larger x is than what it decodes
     strengths: list[float]
     prompt_ids: torch.Tensor  # [1, T]
     max_new_tokens: int  # what fits in the model's positions after the prompt
@@ -105,6 +106,10 @@ def plan(cfg: Config, layer: int, latent: int, strengths: list[float], prompt: s
         raise UserError(f"--latent {latent} is out of range: the SAE of layer {layer} hook {leaf(hook, member)} has "
                         f"latents 0..{sae.n_latents - 1}")
 
+    if sae.transcoder:  # its decoder writes to the hook it predicts: the direction is added there
+        notes.append(f"layer {layer} {leaf(hook, member)} is a transcoder to {sae.cfg['target_hook']}: its decoder "
+                     f"row is added at {sae.cfg['target_hook']}")
+        hook = sae.cfg["target_hook"]
     model, tokenizer = load_causal_lm(cfg.model.name, cfg.model.revision, cfg.model.dtype, cfg.model.device)
     resolve_hook_points(model, [(layer, hook)])  # a layer past the model's last is refused in one line
     param = next(model.parameters())
@@ -113,7 +118,7 @@ def plan(cfg: Config, layer: int, latent: int, strengths: list[float], prompt: s
         raise UserError("--prompt encodes to no tokens; give the text the model should continue")
     max_new_tokens, note = _fit_positions(model, ids.shape[1], max_new_tokens)
     direction = sae.W_dec[latent].detach().to(param.device, param.dtype)
-    return Plan(model, tokenizer, layer, hook, latent, direction, sae.input_scale,
+    return Plan(model, tokenizer, layer, hook, latent, direction, sae.output_scale,
                 strengths, ids, max_new_tokens, notes + ([note] if note else []))
 
 

@@ -93,7 +93,8 @@ OUTPUTS = ("metrics.jsonl", "loss.png", "loss.svg", "density.png", "density.svg"
            DONE)
 # What a resume must match: the train config but its logistics, expansion_factor (folded into n_latents)
 # and the sweep (a member's config has none: it is the plain config with the member's overrides).
-_NOT_FINGERPRINTED = {*logistics(TrainConfig), "expansion_factor", "sweep"}
+# A transcoder's fingerprint names its own target instead of the whole train.transcode map.
+_NOT_FINGERPRINTED = {*logistics(TrainConfig), "expansion_factor", "sweep", "transcode", "skip_connection"}
 
 
 @dataclass
@@ -114,10 +115,12 @@ class Plan:
     window_chunks: int
     rows_per_epoch: int
     member: str | None = None  # the sweep member's name; None: the plain folder
+    target: str | None = None  # a transcoder's target hook (train.transcode); None: an SAE
 
     @property
     def name(self) -> str:
-        return f"layer {self.layer} {leaf(self.hook, self.member)}"
+        to = f" (transcoder to {self.target})" if self.target else ""
+        return f"layer {self.layer} {leaf(self.hook, self.member)}{to}"
 
     @property
     def key(self) -> tuple:
@@ -179,6 +182,9 @@ def plan_sae(cfg: Config, store: ActivationStore, layer: int, hook: str, force: 
     name = f"layer {layer} {leaf(hook, member)}"
     store.array(layer, hook)  # missing or partly harvested: one clear error
     d = store.d_model(layer, hook)
+    target = tc.target_hook(hook)
+    if target is not None:
+        _check_pair(store, layer, hook, target, tc, name)
     n = tc.n_latents or tc.expansion_factor * d
     width = (f"train.n_latents = {n}" if tc.n_latents
              else f"n_latents = {n} (train.expansion_factor {tc.expansion_factor} x d_model {d})")
@@ -193,7 +199,8 @@ def plan_sae(cfg: Config, store: ActivationStore, layer: int, hook: str, force: 
         backend=resolve_backend(tc.backend, device, key="train.backend"))
     fingerprint = {"d_in": d, "model": store.attrs.get("model"), "n_rows": store.n_rows(layer, hook),
                    "n_steps": tc.n_steps,
-                   **{k: v for k, v in tc.flat().items() if k not in _NOT_FINGERPRINTED}}
+                   **{k: v for k, v in tc.flat().items() if k not in _NOT_FINGERPRINTED},
+                   **({"target_hook": target, "skip_connection": tc.skip_connection} if target else {})}
     fingerprint = json.loads(json.dumps(fingerprint))  # as cfg.json will hold it (tuples become lists)
 
     train_chunks, eval_chunks = split_chunks(store.n_chunks(layer, hook), tc.eval_fraction)
@@ -208,7 +215,7 @@ def plan_sae(cfg: Config, store: ActivationStore, layer: int, hook: str, force: 
 
     out = sae_dir(cfg.run_dir, layer, hook, member)
     p = Plan(store, layer, hook, out, "", force, tc, d, fingerprint, device, _matmul_dtype(tc.autocast, device),
-             train_chunks, eval_chunks, window_chunks, rows_per_epoch, member)
+             train_chunks, eval_chunks, window_chunks, rows_per_epoch, member, target)
     # Planning writes nothing: a swap a kill interrupted is only undone under the lock, in train(),
     # and until then the old folder aside is what recover_swap will give back the name.
     shown = out if out.exists() or not fsio.old_name(out).exists() else fsio.old_name(out)
@@ -219,6 +226,23 @@ def plan_sae(cfg: Config, store: ActivationStore, layer: int, hook: str, force: 
     if p.status == "fresh" and check_finite:
         _check_finite(p)
     return p
+
+
+def _check_pair(store: ActivationStore, layer: int, hook: str, target: str, tc: TrainConfig, name: str):
+    """A transcoder's target: harvested, of the input's width, row for row beside it."""
+    if not store.has(layer, target):
+        raise UserError(f"{name}: train.transcode predicts {target} from {hook}, but layer {layer} {target} was not "
+                        f"harvested; add {target} to harvest.hooks and run saepipe harvest CONFIG --layers {layer}")
+    store.array(layer, target)  # partly harvested: one clear error
+    if store.d_model(layer, target) != store.d_model(layer, hook):
+        raise UserError(f"{name}: train.transcode maps {hook} (width {store.d_model(layer, hook)}) to {target} (width "
+                        f"{store.d_model(layer, target)}); a transcoder's two hooks must have one width")
+    if (store.n_rows(layer, target), store.chunk_rows(layer, target)) != (store.n_rows(layer, hook),
+                                                                         store.chunk_rows(layer, hook)):
+        raise UserError(f"{name}: layer {layer} {hook} and {target} hold different rows; harvest them again together: "
+                        f"saepipe harvest CONFIG --layers {layer} --force")
+    if tc.shard_latents:
+        raise UserError(f"{name}: train.shard_latents does not split a transcoder's latents; set shard_latents: false")
 
 
 # The default shuffle window: rows mixed at once, and the most bytes they may take. A window of 8
@@ -265,7 +289,7 @@ def _status(p: Plan, out: Path) -> str:
 def _check_finite(p: Plan):
     if not p.tc.check_finite:
         return
-    bad = count_nonfinite(p.store, p.layer, p.hook, p.tc.reader_threads)
+    bad = count_nonfinite(p.store, p.layer, p.hook, p.tc.reader_threads, p.target)
     if bad and not p.tc.skip_nonfinite:
         raise UserError(f"{p.name}: {bad} of {p.store.n_rows(p.layer, p.hook)} stored rows hold NaN/Inf; refusing "
                         "to train on them (set train.skip_nonfinite=true to drop those rows, or re-harvest)")
@@ -329,17 +353,17 @@ def train(plans: list[Plan], progress: bool = True) -> dict:
 
     states, sample = [], None
     for p in members:
-        state = TrainState(p.tc, p.d_in, p.device, Shard.of(p.tc))
+        state = TrainState(p.tc, p.d_in, p.device, Shard.of(p.tc), transcoder=p.target is not None)
         if p.status == "resume":
             state.load_state_dict(load_checkpoint(p.work / CHECKPOINT)["state"])
         else:
             if sample is None:  # read once: a member with a smaller init_sample takes the first rows of it
                 sample = init_sample(first, max(q.tc.init_sample for q in members))
             if state.shard is None:
-                state.scale = init_weights(state.sae, p, sample)
+                state.scale, state.out_scale = init_weights(state.sae, p, sample)
             else:  # the one-process init, then this rank's rows of it
                 whole = state.sae.empty_like(p.tc.n_latents)
-                state.scale = init_weights(whole, p, sample)
+                state.scale, state.out_scale = init_weights(whole, p, sample)
                 state.sae.load_state_dict(state.shard.rows(whole.state_dict()))
                 del whole
             if state.ema is not None:
@@ -356,7 +380,7 @@ def train(plans: list[Plan], progress: bool = True) -> dict:
     for state in states:
         state.nonfinite = rf.nonfinite
     x_eval = eval_rows(first.store, first.layer, first.hook, first.eval_chunks or first.train_chunks,
-                       tc.eval_tokens, first.row_filter())
+                       tc.eval_tokens, first.row_filter(), first.target)
     if main:
         for p, state in zip(members, states):
             _announce(p, state.step, x_eval.shape[0])
@@ -367,7 +391,8 @@ def train(plans: list[Plan], progress: bool = True) -> dict:
     # the earliest, and a member ahead of it lets the batches it has trained on go by.
     behind = min(states, key=lambda st: st.step)
     loader = BatchLoader(first.store, first.layer, first.hook, first.train_chunks, B, tc.seed, first.window_chunks,
-                         rf, first.device, tc.reader_threads, start=behind.cursor, cache=_cache_rows(first))
+                         rf, first.device, tc.reader_threads, start=behind.cursor, cache=_cache_rows(first),
+                         target=first.target)
 
     what = f"train L{first.layer} {first.hook}" + (f" x{len(members)} SAEs" if len(members) > 1 else "")
     bar = tqdm(total=tc.n_steps * B, initial=behind.step * B, unit="tok", unit_scale=True, desc=what,
@@ -385,7 +410,8 @@ def train(plans: list[Plan], progress: bool = True) -> dict:
                     continue
                 state.cursor = cursor
                 lr = learning_rate(p.tc, step)
-                n_dormant = train_step(state, state.sae.preprocess(x) * state.scale, lr, p.tc, p.matmul_dtype)
+                x_in, y = (x, None) if p.target is None else (x[:, :p.d_in], x[:, p.d_in:] * state.out_scale)
+                n_dormant = train_step(state, state.sae.preprocess(x_in) * state.scale, lr, p.tc, p.matmul_dtype, y)
                 if state.shard is not None and any(_due(p.tc, state.step)):
                     state.gather()  # every rank sends its shard; rank 0 evaluates and checkpoints the whole SAE
                 if main:
@@ -432,7 +458,7 @@ def _after_step(p: Plan, state: TrainState, metrics, rf: RowFilter, x_eval: torc
         state.log_from, t_log = step, now
     eval_due, checkpoint_due = _due(tc, step)
     if eval_due:
-        ev = evaluate(state.weights(), x_eval, state.scale, B, p.matmul_dtype)
+        ev = evaluate(state.weights(), x_eval, state.scale, B, p.matmul_dtype, state.out_scale)
         del ev["density"]
         _append(metrics, {"split": "eval", "step": step, "tokens": step * B, **ev})
     if checkpoint_due:
@@ -453,10 +479,13 @@ def _cache_rows(p: Plan) -> bool:
 
 
 def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
-               matmul_dtype: torch.dtype | None = None) -> int:
+               matmul_dtype: torch.dtype | None = None, y: torch.Tensor | None = None) -> int:
     """One optimizer step on a normalised batch x [B, d] (under torchrun, this rank's rows of it, the
     gradients and counters summed over the ranks; with latent sharding, the whole batch and this rank's
-    latents, pipeline.shard); returns how many latents were dormant."""
+    latents, pipeline.shard); returns how many latents were dormant. A transcoder predicts y [B, d]
+    (scaled): its dictionary is asked for y less the skip term, so every architecture's own loss terms
+    (AuxK's residual, Matryoshka's prefixes) see the part the latents must give, and the FVU's
+    denominator stays y's variance."""
     sae, opt, shard = state.sae, state.opt, state.shard
     for g in opt.param_groups:
         g["lr"] = lr
@@ -465,8 +494,9 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
                      state.step, tc.n_steps, opt)
     o = sae.train_forward(x, view)
     rows = _global_rows(x) if shard is None else x.shape[0]
-    fvu, nmse = reconstruction_loss(x, o.x_hat, rows, whole_batch=shard is not None)
-    loss, aux = sae.train_loss(x, o, fvu, view)
+    target = x if y is None else y - sae.skip(x)
+    fvu, nmse = reconstruction_loss(target, o.x_hat, rows, whole_batch=shard is not None, of=y)
+    loss, aux = sae.train_loss(target, o, fvu, view)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if dist.rank_world()[1] > 1 and shard is None:
@@ -522,7 +552,7 @@ def _global_rows(x: torch.Tensor) -> int:
 
 
 def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, rows: int | None = None,
-                        whole_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        whole_batch: bool = False, of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fvu, nmse): the FVU every architecture's loss starts from, and OpenAI's per-token normalised
     MSE for the log.
 
@@ -530,9 +560,11 @@ def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, rows: int | None =
     row count) are the whole batch's, so each rank's terms are its share of the one-process values
     and they sum to them. `rows`: the whole batch's row count, when the caller has it
     (_global_rows). `whole_batch`: x is the whole batch on every rank (latent sharding), so nothing
-    is summed over the ranks."""
+    is summed over the ranks. `of`: the tensor whose variance and row norms are the denominators,
+    when not x itself (a skip transcoder's target, of which x is the part left to its latents)."""
     split = dist.rank_world()[1] > 1 and not whole_batch
     e = x - x_hat
+    x = (x if of is None else of).detach()
     with torch.no_grad():
         n = rows or (_global_rows(x) if split else x.shape[0])
         if not split:
@@ -565,26 +597,31 @@ def _settle(p: Plan) -> dict | None:
 
 @torch.no_grad()
 def evaluate(sae: Dictionary, x_raw: torch.Tensor, scale: float, batch: int,
-             matmul_dtype: torch.dtype | None = None) -> dict:
+             matmul_dtype: torch.dtype | None = None, out_scale: float = 1.0) -> dict:
     """pipeline.metrics on held-out rows, in training space (normalised, scaled), with the
-    per-latent firing density and the count of rows."""
-    dev = sae.W_enc.device
+    per-latent firing density and the count of rows. A transcoder's rows are (input, target)
+    pairs, and the statistics are of its prediction of the target."""
+    dev, d = sae.W_enc.device, sae.d_in
     stats = ReconStats(sae.d_in, sae.n_latents, dev)
     for i in range(0, x_raw.shape[0], batch):
-        x = sae.preprocess(x_raw[i:i + batch].to(dev)) * scale
+        rows = x_raw[i:i + batch].to(dev)
+        x = sae.preprocess(rows[:, :d]) * scale
         o = sae.train_forward(x, TrainView(matmul_dtype=matmul_dtype))
-        stats.add(x, o.x_hat, o.idx, o.vals)
+        if sae.transcoder:
+            stats.add(rows[:, d:] * out_scale, o.x_hat + sae.skip(x), o.idx, o.vals)
+        else:
+            stats.add(x, o.x_hat, o.idx, o.vals)
     return {**stats.result(), "eval_tokens": stats.rows, "density": stats.density()}
 
 
 def _finish(p: Plan, state: TrainState, x_eval: torch.Tensor) -> dict:
     """Evaluate, draw, save (the `done` marker last), then swap the finished SAE into place."""
     final, B, work = state.weights(), p.tc.batch_size, p.work
-    ev = evaluate(final, x_eval, state.scale, B, p.matmul_dtype)
+    ev = evaluate(final, x_eval, state.scale, B, p.matmul_dtype, state.out_scale)
     density = ev.pop("density")
     with open(work / "metrics.jsonl", "a") as f:
         _append(f, {"split": "eval", "step": state.step, "tokens": state.step * B, **ev})
-    saved = final.folded(state.scale) if state.scale != 1.0 else final
+    saved = final.folded(state.scale, state.out_scale) if (state.scale, state.out_scale) != (1.0, 1.0) else final
     info = _saved_cfg(p, state, ev)
     # Pictures first, then the SAE with its marker last: a folder marked done holds everything.
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -612,6 +649,7 @@ def _saved_cfg(p: Plan, state: TrainState, ev: dict) -> dict:
         "normalize": state.sae.normalize,  # what encode() applies
         "normalize_trained": tc.normalize,
         "input_scale": state.scale,  # already folded into the weights
+        **({"target_hook": p.target, "output_scale": state.out_scale} if p.target else {}),
         "model": attrs.get("model"), "revision": attrs.get("revision"), "layer": p.layer, "hook": p.hook,
         "dataset": attrs.get("dataset"), "context_size": p.store.context_size,
         "prepend_bos": attrs.get("prepend_bos"), "exclude_bos": tc.exclude_bos,

@@ -29,7 +29,7 @@ import torch
 
 from pipeline import dist, fsio, optim
 from pipeline.config import TrainConfig
-from pipeline.loader import Cursor, derive_seed
+from pipeline.loader import Cursor, derive_seed, read_rows
 from pipeline.saes import Dictionary, build_sae
 from pipeline.shard import Shard
 
@@ -43,16 +43,21 @@ class TrainState:
     """Everything a training step depends on, checkpointed as one: weights, Adam, EMA, the dormant
     counters, the loader's cursor, the input scale, the log sums, the rows dropped, the RNG."""
 
-    def __init__(self, tc: TrainConfig, d_in: int, device: torch.device, shard: Shard | None = None):
+    def __init__(self, tc: TrainConfig, d_in: int, device: torch.device, shard: Shard | None = None,
+                 transcoder: bool = False):
         normalize = "layer_norm" if tc.normalize == "layer_norm" else "none"  # scalar is folded in, not applied
         # Latent sharding: this rank's n_latents / W latents (pipeline.shard); state_dict() and weights()
         # are then the one-process ones, which gather() collects on rank 0 into `full` first.
         self.shard, self.full = shard, None
         n = tc.n_latents if shard is None else shard.n_local
-        self.sae = build_sae(tc.sae.architecture, d_in, n, dataclasses.asdict(tc.sae), normalize, tc.backend).to(device)
+        self.sae = build_sae(tc.sae.architecture, d_in, n, dataclasses.asdict(tc.sae), normalize, tc.backend)
+        if transcoder:  # before the optimizer sees the parameters: W_skip is one
+            self.sae.make_transcoder(tc.skip_connection)
+        self.sae = self.sae.to(device)
         self.ema = self.sae.empty_like(tc.n_latents) if tc.ema_decay else None
         self.opt = optim.make(tc.optimizer, self.sae.parameters(), tc.lr, tc.adam_betas, tc.adam_eps, tc.sf_beta)
         self.scale = 1.0  # inputs are multiplied by it (train.normalize = scalar)
+        self.out_scale = 1.0  # a transcoder's targets are multiplied by it (init_weights)
         self.step = 0
         self.cursor = Cursor()  # where the next batch starts in the loader's row stream
         self.since_fired = torch.zeros(n, dtype=torch.long, device=device)  # tokens since last fired
@@ -116,7 +121,7 @@ class TrainState:
                                  (self.full["sae"], self.full["optimizer"], self.full["since_fired"]))
         return {
             "sae": _cpu(sae), "ema": None if self.ema is None else _cpu(self.ema),
-            "optimizer": opt, "scale": self.scale, "step": self.step,
+            "optimizer": opt, "scale": self.scale, "out_scale": self.out_scale, "step": self.step,
             "cursor": self.cursor.as_list(), "since_fired": since_fired.cpu(), "nonfinite": dict(self.nonfinite),
             "log_sums": self.log_sums.cpu(), "log_from": self.log_from, "elapsed": self.elapsed,
             "rng": torch.get_rng_state(),
@@ -132,6 +137,7 @@ class TrainState:
             self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])  # moves the optimizer's state to the weights' device
         self.scale, self.step, self.cursor = state["scale"], state["step"], Cursor(*state["cursor"])
+        self.out_scale = state.get("out_scale", 1.0)
         self.since_fired = state["since_fired"].to(device)
         self.nonfinite.clear()
         self.nonfinite.update(state["nonfinite"])
@@ -155,25 +161,38 @@ def init_sample(p: Plan, n: int) -> torch.Tensor:
         if have >= n:
             break
         c = p.train_chunks[i]
-        parts.append(rf(c, p.store.read_chunk(p.layer, p.hook, c)).float())
+        parts.append(rf(c, read_rows(p.store, p.layer, p.hook, p.target, c)).float())
         have += parts[-1].shape[0]
     return torch.cat(parts)[:n]
 
 
-def init_weights(sae: Dictionary, p: Plan, sample: torch.Tensor) -> float:
-    """Tied random init; input scale and b_pre from the init sample (init_sample). Returns the scale."""
+def init_weights(sae: Dictionary, p: Plan, sample: torch.Tensor) -> tuple[float, float]:
+    """Tied random init; input scale and b_pre from the init sample (init_sample). Returns the
+    scales of the inputs and of a transcoder's targets (the sample's rows are then pairs,
+    pipeline.loader.read_rows): the target is never layer-normed, only scaled (unless
+    normalize is none), and b_pre, its bias, starts at its centre."""
     tc = p.tc
     sae.reset_parameters(torch.Generator().manual_seed(derive_seed(tc.seed, -1)))
-    x = sae.preprocess(sample[: tc.init_sample])
+    rows = sample[: tc.init_sample]
+    x = sae.preprocess(rows[:, :sae.d_in])
     # scalar: one factor so the mean row norm is sqrt(d); folded into the saved weights
-    scale = math.sqrt(x.shape[1]) / x.norm(dim=1).mean().item() if tc.normalize == "scalar" else 1.0
-    x = x * scale
+    scale = _unit_scale(x) if tc.normalize == "scalar" else 1.0
+    x, out_scale = x * scale, scale
+    if sae.transcoder:
+        x = rows[:, sae.d_in:]
+        out_scale = _unit_scale(x) if tc.normalize != "none" else 1.0
+        x = x * out_scale
     with torch.no_grad():
         if tc.b_pre_init == "geometric_median":
             sae.b_pre.copy_(geometric_median(x))
         elif tc.b_pre_init == "mean":
             sae.b_pre.copy_(x.mean(0))
-    return scale
+    return scale, out_scale
+
+
+def _unit_scale(x: torch.Tensor) -> float:
+    """The factor that makes the mean row norm of x sqrt(d)."""
+    return math.sqrt(x.shape[1]) / x.norm(dim=1).mean().clamp_min(1e-30).item()
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> torch.Tensor:

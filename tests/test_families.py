@@ -183,3 +183,42 @@ def test_lens_refused_when_a_projection_precedes_the_head(tmp_path):
     assert msg.startswith("OPTForCausalLM: head(norm(last block's output)) gives none of its logits for norm = "
                           "model.decoder.final_layer_norm, no norm") and "\n" not in msg
     assert load_lens({"model": str(tmp_path), "revision": "main"}, "cpu") == msg
+
+
+def _mlp_of(block, case, src):
+    """The block's MLP written out from what it reads, up to what mlp_out is (MODULES); through
+    .forward, which runs no hooks (the splice's own sit on these modules)."""
+    family, _ = case
+    if family == "opt":
+        return block.fc2.forward(block.activation_fn(block.fc1.forward(src)))
+    if family == "bert":
+        return block.output.dense.forward(block.intermediate.forward(src))
+    out = block.mlp.forward(src)
+    return block.post_feedforward_layernorm.forward(out) if MODULES[case][1] == "post_feedforward_layernorm" else out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_mlp_in_is_what_the_mlp_reads(built, case):
+    """A transcoder's input: mlp_out replaced by the MLP recomputed from mlp_in (splice with a
+    source) leaves the model's output as it was, in every family; mlp_in is [B, T, d_model]."""
+    model, _ = built(case)
+    block = M.find_blocks(model)[LAYER]
+    ids = (torch.arange(2 * 12).view(2, 12) * 5 + 3) % model.config.vocab_size
+    mask = torch.ones_like(ids)
+    got = M.ActivationCapture(model, [(LAYER, "mlp_in")]).run(ids)[(LAYER, "mlp_in")]
+    assert got.shape == (2, 12, model.config.hidden_size)
+    clean = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[LAYER + 1]
+    seen = []
+
+    def recompute(out, src):
+        seen.append(src)
+        return _mlp_of(block, case, src)
+
+    with M.splice(model, LAYER, "mlp_out", recompute, source="mlp_in"):
+        spliced = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[LAYER + 1]
+    torch.testing.assert_close(seen[0], got)
+    torch.testing.assert_close(spliced, clean, rtol=1e-5, atol=1e-5)
+    with M.splice(model, LAYER, "mlp_out", lambda out, src: _mlp_of(block, case, 2 * src), source="mlp_in"):
+        doubled = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[LAYER + 1]
+    assert not torch.allclose(doubled, clean)  # the recomputation is what the model used

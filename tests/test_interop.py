@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(not interop.peer_python().exists(),
 
 
 NAMES = sorted(n for n, cls in ARCHITECTURES.items() if "saelens" in cls.exports)
+TRANSCODERS = interop.transcoders()
 
 
 @pytest.fixture(scope="module", params=["layer_norm", "none"])
@@ -31,8 +32,23 @@ def compared(request, tmp_path_factory) -> dict:
     return {r["architecture"]: r for r in rows}
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_saelens_computes_what_we_compute(compared, name):
-    row = compared[name]
+@pytest.fixture(scope="module")
+def compared_transcoders(tmp_path_factory) -> dict:
+    """SAELens run once on every transcoder it holds (raw inputs: layer-normed ones are refused)."""
+    rows = interop.compare(TRANSCODERS, tmp_path_factory.mktemp("transcoders"), "none")
+    return {r["architecture"]: r for r in rows}
+
+
+def _check(row):
     assert row["live"] > 0  # not vacuous: latents fire
     assert row["acts"] < 1e-5 and row["x_hat"] < 1e-5, row
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_saelens_computes_what_we_compute(compared, name):
+    _check(compared[name])
+
+
+@pytest.mark.parametrize("name", TRANSCODERS)
+def test_saelens_transcoders_compute_what_ours_do(compared_transcoders, name):
+    _check(compared_transcoders[name])

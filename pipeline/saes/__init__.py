@@ -57,6 +57,8 @@ def load_sae(folder, device="cpu", backend: str = "auto") -> Dictionary:
     cls = architecture(cfg.get("architecture", DEFAULT), f"{folder / 'cfg.json'}: architecture")
     try:
         sae = cls.from_cfg(cfg["d_in"], cfg["n_latents"], cfg, cfg.get("normalize", "none"), backend=backend)
+        if cfg.get("transcoder"):
+            sae.make_transcoder(bool(cfg.get("skip_connection")))
         sae.load_state_dict(safetensors.torch.load(blob))
     except (KeyError, TypeError, RuntimeError, SafetensorError) as e:
         raise UserError(f"{folder} does not hold a saepipe SAE ({str(e).splitlines()[0]}); "

@@ -18,6 +18,16 @@ On disk (save/load) a finished SAE folder holds `sae.safetensors` (the parameter
 and whatever the trainer records) and, written last, the marker `done` with the weights' size
 and sha256: a folder without it is not a finished SAE, and weights that do not match it are
 refused. `pipeline.saes.load_sae` reads any architecture's folder.
+
+Any architecture can be a transcoder (make_transcoder): it reads one hook and predicts
+another (a block's mlp_in -> its mlp_out), with an optional skip connection:
+
+    encode(x)          z from x as it is: center() subtracts no b_pre (b_pre is the output's bias)
+    reconstruct_raw(x) -> (y_hat = decode(idx, vals) + W_skip preprocess(x), idx, vals)
+
+Only the input is normalised (preprocess); the target is predicted in its own raw space (a
+scalar the trainer applied is folded into the weights), so postprocess() leaves it as it is.
+cfg.json records `transcoder`, `skip_connection` and, from the trainer, `target_hook`.
 """
 
 from __future__ import annotations
@@ -103,6 +113,8 @@ class Dictionary(nn.Module):
     Settings: ClassVar[type]  # its train.sae section, a Settings dataclass
     # Export format -> the architecture's name there (pipeline.export); a format not listed cannot hold it.
     exports: ClassVar[dict[str, str]] = {}
+    # The same for the architecture as a transcoder: format -> (its name there, with a skip connection).
+    transcodes: ClassVar[dict[str, tuple[str, str]]] = {}
     shards: ClassVar[bool] = False  # train_forward handles view.shard (train.shard_latents)
 
     def __init__(self, d_in: int, n_latents: int, normalize: str = "none", backend: str = "auto"):
@@ -114,6 +126,8 @@ class Dictionary(nn.Module):
         self.b_lat = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_in))
         self.b_pre = nn.Parameter(torch.zeros(d_in))
+        self.transcoder = False  # make_transcoder(): predicts another hook from this one
+        self.register_parameter("W_skip", None)  # [d, d] a transcoder's skip connection, when it has one
         self.cfg: dict = {}
 
     # ---- what an architecture defines
@@ -148,11 +162,41 @@ class Dictionary(nn.Module):
         """Called after every optimizer step: keeps the decoder rows at unit norm by default."""
         self.normalize_decoder()
 
+    def latent_groups(self) -> tuple[str, torch.Tensor] | None:
+        """(what one group is called, [n] int64 each latent's group) when the architecture splits
+        its latents into groups, numbered from 0 in latent order, each a contiguous run of latents
+        (collate records each group's range and live/dead counts; the viewer shows and filters by
+        them); None, the default, when it does not."""
+        return None
+
     def export_extras(self, fmt: str) -> tuple[dict, dict]:
         """(tensors, cfg keys) the export format needs beyond W_enc, b_enc, W_dec, b_dec
         (pipeline.export): a threshold, gate biases, ...; a tensor given as None is left out
         (a format with no b_enc for this architecture). Default: none."""
         return {}, {}
+
+    # ---- transcoders
+    def make_transcoder(self, skip: bool = False) -> "Dictionary":
+        """This dictionary as a transcoder (module docstring); with `skip`, a dense W_skip [d, d] that
+        starts at zero. Call it before the optimizer sees the parameters."""
+        self.transcoder = True
+        if skip:
+            self.W_skip = nn.Parameter(torch.zeros(self.d_in, self.d_in, device=self.W_enc.device))
+        return self
+
+    def center(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder multiplies: x - b_pre for an SAE (b_pre is the data's centre), x itself for a
+        transcoder (b_pre is the target's bias, in another space). Every architecture's encoder uses it."""
+        return x if self.transcoder else x - self.b_pre
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor | float:
+        """A transcoder's skip term W_skip x [B, d] for preprocessed x; 0 without one."""
+        return 0.0 if self.W_skip is None else x @ self.W_skip.T
+
+    def output_scale(self, y: torch.Tensor) -> torch.Tensor | float:
+        """How much larger a raw activation y at the hook the decoder writes to is than decode()'s
+        space: input_scale(y) for an SAE, 1 for a transcoder (its decoder writes the target's raw space)."""
+        return 1.0 if self.transcoder else self.input_scale(y)
 
     # ---- the input normalisation, and the one place it is undone
     def input_scale(self, x: torch.Tensor) -> torch.Tensor | float:
@@ -167,18 +211,23 @@ class Dictionary(nn.Module):
         return x
 
     def postprocess(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """preprocess()'s inverse: a reconstruction of preprocess(x) put back where raw x lives."""
-        if self.normalize == "layer_norm":
+        """preprocess()'s inverse: a reconstruction of preprocess(x) put back where raw x lives (a
+        transcoder's output is already where its target lives)."""
+        if self.normalize == "layer_norm" and not self.transcoder:
             x_hat = x_hat * self.input_scale(x) + x.mean(-1, keepdim=True)
         return x_hat
 
     @torch.no_grad()
     def reconstruct_raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_hat [N, d], idx [N, w], vals [N, w]) for raw x [N, d], x_hat in x's own space (what
-        eval splices into the model; decode(*encode(x)) is in the normalised space)."""
+        eval splices into the model; decode(*encode(x)) is in the normalised space). A transcoder's
+        x_hat is its prediction of the target hook, skip term included."""
         xf = x.float()
         idx, vals = self.encode(xf)
-        return self.postprocess(self.decode(idx, vals), xf), idx, vals
+        x_hat = self.decode(idx, vals)
+        if self.transcoder:
+            return x_hat + self.skip(self.preprocess(xf)), idx, vals
+        return self.postprocess(x_hat, xf), idx, vals
 
     def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations as a dense [B, n] tensor (zeros where off)."""
@@ -211,20 +260,27 @@ class Dictionary(nn.Module):
         """An SAE of the same architecture and settings (another width when given), on this one's device."""
         out = type(self).from_cfg(self.d_in, n_latents or self.n_latents, self.settings(), self.normalize,
                                   self.backend)
+        if self.transcoder:
+            out.make_transcoder(self.W_skip is not None)
         return out.to(self.W_enc.device)
 
     @torch.no_grad()
-    def folded(self, scale: float) -> "Dictionary":
-        """A copy that takes raw x when this one was trained on x * scale.
+    def folded(self, scale: float, out_scale: float | None = None) -> "Dictionary":
+        """A copy that takes raw x when this one was trained on x * scale (a transcoder: predicting
+        its target times out_scale).
 
         z = W_enc (s x - b_pre) + b_lat = (s W_enc)(x - b_pre / s) + b_lat, and
-        the reconstruction of x is x_hat / s.
+        the reconstruction of x is x_hat / s. A transcoder's z = (s W_enc) x + b_lat and its
+        prediction (W_dec f + b_pre + W_skip s x) / t.
         """
+        t = scale if out_scale is None else out_scale
         out = self.empty_like()
         out.load_state_dict(self.state_dict())
         out.W_enc.mul_(scale)
-        out.W_dec.div_(scale)
-        out.b_pre.div_(scale)
+        out.W_dec.div_(t)
+        out.b_pre.div_(t)
+        if out.W_skip is not None:
+            out.W_skip.mul_(scale / t)
         out.cfg = dict(self.cfg)
         return out
 
@@ -245,6 +301,7 @@ class Dictionary(nn.Module):
             "n_latents": self.n_latents,
             **self.settings(),
             "normalize": self.normalize,
+            **({"transcoder": True, "skip_connection": self.W_skip is not None} if self.transcoder else {}),
             **(extra_cfg or {}),
         }
         # Parameters and persistent buffers (running estimates such as a threshold) alike.

@@ -91,6 +91,7 @@ class BatchTopKSettings(TopKSettings):
 class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
     Settings = BatchTopKSettings
+    transcodes = {"saelens": ("jumprelu_transcoder", "jumprelu_skip_transcoder")}  # Matryoshka's too
     exports = {"saelens": "jumprelu"}  # a single threshold copied to every latent; sparsify has none
     shards = False
     n_groups = 1  # what the virtual rows are split by besides the batch row (Matryoshka: its prefix groups)
@@ -138,7 +139,7 @@ class BatchTopKSAE(TopKSAE):
         kernels.encode_topk_blocked), never whole."""
         from pipeline.kernels import TOPK_BLOCK_BYTES
 
-        x_c = x - self.b_pre
+        x_c = self.center(x)
         B, n = x_c.shape[0], self.n_latents
         if self.threshold.item() < 0:  # never trained: the training rule on these rows
             rows, cols, vals = self.batch_top(x_c, self.k * B)[:3]
@@ -159,7 +160,7 @@ class BatchTopKSAE(TopKSAE):
         from pipeline.kernels import encode_gather
 
         x = self.preprocess(x)
-        x_c = x - self.b_pre
+        x_c = self.center(x)
         with torch.no_grad():
             z = x_c @ self.W_enc.T + self.b_lat
             idx, on = self.encode_threshold(x)
@@ -198,7 +199,7 @@ class BatchTopKSAE(TopKSAE):
         from pipeline.kernels import decode, encode_gather
 
         B, d, G, w = x.shape[0], x.shape[1], self.n_groups, self.pack_width
-        x_c = x - self.b_pre
+        x_c = self.center(x)
         rows, cols, pre, aux_pre, aux_idx, ids, low = self.batch_top(x_c, None, dormant, k_aux, matmul_dtype,
                                                                      split)
         # Virtual rows: the kept entries grouped by (batch row, group), pack_width a row.

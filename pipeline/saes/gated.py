@@ -89,7 +89,7 @@ class GatedSAE(ReluSAE):
         training = view.settings is not None
         if training:
             view.n_dormant = int((view.since_fired >= view.settings.dormant_tokens).sum())
-        x_c = x - self.b_pre
+        x_c = self.center(x)
         idx, pre, dense = self.candidates(x_c, self.W_enc, self.b_lat, view.matmul_dtype)
         W_mag = self.W_mag()
         if dense:

@@ -212,6 +212,7 @@ class JumpReLUSAE(Dictionary):
     architecture = "jumprelu"
     Settings = JumpReLUSettings
     # SAELens' jumprelu computes relu(z) * (z > threshold): our encode(). sparsify has no threshold.
+    transcodes = {"saelens": ("jumprelu_transcoder", "jumprelu_skip_transcoder")}
     exports = {"saelens": "jumprelu"}
 
     def __init__(self, d_in: int, n_latents: int, target_l0: float = 32, threshold_init: float | None = None,
@@ -270,7 +271,7 @@ class JumpReLUSAE(Dictionary):
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Dense pre-activations z [B, n] of raw x (for users and tests)."""
         x = self.preprocess(x).to(self.W_enc.dtype)
-        return torch.addmm(self.b_lat, x - self.b_pre, self.W_enc.T)
+        return torch.addmm(self.b_lat, self.center(x), self.W_enc.T)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +302,7 @@ class JumpReLUSAE(Dictionary):
 
         st = view.settings
         eps = 0.0 if st is None else st.bandwidth
-        x_c = x - self.b_pre
+        x_c = self.center(x)
         with torch.no_grad():
             z, low = self._dense_z(x_c, view.matmul_dtype)
             if st is not None and view.step == 0 and st.threshold_init is None:

@@ -209,6 +209,7 @@ def reset_optimizer_rows(optimizer, params: list[torch.Tensor], ids: torch.Tenso
 class ReluSAE(Dictionary):
     architecture = "relu"
     Settings = ReluSettings
+    transcodes = {"saelens": ("transcoder", "skip_transcoder")}
     exports = {"saelens": "standard"}  # relu((x - b_dec) W_enc + b_enc), as encode(); sparsify is TopK only
 
     def __init__(self, d_in: int, n_latents: int, l1_coefficient: float = ReluSettings.l1_coefficient,
@@ -256,7 +257,7 @@ class ReluSAE(Dictionary):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(idx [B, w] int64, vals [B, w]): the latents that fire, w the most in any row (dense compute)."""
         x = self.preprocess(x).to(self.W_enc.dtype)
-        return compact(self.dense_acts(x - self.b_pre))
+        return compact(self.dense_acts(self.center(x)))
 
     def decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         """x_hat [B, d] from (idx, vals), in the space after preprocess()."""
@@ -286,7 +287,7 @@ class ReluSAE(Dictionary):
 
         if view.settings is not None:
             view.n_dormant = int((view.since_fired >= view.settings.dormant_tokens).sum())
-        x_c = x - self.b_pre
+        x_c = self.center(x)
         idx, pre, dense = self.candidates(x_c, self.W_enc, self.b_lat, view.matmul_dtype)
         if dense:
             vals = self.dense_acts(x_c)

@@ -110,6 +110,7 @@ class TopKSettings(Settings):
 class TopKSAE(Dictionary):
     architecture = "topk"
     Settings = TopKSettings
+    transcodes = {"sparsify": ("topk", "topk")}  # sparsify: `transcode` and `skip_connection` in its cfg
     exports = {"saelens": "topk", "sparsify": "topk"}  # both compute relu(topk(...)) as encode() does
     shards = True
 
@@ -141,7 +142,7 @@ class TopKSAE(Dictionary):
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Dense pre-activations z [B, n] (for users and tests; training never backprops it)."""
         x = self.preprocess(x).to(self.W_enc.dtype)
-        return (x - self.b_pre) @ self.W_enc.T + self.b_lat
+        return self.center(x) @ self.W_enc.T + self.b_lat
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +151,7 @@ class TopKSAE(Dictionary):
         from pipeline.kernels import encode_topk
 
         x = self.preprocess(x).to(self.W_enc.dtype)
-        vals, idx, _, _ = encode_topk(x - self.b_pre, self.W_enc, self.b_lat, self.k, backend=self.backend)
+        vals, idx, _, _ = encode_topk(self.center(x), self.W_enc, self.b_lat, self.k, backend=self.backend)
         return idx, vals.clamp_min(0)
 
     def decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,7 @@ class TopKSAE(Dictionary):
         from pipeline.kernels import encode_gather
 
         x = self.preprocess(x)
-        x_c = x - self.b_pre
+        x_c = self.center(x)
         with torch.no_grad():
             z = x_c @ self.W_enc.T + self.b_lat
             idx = z.topk(self.k, dim=-1, sorted=False).indices
@@ -206,7 +207,7 @@ class TopKSAE(Dictionary):
         """
         from pipeline.kernels import decode, encode_gather
 
-        x_c = x - self.b_pre
+        x_c = self.center(x)
         pre, idx, aux_pre, aux_idx, ids, low = self.topk_candidates(x_c, self.k, dormant, k_aux, matmul_dtype)
         if low:  # a low-precision z only picks the latents; the gathers recompute their values
             pre = aux_pre = None
