@@ -17,7 +17,20 @@ penalised ones), then `saepipe eval` on held-out windows: the table of held-out 
 fraction, delta CE and KL per architecture, and the frontier picture
 (saes/<L>/frontier-<hook>.png). With several --seeds, one sweep per seed (its own run folder,
 <run-dir>/seed<S>) and the table of medians over them, with each architecture's ratio to TopK's.
---set: overrides of the config (where its store is, the eval's tokens), as saepipe's --set. The store is the config's run_dir's (harvest it first: `make
+--set: overrides of the config (where its store is, the eval's tokens), as saepipe's --set.
+
+--peers CONFIG (after --quality on the same --run-dir and --seeds): dictionary_learning 0.1.0's trainers of the same architectures
+(batch_top_k, matryoshka_batch_top_k, jumprelu, gdm as gated, standard as relu; bench/dl_peers.py,
+their own venv) trained on the same training rows (the store's training chunks, BOS left out),
+width, L0 and tokens, saved as saepipe SAE folders beside ours (`<hook>@dl-<architecture>`), and
+scored by the same `saepipe eval`: delta CE, KL and the raw-space FVU of eval.json, ours against
+theirs. Their jumprelu and gdm run at lr 1e-3: their defaults (7e-5, 5e-5) are for runs of 10k+
+steps and leave L0 near 170 after a few hundred.
+
+--transcoder: a TopK transcoder from the block's mlp_in to its mlp_out and a TopK SAE on
+that mlp_out, k 32 each, trained on the same rows and budget (harvest both hooks first:
+`saepipe harvest CONFIG --layers L --set 'harvest.hooks=[mlp_in, mlp_out]'`), then
+`saepipe eval`: both spliced where the MLP writes, their delta CE, KL and FVU side by side. The store is the config's run_dir's (harvest it first: `make
 harvest LAYERS=6`); the SAEs go into --run-dir's copy-free view of it (`store:` pointing at the
 harvested one).
 """
@@ -102,6 +115,100 @@ def quality(config: str, layer: int, run_dir: str, seed: int, overrides: tuple =
     return rows
 
 
+PEER_LR = {"jumprelu": 1e-3, "gdm": 1e-3}
+
+
+def peers(config: str, layer: int, run_dir: str, seed: int, overrides: tuple = ()) -> list[dict]:
+    """dictionary_learning's trainers on the training rows of the config's store, saved beside our
+    SAEs in run_dir (after quality()), then saepipe eval on them; the rows of ours and theirs."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("dl_peers", _HERE / "dl_peers.py")  # bench/ is off sys.path
+    dl_peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dl_peers)
+
+    from pipeline import eval as lm_eval
+    from pipeline.config import load_config
+    from pipeline.loader import RowFilter, split_chunks
+    from pipeline.paths import sae_dir
+    from pipeline.store import ActivationStore, Location
+
+    base = load_config(config, list(overrides))
+    cfg = load_config(config, [*overrides, f"run_dir={run_dir}", f"store={Location.of(base).path}",
+                               f"harvest.layers=[{layer}]", f"train.seed={seed}"])
+    store, hook, tc = ActivationStore(Location.of(cfg)), cfg.harvest.hooks[0], cfg.train
+    train_chunks, _ = split_chunks(store.n_chunks(layer, hook), tc.eval_fraction)
+    rf = RowFilter(store, layer, hook, True, False)
+    rows = np.concatenate([rf(c, store.read_chunk(layer, hook, c)).float().numpy() for c in train_chunks])
+    width = tc.n_latents or tc.expansion_factor * store.d_model(layer, hook)
+    names = []
+    for trainer, arch in dl_peers.TRAINERS.items():
+        name = f"dl-{arch}"
+        out = sae_dir(run_dir, layer, hook, name)
+        if not (out / "done").exists():
+            info = dl_peers.train_peer(trainer, rows, width, L0, tc.n_tokens, tc.batch_size, seed, out,
+                                       lr=PEER_LR.get(trainer))
+            print(f"peers: {trainer}: {json.dumps(info)}")
+            # What eval reads of an SAE's training: its place, and that BOS was left out (it passes through).
+            c = json.loads((out / "cfg.json").read_text())
+            c.update(layer=layer, hook=hook, exclude_bos=True, prepend_bos=store.attrs.get("prepend_bos"),
+                     model=store.attrs.get("model"), store_fingerprint=store.attrs.get("fingerprint"),
+                     store_sequences=store.attrs.get("n_sequences"))
+            (out / "cfg.json").write_text(json.dumps(c, indent=2))
+        names.append(name)
+    sweep = [{"name": n, "sae": sae_settings(n[3:])} for n in names]
+    ev = load_config(config, [*overrides, f"run_dir={run_dir}", f"store={Location.of(base).path}",
+                              f"harvest.layers=[{layer}]", f"train.sweep={json.dumps(sweep)}"])
+    lm_eval.run(ev, [layer])
+    out = []
+    for folder in sorted((Path(run_dir) / "saes" / str(layer)).glob(f"{hook}@*")):
+        if not (folder / "eval.json").is_file():
+            continue  # ours not evaluated yet (--quality does it)
+        row = json.loads((folder / "eval.json").read_text())
+        who = "dictionary_learning" if folder.name.split("@")[1].startswith("dl-") else "saepipe"
+        out.append({"who": who, "architecture": row["architecture"], "l0": row["l0"], "fvu": row["fvu"],
+                    "delta_ce": row["delta_ce"], "kl": row["kl"]})
+    return out
+
+
+def peer_table(rows: list[dict]):
+    print(f"{'architecture':<12} {'who':<20} {'L0':>7} {'FVU (eval, raw)':>16} {'delta CE':>9} {'KL':>8} {'ours / theirs':>14}")
+    for r in sorted(rows, key=lambda r: (r["architecture"], r["who"] != "saepipe")):
+        theirs = next((q for q in rows if q["architecture"] == r["architecture"] and q["who"] != "saepipe"), None)
+        ratio = (f"{r['delta_ce'] / theirs['delta_ce']:>13.3f}x" if theirs and r["who"] == "saepipe" else "")
+        print(f"{r['architecture']:<12} {r['who']:<20} {r['l0']:>7.1f} {r['fvu']:>16.4f} {r['delta_ce']:>9.4f} "
+              f"{r['kl']:>8.4f} {ratio:>14}")
+
+
+def transcoder(config: str, layer: int, run_dir: str, seed: int, overrides: tuple = ()) -> list[dict]:
+    """A TopK transcoder mlp_in -> mlp_out and a TopK SAE on mlp_out, then saepipe eval; the rows."""
+    from pipeline import eval as lm_eval
+    from pipeline import train
+    from pipeline.config import load_config
+    from pipeline.store import Location
+
+    base = load_config(config, list(overrides))
+    store = Location.of(base).path
+    cfg = load_config(config, [*overrides, f"run_dir={run_dir}", f"store={store}", f"harvest.layers=[{layer}]",
+                               "harvest.hooks=[mlp_in, mlp_out]", "train.hooks=[mlp_in, mlp_out]",
+                               "train.transcode={mlp_in: mlp_out}", f"train.seed={seed}",
+                               json_set("train.sae", sae_settings("topk"))])
+    train.run(cfg, [layer])
+    rows = []
+    for lay, hook, row in lm_eval.run(cfg, [layer]):
+        folder = Path(run_dir) / "saes" / str(lay) / hook.split("->")[0]
+        ev = json.loads((folder / "cfg.json").read_text())["eval"]
+        rows.append({"sae": hook, "architecture": hook, "l0": row["l0"], "fvu_heldout": ev["fvu"],
+                     "dead": ev["dead_frac"], "delta_ce": row["delta_ce"], "kl": row["kl"]})
+    return rows
+
+
+def json_set(key: str, value) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
 KEYS = ("l0", "fvu_heldout", "dead", "delta_ce", "kl")
 
 
@@ -118,10 +225,10 @@ def medians(runs: dict) -> list[dict]:
 def table(rows: list[dict], ratios: bool = False):
     topk = next((r for r in rows if r["architecture"] == "topk"), None)
     extra = f" {'dCE / topk':>11}" if ratios and topk else ""
-    print(f"{'architecture':<12} {'L0':>7} {'FVU (held out)':>15} {'dead':>7} {'delta CE':>9} {'KL':>8}{extra}")
+    print(f"{'architecture':<16} {'L0':>7} {'FVU (held out)':>15} {'dead':>7} {'delta CE':>9} {'KL':>8}{extra}")
     for r in rows:
         more = f" {r['delta_ce'] / topk['delta_ce']:>10.3f}x" if extra else ""
-        print(f"{r['architecture']:<12} {r['l0']:>7.1f} {r['fvu_heldout']:>15.4f} {r['dead']:>7.1%} "
+        print(f"{r['architecture']:<16} {r['l0']:>7.1f} {r['fvu_heldout']:>15.4f} {r['dead']:>7.1%} "
               f"{r['delta_ce']:>9.4f} {r['kl']:>8.4f}{more}")
 
 
@@ -134,6 +241,8 @@ def main():
     ap.add_argument("--run-dir", default="runs/architectures")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--transcoder", metavar="CONFIG")
+    ap.add_argument("--peers", metavar="CONFIG")
     a = ap.parse_args()
     if a.step:
         ms = step_times(a.rounds)
@@ -151,7 +260,21 @@ def main():
         if len(a.seeds) > 1:
             print(f"median over seeds {', '.join(map(str, a.seeds))}:")
             table(medians(runs), ratios=True)
-    if not (a.step or a.quality):
+    for seed in a.seeds if a.peers else []:
+        where = a.run_dir if len(a.seeds) == 1 else f"{a.run_dir}/seed{seed}"
+        print(f"seed {seed}, ours and dictionary_learning's, scored by one saepipe eval:")
+        peer_table(peers(a.peers, a.layer, where, seed, tuple(a.set)))
+    if a.transcoder:
+        runs = {}
+        for seed in a.seeds:
+            where = a.run_dir if len(a.seeds) == 1 else f"{a.run_dir}/seed{seed}"
+            runs[seed] = transcoder(a.transcoder, a.layer, where, seed, tuple(a.set))
+            print(f"seed {seed}:")
+            table(runs[seed])
+        if len(a.seeds) > 1:
+            print(f"median over seeds {', '.join(map(str, a.seeds))}:")
+            table(medians(runs))
+    if not (a.step or a.quality or a.transcoder or a.peers):
         ap.print_help()
 
 

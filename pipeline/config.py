@@ -26,7 +26,7 @@ from pipeline import dtypes
 from pipeline.optim import OPTIMIZERS
 from pipeline.errors import UserError
 from pipeline.kernels import BACKENDS
-from pipeline.paths import is_url
+from pipeline.paths import is_url, resolve_config_paths
 
 NAMED_HOOKS = ("resid_post", "attn_out", "mlp_out", "mlp_in")
 
@@ -448,6 +448,30 @@ class Config:
     def run_path(self) -> Path:
         return Path(self.run_dir)
 
+    def value_of(self, key: str):
+        """The value of a dotted key (`data.path`)."""
+        node = self
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    def as_written(self, key: str):
+        """A path setting (PATH_KEYS) as the config file or --set spells it. load_config makes them
+        absolute; fingerprints record this text instead, so they do not depend on the folder saepipe
+        runs from, and stores fingerprinted before paths were made absolute stay current."""
+        return copy.deepcopy(self._written[key]) if key in self._written else self.value_of(key)
+
+    def path_notes(self) -> list:
+        """How load_config read each relative path setting (pipeline.paths.ConfigPath: written, path,
+        why there), for messages about a path that is not found."""
+        return list(self._notes)
+
+    def __post_init__(self):
+        # Not settings: what load_config made absolute (as_written, path_notes); empty for config_from_dict
+        # and for a copy made by dataclasses.replace (whose paths then fingerprint as they are).
+        self._written: dict[str, Any] = {}
+        self._notes: list = []
+
     def validate(self, where):
         for section in (self.model, self.harvest, self.train, self.collate, self.eval):
             section.validate(where)
@@ -505,7 +529,12 @@ _FALLBACK = {"harvest": ("harvest",), "train": ("train", "harvest"), "collate": 
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read, override (`a.b=value`, value parsed as YAML), type-check and validate."""
+    """Read, override (`a.b=value`, value parsed as YAML), type-check and validate.
+
+    The path settings come out absolute, read as pipeline.paths.resolve_config_paths says: a relative
+    one from the project folder of the file (the nearest folder at or above it holding pyproject.toml
+    or .git: for configs/*.yaml, the repository's top), one given by --set from the current folder.
+    So every stage finds the run wherever saepipe is started; Config.as_written keeps the text."""
     path = Path(path)
     where = str(path)
     try:
@@ -519,8 +548,29 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for item in overrides:
         _apply_override(raw, item, where)
     cfg = _build(Config, raw, "", where)
+    _resolve_paths(cfg, path, [item.split("=", 1)[0].strip() for item in overrides])
     cfg.validate(where)
     return cfg
+
+
+# The settings that name files or folders (pipeline.paths.resolve_config_paths says which values are paths).
+PATH_KEYS = ("run_dir", "store", "model.name", "data.path", "data.data_files")
+
+
+def _resolve_paths(cfg: Config, config_file: Path, typed: list[str]):
+    """Make cfg's relative path settings absolute (see load_config), keeping what was written."""
+    values = {key: cfg.value_of(key) for key in PATH_KEYS}
+    typed_keys = {key for key in PATH_KEYS for t in typed if key == t or key.startswith(t + ".")}
+    found = resolve_config_paths(values, config_file, typed_keys)
+    for key, resolved in found.items():
+        section, _, name = key.rpartition(".")
+        node = getattr(cfg, section) if section else cfg
+        if isinstance(resolved, list):  # data.data_files: an entry that is no local path stays as written
+            setattr(node, name, [r.path if r else v for r, v in zip(resolved, values[key])])
+        else:
+            setattr(node, name, resolved.path)
+        cfg._written[key] = values[key]
+        cfg._notes.extend(r for r in (resolved if isinstance(resolved, list) else [resolved]) if r)
 
 
 def config_from_dict(raw: dict, where: str = "<dict>") -> Config:

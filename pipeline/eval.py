@@ -129,7 +129,7 @@ def fingerprint(cfg: Config, w: Windows, corpus: dict, sae_sha256: str, sae_cfg:
         "model.name": model_key(cfg.model.name), "model.revision": cfg.model.revision,
         "model.dtype": cfg.model.dtype, **corpus,
         "context_size": w.context_size, "prepend_bos": w.prepend_bos, "held_out_after": w.skip,
-        "eval.n_tokens": cfg.eval.n_tokens, "pass_bos": _passes_bos(sae_cfg),
+        "eval.n_tokens": cfg.eval.n_tokens, "pass_bos": passes_bos(sae_cfg),
         **({"target_hook": sae_cfg["target_hook"]} if sae_cfg.get("target_hook") else {}),
     }
 
@@ -140,7 +140,7 @@ def splice_point(hook: str, sae: Dictionary) -> tuple[str, str | None]:
     return (target, hook) if target else (hook, None)
 
 
-def _passes_bos(sae_cfg: dict) -> bool:
+def passes_bos(sae_cfg: dict) -> bool:
     """Position 0 is left alone when the SAE never saw it (exclude_bos, and a BOS was there)."""
     return bool(sae_cfg.get("exclude_bos")) and bool(sae_cfg.get("prepend_bos"))
 
@@ -201,7 +201,7 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False,
         for t in todo:
             sae = load_sae(t.folder, device=device)
             saes[t.key] = sae
-            pass_through[t.key] = _passes_bos(sae.cfg)
+            pass_through[t.key] = passes_bos(sae.cfg)
         check_context_size(model, w.context_size)
         todo = _splicable(model, todo, saes, w.context_size)
         windows = held_out_windows(cfg, tokenizer, w, progress)

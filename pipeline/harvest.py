@@ -188,12 +188,14 @@ def plan(cfg: Config, targets: list[tuple[int, str]], model, tokens: np.ndarray,
 # ---- fingerprints: what decides the bytes of the store
 
 def run_fingerprint(cfg: Config) -> dict:
-    """Run-wide settings, keyed by their config names. data.streaming is left out: same rows either way."""
+    """Run-wide settings, keyed by their config names. data.streaming is left out: same rows either way.
+    Paths as the config spells them (Config.as_written), not as load_config made them absolute."""
     d, hc = cfg.data, cfg.harvest
+    files = cfg.as_written("data.data_files")
     return {
-        "model.name": cfg.model.name, "model.revision": cfg.model.revision,
-        "data.path": d.path, "data.name": d.name, "data.data_files": d.data_files, "data.split": d.split,
-        "data.text_column": d.text_column, "data.sha256": data_sha256(d),
+        "model.name": cfg.as_written("model.name"), "model.revision": cfg.model.revision,
+        "data.path": cfg.as_written("data.path"), "data.name": d.name, "data.data_files": files,
+        "data.split": d.split, "data.text_column": d.text_column, "data.sha256": data_sha256(d, files),
         "harvest.n_tokens": hc.n_tokens, "harvest.context_size": hc.context_size,
         "harvest.prepend_bos": hc.prepend_bos,
     }
@@ -204,9 +206,10 @@ def array_fingerprint(cfg: Config) -> dict:
     return {"harvest.storage_dtype": hc.storage_dtype, "harvest.codec": hc.codec, "model.dtype": cfg.model.dtype}
 
 
-def data_sha256(data: DataConfig) -> str | None:
-    """sha256 over the local data files (name and bytes, streamed); None for a hub dataset."""
-    files = _local_data_files(data)
+def data_sha256(data: DataConfig, written_files=None) -> str | None:
+    """sha256 over the local data files (name and bytes, streamed); None for a hub dataset.
+    `written_files`: data.data_files as the config spells them, the names hashed for them."""
+    files = _local_data_files(data, written_files)
     if not files:
         return None
     h = hashlib.sha256()
@@ -219,15 +222,19 @@ def data_sha256(data: DataConfig) -> str | None:
     return h.hexdigest()
 
 
-def _local_data_files(data: DataConfig) -> list[tuple[str, Path]]:
+def _local_data_files(data: DataConfig, written_files=None) -> list[tuple[str, Path]]:
     root = Path(data.path)
     if root.is_file():
         return [("", root)]
     if root.is_dir():
         return sorted((str(p.relative_to(root)), p) for p in root.rglob("*")
                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    files = [data.data_files] if isinstance(data.data_files, str) else (data.data_files or [])
-    return [(str(f), Path(f)) for f in files if Path(f).is_file()]
+    def listed(files):
+        return [files] if isinstance(files, str) else (files or [])
+
+    files = listed(data.data_files)
+    names = listed(written_files) if written_files is not None else files
+    return [(str(name), Path(f)) for name, f in zip(names, files) if Path(f).is_file()]
 
 
 def diffs(there: dict, now: dict) -> list[str]:

@@ -241,7 +241,7 @@ def _check_pair(store: ActivationStore, layer: int, hook: str, target: str, tc: 
                                                                          store.chunk_rows(layer, hook)):
         raise UserError(f"{name}: layer {layer} {hook} and {target} hold different rows; harvest them again together: "
                         f"saepipe harvest CONFIG --layers {layer} --force")
-    if tc.shard_latents:
+    if tc.shard_latents and dist.rank_world()[1] > 1:
         raise UserError(f"{name}: train.shard_latents does not split a transcoder's latents; set shard_latents: false")
 
 

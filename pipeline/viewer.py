@@ -260,9 +260,12 @@ def _groups(run_dir, found: list[tuple[int, str, str | None]]) -> str:
 
 
 def _frontiers(run_dir, found: list[tuple[int, str, str | None]]) -> str:
-    """saepipe eval's frontier picture of each listed (layer, hook) that has one, linked to its SVG."""
+    """saepipe eval's frontier picture of each listed (layer, hook) that has one, linked to its SVG
+    (a transcoder's is that of the hook it predicts, where eval splices it)."""
     parts = []
-    for layer, hook in dict.fromkeys((layer, hook) for layer, hook, _ in found):
+    spliced = [(layer, fsio.read_json(sae_dir(run_dir, layer, hook, member) / "cfg.json").get("target_hook") or hook)
+               for layer, hook, member in found]
+    for layer, hook in dict.fromkeys(spliced):
         folder, stem = frontier_stem(run_dir, layer, hook)
         if (folder / f"{stem}.png").is_file():
             rel = os.path.relpath(folder, index_page(run_dir).parent)

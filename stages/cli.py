@@ -35,10 +35,11 @@ def _user_errors(fn):
     def wrapper(*args, **kwargs):
         from pipeline.fsio import disk_error_message
 
+        _LOADED.clear()
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            _fail(str(e), e.exit_code)
+            _fail(_with_path_notes(str(e)), e.exit_code)
         except OSError as e:  # disk full, read-only run_dir, ...: the user's to fix, not a bug
             message = disk_error_message(e)
             if message is None:
@@ -68,10 +69,23 @@ class _Group(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+# The config this command loaded, so that an error naming one of its paths says where that path was read from.
+_LOADED: list = []
+
+
 def _load(config, overrides):
     from pipeline.config import load_config
 
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    _LOADED[:] = [cfg]
+    return cfg
+
+
+def _with_path_notes(message: str) -> str:
+    """`message`, and for each relative path of the loaded config that it names (a store not found,
+    a data file missing, ...), the folder that path was read from and why (pipeline.paths)."""
+    notes = [n.why for cfg in _LOADED for n in cfg.path_notes() if n.path in message]
+    return message if not notes else f"{message} ({'; '.join(notes)})"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -179,9 +193,11 @@ def collate(config, layers, overrides, force):
 @click.option("--layer", required=True, type=int, help="The SAE's layer.")
 @click.option("--hook", default=None, help="The SAE's hook; default: the config's one hook.")
 @click.option("--latent", required=True, type=int, help="The latent whose decoder direction is added.")
-@click.option("--strength", "strengths", required=True, multiple=True, type=float,
-              help="Multiple of W_dec[latent] added at every position (finite). Repeatable: one continuation "
-                   "each (a repeated value, one).")
+@click.option("--strength", "strengths", required=True, multiple=True, metavar="S|Fx",
+              help="Multiple of W_dec[latent] added at every position the SAE was trained on (finite): S raw, or "
+                   "Fx for F times the latent's max activation in its collated records (e.g. 2x; needs "
+                   "`saepipe collate`). Repeatable, raw and relative mixed: one continuation each (a repeated "
+                   "value, one).")
 @click.option("--prompt", required=True, help="The text to continue.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096),
               help="Tokens generated per continuation (greedy); fewer, with a line saying so, where the prompt "
@@ -194,8 +210,11 @@ def steer(config, layer, hook, latent, strengths, prompt, max_new_tokens, member
     """Generate with a latent's decoder direction added to the hooked activation.
 
     Prints the unsteered greedy continuation and one steered continuation per
-    --strength, one row each (deterministic). A prompt that fills the model's
-    positions is refused; past them, each continuation stops at the last one.
+    --strength, one row each (deterministic), and the raw value of each relative
+    one (2x). The prompt is tokenised as the store's windows were (BOS first when
+    they opened with it), and position 0 is left alone when the SAE never saw it
+    (exclude_bos). A prompt that fills the model's positions is refused; past
+    them, each continuation stops at the last one.
     """
     from stages import steer as stage
 

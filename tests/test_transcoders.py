@@ -142,6 +142,9 @@ def test_every_stage_runs_a_transcoder(tmp_path, harvested):
     # the transcoder is drawn beside mlp_out's SAE, where it is spliced
     assert (tmp_path / "run" / "saes" / str(LAYER) / "frontier-mlp_out.png").exists()
     assert not (tmp_path / "run" / "saes" / str(LAYER) / "frontier-mlp_in.png").exists()
+    from pipeline.viewer import _frontiers  # the index page shows a transcoder's records with that picture
+
+    assert "frontier-mlp_out.png" in _frontiers(tmp_path / "run", [(LAYER, "mlp_in", None)])
 
     res = _cli(tmp_path, raw, "collate")
     assert res.exit_code == 0, res.output
