@@ -232,6 +232,23 @@ def table(rows: list[dict], ratios: bool = False):
               f"{r['delta_ce']:>9.4f} {r['kl']:>8.4f}{more}")
 
 
+def seed_dir(a, seed: int) -> str:
+    """A seed's run folder: --run-dir itself for one seed, <run-dir>/seed<S> for several."""
+    return a.run_dir if len(a.seeds) == 1 else f"{a.run_dir}/seed{seed}"
+
+
+def seeds(a, run, ratios: bool):
+    """run(seed, folder) -> rows for each of --seeds, each seed's table, then their medians."""
+    runs = {}
+    for seed in a.seeds:
+        runs[seed] = run(seed, seed_dir(a, seed))
+        print(f"seed {seed}:")
+        table(runs[seed])
+    if len(a.seeds) > 1:
+        print(f"median over seeds {', '.join(map(str, a.seeds))}:")
+        table(medians(runs), ratios=ratios)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--step", action="store_true")
@@ -250,30 +267,12 @@ def main():
               f"median of {a.rounds}, interleaved)")
         for name, t in ms.items():
             print(f"{name:<12} {t:>9.1f} {t / ms['topk']:>7.2f}x")
-    if a.quality:
-        runs = {}
-        for seed in a.seeds:
-            where = a.run_dir if len(a.seeds) == 1 else f"{a.run_dir}/seed{seed}"
-            runs[seed] = quality(a.quality, a.layer, where, seed, tuple(a.set))
-            print(f"seed {seed}:")
-            table(runs[seed])
-        if len(a.seeds) > 1:
-            print(f"median over seeds {', '.join(map(str, a.seeds))}:")
-            table(medians(runs), ratios=True)
+    for run, config in ((quality, a.quality), (transcoder, a.transcoder)):
+        if config:
+            seeds(a, lambda seed, where: run(config, a.layer, where, seed, tuple(a.set)), ratios=run is quality)
     for seed in a.seeds if a.peers else []:
-        where = a.run_dir if len(a.seeds) == 1 else f"{a.run_dir}/seed{seed}"
         print(f"seed {seed}, ours and dictionary_learning's, scored by one saepipe eval:")
-        peer_table(peers(a.peers, a.layer, where, seed, tuple(a.set)))
-    if a.transcoder:
-        runs = {}
-        for seed in a.seeds:
-            where = a.run_dir if len(a.seeds) == 1 else f"{a.run_dir}/seed{seed}"
-            runs[seed] = transcoder(a.transcoder, a.layer, where, seed, tuple(a.set))
-            print(f"seed {seed}:")
-            table(runs[seed])
-        if len(a.seeds) > 1:
-            print(f"median over seeds {', '.join(map(str, a.seeds))}:")
-            table(medians(runs))
+        peer_table(peers(a.peers, a.layer, seed_dir(a, seed), seed, tuple(a.set)))
     if not (a.step or a.quality or a.transcoder or a.peers):
         ap.print_help()
 

@@ -180,3 +180,33 @@ def topk_loss(sae, x, o, aux_alpha: float, rows: int | None = None, whole_batch:
     view = TrainView(TopKSettings(aux_alpha=aux_alpha), global_sum=dist.all_reduce_ if split else (lambda t: t))
     loss, aux = sae.train_loss(x, o, fvu, view)
     return loss, fvu, aux, nmse
+
+
+def run_cli(root, raw: dict, *args):
+    """`saepipe <args[0]> <root>/cfg.yaml <args[1:]>` on the config `raw` (written there first)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    path = Path(root) / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return CliRunner().invoke(main, [args[0], str(path), *args[1:]])
+
+
+def harvested_llama(root, harvest_hooks: list[str] | None = None, **train) -> dict:
+    """A tiny 3-block Llama (d 32) harvested at layer 1 (`harvest_hooks`, default resid_post) through the CLI, and
+    its config: small train (64 latents, 32 steps; `train` adds keys), eval and collate sections."""
+    root = Path(root)
+    make_model("llama", root / "model", n_layers=3, d_model=32)
+    corpus = write_corpus(root / "corpus.jsonl")
+    raw = harvest_config(root / "model", corpus, root / "run", n_tokens=16 * 48)
+    if harvest_hooks:
+        raw["harvest"]["hooks"] = harvest_hooks
+    raw["train"] = {"n_latents": 64, "n_tokens": 4096, "batch_size": 128, "eval_every": 8, "checkpoint_every": 8,
+                    "log_every": 8, "eval_tokens": 256, "device": "cpu", **train}
+    raw["eval"] = {"n_tokens": 4 * 16, "batch_size": 4, "device": "cpu"}
+    raw["collate"] = {"n_top": 3, "n_random": 2, "batch_size": 256, "device": "cpu"}
+    res = run_cli(root, raw, "harvest")
+    assert res.exit_code == 0, res.output
+    return raw

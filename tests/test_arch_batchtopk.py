@@ -378,3 +378,31 @@ def test_training_step_on_triton_backend_under_interpreter():
     done = subprocess.run([sys.executable, "-c", TRITON_STEP], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "same grads" in done.stdout, done.stderr[-3000:]
+
+
+def test_a_short_run_averages_the_threshold_over_its_tail():
+    """The rate is SAELens' 0.01 in a long run and 20 / n_steps in a short one: the average spans
+    about the last 5% of the run, the trainer passing the run's length through the view."""
+    from pipeline.saes.base import TrainView
+    from pipeline.saes.batchtopk import threshold_rate
+
+    assert threshold_rate(10_000) == 0.01 and threshold_rate(200) == pytest.approx(0.1)
+    sae = tiny()
+    x1, x2 = (torch.randn(40, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    ms = []
+    for x in (x1, x2):
+        z, keep = dense_batch_topk(sae, x)
+        ms.append(z[keep].min().item())
+        sae.forward_train(x, estimate=threshold_rate(200))
+    r = 0.1
+    assert sae.threshold.item() == pytest.approx(((1 - r) * r * ms[0] + r * ms[1]) / ((1 - r) * r + r), rel=1e-12)
+    # through train_forward: the view's n_steps sets the rate
+    from pipeline.config import sae_section
+
+    other = tiny()
+    st = sae_section({"architecture": "batchtopk", "k": other.k}, "train.sae.", "test").resolve(16, other.n_latents, 40,
+                                                                                                "", "")
+    view = TrainView(st, torch.zeros(other.n_latents, dtype=torch.long), None, step=0, n_steps=200)
+    for x in (x1, x2):
+        other.train_forward(x, view)
+    assert other.threshold.item() == pytest.approx(sae.threshold.item(), rel=1e-12)

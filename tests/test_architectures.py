@@ -10,10 +10,9 @@ import shutil
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
-from helpers import harvest_config, make_model, write_corpus
+from helpers import harvested_llama, run_cli
 from pipeline.paths import sae_dir
 from pipeline.saes import ARCHITECTURES, load_sae
 from pipeline.viewer import read_features
@@ -25,23 +24,11 @@ D, LAYER = 32, 1
 @pytest.fixture(scope="module")
 def harvested(tmp_path_factory):
     root = tmp_path_factory.mktemp("arch")
-    make_model("llama", root / "model", n_layers=3, d_model=D)
-    corpus = write_corpus(root / "corpus.jsonl")
-    raw = harvest_config(root / "model", corpus, root / "run", n_tokens=16 * 48)
-    raw["train"] = {"n_latents": 64, "n_tokens": 4096, "batch_size": 128, "eval_every": 8, "checkpoint_every": 8,
-                    "log_every": 8, "eval_tokens": 256, "device": "cpu",
-                    "normalize": "scalar"}  # folded into the weights: every architecture's fold, and sparsify can take it
-    raw["eval"] = {"n_tokens": 4 * 16, "batch_size": 4, "device": "cpu"}
-    raw["collate"] = {"n_top": 3, "n_random": 2, "batch_size": 256, "device": "cpu"}
-    res = _cli(root, raw, "harvest")
-    assert res.exit_code == 0, res.output
-    return root, raw
+    # scalar: folded into the weights: every architecture's fold, and sparsify can take it
+    return root, harvested_llama(root, normalize="scalar")
 
 
-def _cli(root, raw, *args):
-    path = root / "cfg.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return CliRunner().invoke(main, [args[0], str(path), *args[1:]])
+_cli = run_cli
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

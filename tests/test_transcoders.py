@@ -14,12 +14,11 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from helpers import harvest_config, make_model, write_corpus
+from helpers import harvested_llama, make_model, run_cli
 from pipeline import model as M
 from pipeline.config import load_config
 from pipeline.paths import sae_dir
@@ -34,24 +33,12 @@ D, LAYER = 32, 1
 def harvested(tmp_path_factory):
     """A tiny Llama harvested at mlp_in and mlp_out, and a transcoder config for it."""
     root = tmp_path_factory.mktemp("transcoder")
-    make_model("llama", root / "model", n_layers=3, d_model=D)
-    corpus = write_corpus(root / "corpus.jsonl")
-    raw = harvest_config(root / "model", corpus, root / "run", n_tokens=16 * 48)
-    raw["harvest"]["hooks"] = ["mlp_in", "mlp_out"]
-    raw["train"] = {"n_latents": 64, "n_tokens": 4096, "batch_size": 128, "eval_every": 8, "checkpoint_every": 8,
-                    "log_every": 8, "eval_tokens": 256, "device": "cpu", "normalize": "scalar", "hooks": ["mlp_in"],
-                    "transcode": {"mlp_in": "mlp_out"}, "skip_connection": True}
-    raw["eval"] = {"n_tokens": 4 * 16, "batch_size": 4, "device": "cpu"}
-    raw["collate"] = {"n_top": 3, "n_random": 2, "batch_size": 256, "device": "cpu"}
-    res = _cli(root, raw, "harvest")
-    assert res.exit_code == 0, res.output
+    raw = harvested_llama(root, ["mlp_in", "mlp_out"], normalize="scalar", hooks=["mlp_in"],
+                          transcode={"mlp_in": "mlp_out"}, skip_connection=True)
     return root, raw
 
 
-def _cli(root, raw, *args):
-    path = root / "cfg.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return CliRunner().invoke(main, [args[0], str(path), *args[1:]])
+_cli = run_cli
 
 
 def _rows(root, hook):

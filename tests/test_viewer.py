@@ -82,11 +82,7 @@ def group_records(tmp_path_factory):
     from pipeline.saes.matryoshka import MatryoshkaSAE
 
     root = tmp_path_factory.mktemp("groups")
-    tok = make_tokenizer(root / "tok")
-    ids = tok.encode(" ".join(CORPUS * 4), add_special_tokens=False)[: N_SEQ * CTX]
-    tokens = np.array(ids, dtype=np.int32).reshape(N_SEQ, CTX)
-    acts = torch.randn(N_SEQ * CTX, D, generator=torch.Generator().manual_seed(0))
-    write_synthetic(root, acts, tokens, attrs={"tokenizer": str(root / "tok")})
+    synthetic_run(root)
     torch.manual_seed(0)
     sae = MatryoshkaSAE(D, 32, 4, prefixes=[0.25, 0.5, 1.0])
     with torch.no_grad():
@@ -95,6 +91,17 @@ def group_records(tmp_path_factory):
     assert sae.prefix_sizes == GROUP_SIZES
     sae.save(root / "saes/0/resid_post")
     return collate(root)
+
+
+def synthetic_run(root, bos: bool = False):
+    """A store of random activations over the corpus's tokens (each sequence opening with BOS when `bos`)."""
+    tok = make_tokenizer(root / "tok")
+    ids = tok.encode(" ".join(CORPUS * 4), add_special_tokens=False)[: N_SEQ * CTX]
+    tokens = np.array(ids, dtype=np.int32).reshape(N_SEQ, CTX)
+    if bos:
+        tokens[:, 0] = tok.bos_token_id
+    acts = torch.randn(N_SEQ * CTX, D, generator=torch.Generator().manual_seed(0))
+    write_synthetic(root, acts, tokens, attrs={"tokenizer": str(root / "tok"), **({"prepend_bos": True} if bos else {})})
 
 
 def collate(root):
@@ -112,12 +119,7 @@ def collate(root):
 def bos_records(tmp_path_factory):
     """A collated run whose sequences open with BOS, excluded (the default)."""
     root = tmp_path_factory.mktemp("bos")
-    tok = make_tokenizer(root / "tok")
-    ids = tok.encode(" ".join(CORPUS * 4), add_special_tokens=False)[: N_SEQ * CTX]
-    tokens = np.array(ids, dtype=np.int32).reshape(N_SEQ, CTX)
-    tokens[:, 0] = tok.bos_token_id
-    acts = torch.randn(N_SEQ * CTX, D, generator=torch.Generator().manual_seed(0))
-    write_synthetic(root, acts, tokens, attrs={"tokenizer": str(root / "tok"), "prepend_bos": True})
+    synthetic_run(root, bos=True)
     torch.manual_seed(0)
     sae = TopKSAE(D, 32, 4)
     with torch.no_grad():
