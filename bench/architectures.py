@@ -118,7 +118,7 @@ def quality(config: str, layer: int, run_dir: str, seed: int, overrides: tuple =
 PEER_LR = {"jumprelu": 1e-3, "gdm": 1e-3}
 
 
-def peers(config: str, layer: int, run_dir: str, seed: int, overrides: tuple = ()) -> list[dict]:
+def peers(config: str, layer: int, run_dir: str, seed: int, overrides: tuple = (), only=None) -> list[dict]:
     """dictionary_learning's trainers on the training rows of the config's store, saved beside our
     SAEs in run_dir (after quality()), then saepipe eval on them; the rows of ours and theirs."""
     import importlib.util
@@ -145,6 +145,8 @@ def peers(config: str, layer: int, run_dir: str, seed: int, overrides: tuple = (
     width = tc.n_latents or tc.expansion_factor * store.d_model(layer, hook)
     names = []
     for trainer, arch in dl_peers.TRAINERS.items():
+        if only and trainer not in only:
+            continue
         name = f"dl-{arch}"
         out = sae_dir(run_dir, layer, hook, name)
         if not (out / "done").exists():
@@ -193,8 +195,7 @@ def transcoder(config: str, layer: int, run_dir: str, seed: int, overrides: tupl
     store = Location.of(base).path
     cfg = load_config(config, [*overrides, f"run_dir={run_dir}", f"store={store}", f"harvest.layers=[{layer}]",
                                "harvest.hooks=[mlp_in, mlp_out]", "train.hooks=[mlp_in, mlp_out]",
-                               "train.transcode={mlp_in: mlp_out}", f"train.seed={seed}",
-                               json_set("train.sae", sae_settings("topk"))])
+                               "train.transcode={mlp_in: mlp_out}", f"train.seed={seed}", f"train.k={L0}"])
     train.run(cfg, [layer])
     rows = []
     for lay, hook, row in lm_eval.run(cfg, [layer]):
@@ -203,10 +204,6 @@ def transcoder(config: str, layer: int, run_dir: str, seed: int, overrides: tupl
         rows.append({"sae": hook, "architecture": hook, "l0": row["l0"], "fvu_heldout": ev["fvu"],
                      "dead": ev["dead_frac"], "delta_ce": row["delta_ce"], "kl": row["kl"]})
     return rows
-
-
-def json_set(key: str, value) -> str:
-    return f"{key}={json.dumps(value)}"
 
 
 KEYS = ("l0", "fvu_heldout", "dead", "delta_ce", "kl")
@@ -260,6 +257,7 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--transcoder", metavar="CONFIG")
     ap.add_argument("--peers", metavar="CONFIG")
+    ap.add_argument("--peer-trainers", nargs="+", default=None, help="only these dictionary_learning trainers")
     a = ap.parse_args()
     if a.step:
         ms = step_times(a.rounds)
@@ -272,7 +270,7 @@ def main():
             seeds(a, lambda seed, where: run(config, a.layer, where, seed, tuple(a.set)), ratios=run is quality)
     for seed in a.seeds if a.peers else []:
         print(f"seed {seed}, ours and dictionary_learning's, scored by one saepipe eval:")
-        peer_table(peers(a.peers, a.layer, seed_dir(a, seed), seed, tuple(a.set)))
+        peer_table(peers(a.peers, a.layer, seed_dir(a, seed), seed, tuple(a.set), a.peer_trainers))
     if not (a.step or a.quality or a.transcoder or a.peers):
         ap.print_help()
 

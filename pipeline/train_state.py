@@ -179,15 +179,29 @@ def init_weights(sae: Dictionary, p: Plan, sample: torch.Tensor) -> tuple[float,
     scale = _unit_scale(x) if tc.normalize == "scalar" else 1.0
     x, out_scale = x * scale, scale
     if sae.transcoder:
+        # Nothing is subtracted from a transcoder's input (center), so its centre would push the same
+        # few latents to the top for every token (93% dead on SmolLM2's mlp_in): the encoder bias
+        # takes the centre off instead, b_lat = -W_enc c.
+        with torch.no_grad():
+            sae.b_lat.sub_(_centre(x, tc.b_pre_init).to(sae.W_enc) @ sae.W_enc.T)
+            # The decoder starts at zero (as sparsify's transcoders): the first steps give every latent
+            # the direction of the target it fired on, before the encoder learns which to pick. Tied
+            # to the encoder, as an SAE starts, the few latents whose random rows happened to help
+            # took every token (93% dead at 195 steps on SmolLM2's block 15).
+            sae.W_dec.zero_()
         x = rows[:, sae.d_in:]
         out_scale = _unit_scale(x) if tc.normalize != "none" else 1.0
         x = x * out_scale
     with torch.no_grad():
-        if tc.b_pre_init == "geometric_median":
-            sae.b_pre.copy_(geometric_median(x))
-        elif tc.b_pre_init == "mean":
-            sae.b_pre.copy_(x.mean(0))
+        sae.b_pre.copy_(_centre(x, tc.b_pre_init))
     return scale, out_scale
+
+
+def _centre(x: torch.Tensor, rule: str) -> torch.Tensor:
+    """train.b_pre_init's centre of the rows x: their geometric median, mean, or zeros."""
+    if rule == "geometric_median":
+        return geometric_median(x)
+    return x.mean(0) if rule == "mean" else torch.zeros(x.shape[1], dtype=x.dtype)
 
 
 def _unit_scale(x: torch.Tensor) -> float:

@@ -222,3 +222,27 @@ def test_bad_transcoder_input_is_one_line(tmp_path, harvested, case):
     assert res.exit_code == 2 and res.output.startswith("saepipe: error: ") and len(res.output.splitlines()) == 1
     if case != "layer_norm_export":
         assert not (tmp_path / "run" / "saes").exists()  # nothing written
+
+
+def test_init_takes_the_input_centre_off_through_the_encoder_bias():
+    """Nothing is subtracted from a transcoder's input, so at init b_lat = -W_enc c (c the input's centre):
+    each latent's pre-activation has mean 0 over the sample (b_pre_init mean), and b_pre is the target's
+    mean; the decoder starts at zero (train_state.init_weights says why)."""
+    from types import SimpleNamespace
+
+    from pipeline.config import TrainConfig
+    from pipeline.train_state import init_weights
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, D, generator=g) + 5.0  # a large common direction, as mlp_in has
+    y = torch.randn(512, D, generator=g) * 3 - 1.0
+    sae = build_sae("topk", D, 64, {"k": 4}, "none", "torch").make_transcoder()
+    tc = TrainConfig(normalize="none", b_pre_init="mean", init_sample=512)
+    scale, out_scale = init_weights(sae, SimpleNamespace(tc=tc), torch.cat([x, y], 1))
+    assert (scale, out_scale) == (1.0, 1.0)
+    with torch.no_grad():
+        z = x @ sae.W_enc.T + sae.b_lat
+    torch.testing.assert_close(z.mean(0), torch.zeros(64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(sae.b_pre.detach(), y.mean(0))
+    assert not sae.W_dec.any()  # the decoder starts at zero; the encoder does not
+    assert sae.W_enc.abs().sum() > 0
