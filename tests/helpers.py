@@ -210,3 +210,15 @@ def harvested_llama(root, harvest_hooks: list[str] | None = None, **train) -> di
     res = run_cli(root, raw, "harvest")
     assert res.exit_code == 0, res.output
     return raw
+
+
+def interpreted(script: str, timeout: float = 300):
+    """`python -c script` from the repository root under TRITON_INTERPRET=1 (Triton kernels on the CPU);
+    the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=timeout)

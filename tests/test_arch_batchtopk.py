@@ -368,15 +368,9 @@ print("same grads")
 
 
 def test_training_step_on_triton_backend_under_interpreter():
-    import os
-    import subprocess
-    import sys
+    from helpers import interpreted
 
-    from test_train import REPO
-
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", TRITON_STEP], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = interpreted(TRITON_STEP)
     assert done.returncode == 0 and "same grads" in done.stdout, done.stderr[-3000:]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -411,7 +410,7 @@ print("same grads")
 
 
 def test_training_step_on_triton_backend_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", TRITON_STEP], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    from helpers import interpreted
+
+    done = interpreted(TRITON_STEP)
     assert done.returncode == 0 and "same grads" in done.stdout, done.stderr[-3000:]
