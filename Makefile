@@ -14,7 +14,7 @@ LAYER_FLAG = $(if $(strip $(LAYERS)),--layers "$(LAYERS)")
 # The MiniLM example's package (sentence-transformers, sklearn, pandas) only for its config.
 MINILM = $(if $(findstring configs/demo.yaml,$(CONFIG)),$(VENV)/.installed-minilm)
 
-.PHONY: setup harvest verify train collate eval demo test bench browser clean
+.PHONY: setup harvest verify train finetune collate eval demo test bench browser clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,10 @@ verify: setup
 
 train: setup $(MINILM)
 	$(BIN)/saepipe train $(CONFIG) $(LAYER_FLAG) $(ARGS)
+
+# KL fine-tune of each trained SAE through the model (saes/<L>/<hook>@kl/); eval shows it beside its base.
+finetune: setup $(MINILM)
+	$(BIN)/saepipe finetune $(CONFIG) $(LAYER_FLAG) $(ARGS)
 
 collate: setup $(MINILM)
 	$(BIN)/saepipe collate $(CONFIG) $(LAYER_FLAG) $(ARGS)

@@ -77,6 +77,28 @@ def ours(store_dir: Path, scratch: Path, layer, hook, a) -> tuple[TopKSAE, float
     return load_sae(run_dir / "saes" / str(layer) / hook), wall
 
 
+def ours_finetuned(store_dir: Path, scratch: Path, layer, hook, a) -> tuple[TopKSAE, float, float]:
+    """saepipe's default recipe on a.tokens - a.finetune_tokens cached tokens, then `saepipe finetune`
+    (pipeline.finetune: KL through the model) on a.finetune_tokens of the store's windows; (the
+    fine-tuned SAE, train wall s, finetune wall s)."""
+    from pipeline import finetune
+
+    run_dir = scratch / "run-kl"
+    run_dir.mkdir()
+    cfg = load_config(a.config, [*a.set, f"run_dir={run_dir}", f"store={store_dir.resolve() / 'activations.zarr'}",
+                                 f"harvest.layers=[{layer}]", f"harvest.hooks=[{hook}]", f"train.n_latents={a.n}",
+                                 f"train.k={a.k}",
+                                 f"train.batch_size={a.batch}", f"train.n_tokens={a.tokens - a.finetune_tokens}",
+                                 f"train.seed={a.seed}", f"finetune.n_tokens={a.finetune_tokens}",
+                                 f"finetune.seed={a.seed}", *a.finetune_set])
+    t0 = time.perf_counter()
+    train_run(cfg, progress=False)
+    t1 = time.perf_counter()
+    finetune.run(cfg, progress=False)
+    t2 = time.perf_counter()
+    return load_sae(run_dir / "saes" / str(layer) / f"{hook}@kl"), t1 - t0, t2 - t1
+
+
 def sparsify(x_train: torch.Tensor, scratch: Path, a) -> tuple[TopKSAE, float]:
     py = peers.python("sparsify")
     np.save(scratch / "rows.npy", x_train.numpy())
@@ -110,14 +132,14 @@ def score(sae: TopKSAE, x: torch.Tensor, batch: int = 4096) -> dict:
 
 
 def delta_ce(config: str, scratch: Path, name: str, store_dir: Path, sae: TopKSAE, like: dict, layer, hook,
-             n_tokens: int) -> dict:
+             n_tokens: int, overrides=()) -> dict:
     """saepipe eval of `sae` in a scratch run of its own: ce_clean, ce_spliced, delta_ce, ce_recovered, kl."""
     run_dir = scratch / f"eval-{name}"
     run_dir.mkdir()
     (run_dir / "activations.zarr").symlink_to(store_dir.resolve() / "activations.zarr")
     keep = ("model", "revision", "layer", "hook", "dataset", "context_size", "prepend_bos", "exclude_bos")
     sae.save(run_dir / "saes" / str(layer) / hook, {key: like.get(key) for key in keep})
-    cfg = load_config(config, [f"run_dir={run_dir}", f"eval.layers=[{layer}]", f"eval.hooks=[{hook}]",
+    cfg = load_config(config, [*overrides, f"run_dir={run_dir}", f"eval.layers=[{layer}]", f"eval.hooks=[{hook}]",
                                f"eval.n_tokens={n_tokens}"])
     [(_, _, row)] = lm_eval.run(cfg, progress=False)
     return row
@@ -133,12 +155,21 @@ def main():
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", help="several seeds: one run each, then medians and means")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ours", default="{}", help="JSON of extra train settings for saepipe (default: none)")
     ap.add_argument("--config", help="the store's run config (a causal LM): adds each SAE's delta CE")
     ap.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens for delta CE (with --config)")
+    ap.add_argument("--finetune-tokens", type=int, default=0,
+                    help="(with --config) also saepipe trained on --tokens minus these, then KL fine-tuned on them")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="overrides of --config (where its store is: harvest.n_tokens=...)")
+    ap.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="overrides of the finetune section (finetune.lr=...)")
     ap.add_argument("--write", action="store_true", help="put the table into bench/RESULTS.md")
     a = ap.parse_args()
+    if a.finetune_tokens and not a.config:
+        ap.error("--finetune-tokens needs --config (the fine-tune runs the model)")
     torch.set_num_threads(a.threads)
     store_dir = Path(a.run)
     store = ActivationStore(store_dir)
@@ -146,16 +177,35 @@ def main():
     x_train, x_eval = rows(store, a.layer, a.hook, 0.05)
     print(f"quality: {store_dir} layer {a.layer} {a.hook}: {len(x_train)} training rows, {len(x_eval)} held-out "
           f"rows; n {a.n}, k {a.k}, batch {a.batch}, {a.tokens} tokens", file=sys.stderr)
+    per_seed = {}
+    for seed in a.seeds or [a.seed]:
+        a.seed = seed
+        per_seed[seed] = one_seed(a, store_dir, x_train, x_eval)
+    if a.seeds or a.finetune_tokens:
+        table = seeds_table(per_seed, a)
+    else:
+        table = single_table(per_seed[a.seed], bool(a.config))
+    print(table)
+    if a.write:
+        write_results(store_dir, a, len(x_train), len(x_eval), table)
+
+
+def one_seed(a, store_dir: Path, x_train, x_eval) -> dict:
+    """Every recipe of one seed: held-out FVU, dead, wall (and delta CE, KL with --config)."""
     results, saes = {}, {}
+    recipes = [("sparsify", lambda: sparsify(x_train, scratch, a)),
+               ("saepipe", lambda: ours(store_dir, scratch, a.layer, a.hook, a))]
+    if a.finetune_tokens:
+        recipes.append(("saepipe_kl", lambda: ours_finetuned(store_dir, scratch, a.layer, a.hook, a)))
     with tempfile.TemporaryDirectory(prefix="saepipe-quality-") as tmp:
         scratch = Path(tmp)
-        for name, fn in (("sparsify", lambda: sparsify(x_train, scratch, a)),
-                         ("saepipe", lambda: ours(store_dir, scratch, a.layer, a.hook, a))):
-            sae, wall = fn()
-            results[name] = {**score(sae, x_eval), "wall": wall}
+        for name, fn in recipes:
+            sae, wall, *ft_wall = fn()
+            results[name] = {**score(sae, x_eval), "wall": wall, **({"ft_wall": ft_wall[0]} if ft_wall else {})}
             saes[name] = sae
-            print(f"quality: {name}: held-out fvu {results[name]['fvu']:.4f}, dead {results[name]['dead']:.1%}, "
-                  f"{wall:.1f} s", file=sys.stderr)
+            print(f"quality: seed {a.seed} {name}: held-out fvu {results[name]['fvu']:.4f}, dead "
+                  f"{results[name]['dead']:.1%}, {wall:.1f} s" + (f" + fine-tune {ft_wall[0]:.1f} s" if ft_wall else ""),
+                  file=sys.stderr)
             if name == "sparsify":
                 # Its saved weights are the schedule-free average, whose decoder rows are shorter than 1; put
                 # back on the unit sphere it reconstructs better on some stores, worse on others: the ratios
@@ -165,32 +215,75 @@ def main():
                 unit.normalize_decoder()
                 results["sparsify_unit"] = {**score(unit, x_eval), "wall": wall}
                 saes["sparsify_unit"] = unit
-        if a.config:  # after both trainings, so the wall times above are not shared with a model
-            for name in ("sparsify", "sparsify_unit", "saepipe"):
+        if a.config:  # after every training, so the wall times above are not shared with a model
+            for name in saes:
                 row = delta_ce(a.config, scratch, name, store_dir, saes[name], saes["saepipe"].cfg, a.layer, a.hook,
-                               a.eval_tokens)
-                results[name]["dce"] = row["delta_ce"]
-                print(f"quality: {name}: delta CE {row['delta_ce']:.4f} nats (ce clean {row['ce_clean']:.4f}, "
-                      f"spliced {row['ce_spliced']:.4f}; {row['n_tokens']} tokens)", file=sys.stderr)
-    raw, o = results["sparsify"], results["saepipe"]
-    s = min(results["sparsify_unit"], raw, key=lambda r: r["fvu"])
-    ce = bool(a.config)
+                               a.eval_tokens, a.set)
+                results[name].update(dce=row["delta_ce"], kl=row["kl"], l0=row["l0"])
+                print(f"quality: seed {a.seed} {name}: delta CE {row['delta_ce']:.4f} nats, KL {row['kl']:.4f} "
+                      f"(ce clean {row['ce_clean']:.4f}, spliced {row['ce_spliced']:.4f}; {row['n_tokens']} tokens)",
+                      file=sys.stderr)
+    # sparsify's better of its two, by delta CE where measured (else FVU)
+    key = "dce" if a.config else "fvu"
+    results["sparsify_best"] = min(results["sparsify_unit"], results["sparsify"], key=lambda r: r[key])
+    return results
+
+
+def single_table(results: dict, ce: bool) -> str:
+    raw, o, s = results["sparsify"], results["saepipe"], results["sparsify_best"]
 
     def cells(r):
         return f"| {r['fvu']:.4f} | {r['dead']:.1%} | " + (f"{r['dce']:.4f} | " if ce else "") + f"{r['wall']:.1f} |"
 
-    s_ce = min(results["sparsify_unit"]["dce"], raw["dce"]) if ce else None
-    table = "\n".join([
+    return "\n".join([
         "| recipe | held-out FVU | dead | " + ("delta CE (nats) | " if ce else "") + "wall s |",
         "| --- | --- | --- | " + ("--- | " if ce else "") + "--- |",
         "| sparsify 1.3.3 default (signum, schedule-free; bare loop), as saved " + cells(raw),
         "| the same, decoder rows renormalised to 1 " + cells(results["sparsify_unit"]),
         "| saepipe default, no lr set (end to end) " + cells(o),
         f"| saepipe / sparsify (the better of its two) | {o['fvu'] / s['fvu']:.3f}x | {o['dead'] - s['dead']:+.1%} | "
-        + (f"{o['dce'] / s_ce:.3f}x | " if ce else "") + f"{o['wall'] / s['wall']:.2f}x |"])
-    print(table)
-    if a.write:
-        write_results(store_dir, a, len(x_train), len(x_eval), table)
+        + (f"{o['dce'] / s['dce']:.3f}x | " if ce else "") + f"{o['wall'] / s['wall']:.2f}x |"])
+
+
+def seeds_table(per_seed: dict, a) -> str:
+    """Per seed and over seeds (median; mean +- its standard error): delta CE and KL of each recipe
+    and ours / sparsify's better, the fine-tuned one included."""
+    names = [("sparsify_best", "sparsify 1.3.3 default (the better of as saved / unit rows)"),
+             ("saepipe", f"saepipe default, {a.tokens:,} cached tokens")]
+    if a.finetune_tokens:
+        names.append(("saepipe_kl", f"saepipe, {a.tokens - a.finetune_tokens:,} cached + {a.finetune_tokens:,} "
+                                    "KL fine-tune tokens"))
+    seeds = list(per_seed)
+    lines = ["| recipe | " + " | ".join(f"seed {s}: delta CE, KL" for s in seeds)
+             + " | median delta CE | median KL | mean delta CE +- se | mean KL +- se | FVU (median) | L0 |",
+             "| --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- | --- | --- | --- |"]
+
+    def stats(v):
+        v = np.asarray(v, dtype=float)
+        se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+        return float(np.median(v)), f"{v.mean():.4f} +- {se:.4f}"
+
+    for key, label in names:
+        rs = [per_seed[s][key] for s in seeds]
+        md, mean_d = stats([r["dce"] for r in rs])
+        mk, mean_k = stats([r["kl"] for r in rs])
+        lines.append(f"| {label} | " + " | ".join(f"{r['dce']:.4f}, {r['kl']:.4f}" for r in rs)
+                     + f" | {md:.4f} | {mk:.4f} | {mean_d} | {mean_k} | {np.median([r['fvu'] for r in rs]):.4f} | "
+                     f"{np.median([r['l0'] for r in rs]):.1f} |")
+    for key, label in names[1:]:
+        rd = [per_seed[s][key]["dce"] / per_seed[s]["sparsify_best"]["dce"] for s in seeds]
+        rk = [per_seed[s][key]["kl"] / per_seed[s]["sparsify_best"]["kl"] for s in seeds]
+        md = np.median([per_seed[s][key]["dce"] for s in seeds]) / np.median(
+            [per_seed[s]["sparsify_best"]["dce"] for s in seeds])
+        mk = np.median([per_seed[s][key]["kl"] for s in seeds]) / np.median(
+            [per_seed[s]["sparsify_best"]["kl"] for s in seeds])
+        lines.append(f"| {label.split(',')[0]} / sparsify ({key}) | " + " | ".join(
+            f"{x:.3f}x, {y:.3f}x" for x, y in zip(rd, rk)) + f" | {md:.3f}x | {mk:.3f}x | | | | |")
+    if a.finetune_tokens:
+        walls = [per_seed[s]["saepipe_kl"]["ft_wall"] for s in seeds]
+        lines.append(f"\nFine-tune wall time: {np.median(walls):.1f} s for {a.finetune_tokens:,} tokens "
+                     f"({np.median(walls) / a.finetune_tokens * 1e4:.1f} s per 10k tokens, median over seeds).")
+    return "\n".join(lines)
 
 
 def write_results(store_dir: Path, a, n_train: int, n_eval: int, table: str):

@@ -429,6 +429,34 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    layers: list[int] | None = setting(None, "null = train.layers, then harvest.layers", logistics=True)
+    hooks: list[str] | None = setting(None, "null = train.hooks, then harvest.hooks", logistics=True)
+    n_tokens: int = setting(40960, "tokens forwarded through the model: whole windows of the store's own tokens "
+                                   "(its training chunks only; eval's windows lie past the store)")
+    batch_size: int = setting(8, "windows per step")
+    lr: float = setting(1e-4, "peak learning rate (Adam): a linear warm-up, then cosine decay to 0")
+    warmup: float = setting(0.1, "fraction of the steps of linear warm-up")
+    recon_coefficient: float = setting(0.0, "weight of the SAE's reconstruction FVU (its training space) beside "
+                                            "the KL of the clean to the spliced model: keeps the reconstruction "
+                                            "near the activations")
+    seed: int = setting(0, "the order of the windows")
+    checkpoint_every: int = setting(20, "steps between checkpoints (resume after a kill)", logistics=True)
+    device: str = setting("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:1", logistics=True)
+
+    def validate(self, where):
+        _positive(where, "finetune.n_tokens", self.n_tokens)
+        _positive(where, "finetune.batch_size", self.batch_size)
+        _positive(where, "finetune.checkpoint_every", self.checkpoint_every)
+        if not self.lr > 0:
+            raise ConfigError(f"{where}: finetune.lr = {self.lr} must be > 0")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"{where}: finetune.warmup = {self.warmup} must be in [0, 1)")
+        if not self.recon_coefficient >= 0:
+            raise ConfigError(f"{where}: finetune.recon_coefficient = {self.recon_coefficient} must be >= 0")
+
+
+@dataclass
 class Config:
     run_dir: str = setting(doc="where the store, SAEs and records go")
     model: ModelConfig
@@ -437,6 +465,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     collate: CollateConfig = field(default_factory=CollateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     store: str | None = setting(None, "where the activation store lives; null = `<run_dir>/activations.zarr`. Another "
                                       "folder, or an fsspec URL that outlives the process: s3://bucket/prefix/acts.zarr, "
                                       "gs://... (progress logs, locks, SAEs and records stay in run_dir)")
@@ -473,7 +502,7 @@ class Config:
         self._notes: list = []
 
     def validate(self, where):
-        for section in (self.model, self.harvest, self.train, self.collate, self.eval):
+        for section in (self.model, self.harvest, self.train, self.collate, self.eval, self.finetune):
             section.validate(where)
         self._validate_store(where)
         for hook in self.harvest.hooks:
@@ -518,14 +547,23 @@ class Config:
 
     def sae_targets(self, stage: str, layers: list[int] | None = None) -> list[tuple[int, str, str | None]]:
         """Every SAE a stage after train works on: (layer, hook, member) for each of targets() and each
-        member of train.sweep (member None: the plain folder; the only one without a sweep)."""
+        member of train.sweep (member None: the plain folder; the only one without a sweep).
+        The stages that read SAEs (eval, collate) also take each one's KL fine-tuned copy
+        (pipeline.finetune) when it has been made, so before and after sit side by side."""
+        from pipeline.paths import finetuned, sae_dir
+        from pipeline.saes import saved_marker
+
         names = [name for name, _ in self.train.members()]
-        return [(layer, hook, name) for layer, hook in self.targets(stage, layers) for name in names]
+        out = [(layer, hook, name) for layer, hook in self.targets(stage, layers) for name in names]
+        if stage in ("eval", "collate"):
+            out += [(layer, hook, finetuned(name)) for layer, hook, name in out
+                    if saved_marker(sae_dir(self.run_path, layer, hook, finetuned(name))) is not None]
+        return out
 
 
 # Where a stage without its own layers/hooks takes them from (harvest always has both).
 _FALLBACK = {"harvest": ("harvest",), "train": ("train", "harvest"), "collate": ("collate", "train", "harvest"),
-             "eval": ("eval", "train", "harvest")}
+             "eval": ("eval", "train", "harvest"), "finetune": ("finetune", "train", "harvest")}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

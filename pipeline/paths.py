@@ -68,6 +68,15 @@ def leaf(hook: str, member: str | None = None) -> str:
     return hook if member is None else f"{hook}{MEMBER_MARK}{member}"
 
 
+def finetuned(member: str | None) -> str:
+    """The member name of a KL fine-tuned SAE (pipeline.finetune): `kl` for the plain SAE's, `<member>-kl`
+    for a train.sweep member's, so it sits beside its base as `<hook>@kl` / `<hook>@<member>-kl`."""
+    return f"{member}-{FINETUNED}" if member else FINETUNED
+
+
+FINETUNED = "kl"
+
+
 def member_folder(plain, member: str | None) -> Path:
     """A sweep member's folder beside the plain one (`saes/3/resid_post` -> `saes/3/resid_post@k64`)."""
     plain = Path(plain)

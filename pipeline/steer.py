@@ -122,9 +122,12 @@ def _hook(cfg: Config, layer: int, hook: str | None) -> str:
 
 
 def _member(cfg: Config, member: str | None) -> str | None:
-    """--member, checked against the config's train.sweep; None (the plain SAE) only when it trains one."""
+    """--member, checked against the config's train.sweep (or a member's KL fine-tune, pipeline.finetune:
+    `kl`, `<member>-kl`); None (the plain SAE) only when it trains one."""
+    from pipeline.paths import finetuned
+
     names = [name for name, _ in cfg.train.members()]
-    if member in names:
+    if member in names or member in [finetuned(n) for n in names]:
         return member
     listed = ", ".join("{} (no --member)" if n is None else n for n in names)
     if member is None:

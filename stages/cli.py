@@ -173,6 +173,27 @@ def train(config, layers, overrides, force):
 @_SET
 @_FORCE
 @_user_errors
+def finetune(config, layers, overrides, force):
+    """Fine-tune each trained SAE on KL(clean || spliced) through the frozen model.
+
+    On windows of the store's own tokens (its training chunks; eval's windows stay
+    held out), finetune.n_tokens of them; the copy goes beside its base, into
+    <run_dir>/saes/<L>/<hook>@kl/ (a train.sweep member's: <hook>@<name>-kl/), and
+    eval and collate take it with the others. Resumes from its last checkpoint;
+    finished fine-tunes of the same base weights are skipped unless --force.
+    """
+    from pipeline.config import parse_layers
+    from stages import finetune as stage
+
+    stage.run(_load(config, overrides), layers=parse_layers(layers), force=force)
+
+
+@main.command()
+@_CONFIG
+@_LAYERS
+@_SET
+@_FORCE
+@_user_errors
 def collate(config, layers, overrides, force):
     """Write per-latent top/random activation records and a static viewer.
 

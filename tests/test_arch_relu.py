@@ -219,6 +219,30 @@ def test_controller_moves_lam_towards_the_target():
     assert last.item() == pytest.approx(-0.5)
 
 
+@pytest.mark.parametrize("cls", [ReluSAE, saes.ARCHITECTURES["gated"]])
+def test_the_last_steps_shift_the_bias_to_the_batch_threshold(cls):
+    """In the run's last `calibrate` fraction, after_step moves b_lat (gated: the gate's bias) so that
+    exactly target x B of the batch's pre-activations are positive; before it, b_lat stays."""
+    sae = small(cls, target_l0=5)
+    st = settings(cls.Settings, target_l0=5, calibrate=0.25, resample_every=0)
+    opt = ScheduleFreeSign(sae.parameters(), lr=0.1)
+    opt.state[sae.b_lat]["z"] = sae.b_lat.detach().clone()
+    pre = lambda: (x - sae.b_pre) @ sae.W_enc.T + sae.b_lat  # noqa: E731
+    for step, shifts in [(74, False), (75, True), (99, True)]:
+        x = torch.randn(16, 6, dtype=torch.float64)
+        view = TrainView(st, torch.zeros(24, dtype=torch.long), step=step, n_steps=100, optimizer=opt)
+        before, z = sae.b_lat.detach().clone(), opt.state[sae.b_lat]["z"].clone()
+        (loss, _), _ = trainer_loss(sae, x, view)
+        sae.after_step(view)
+        moved = sae.b_lat.detach() - before
+        if not shifts:
+            assert torch.equal(moved, torch.zeros_like(moved))
+            continue
+        assert (pre() > 0).sum().item() == 5 * 16  # the batch's L0 is now the target
+        assert torch.allclose(moved, moved[0].expand_as(moved)) and moved[0] != 0  # one shift for every latent
+        assert torch.allclose(opt.state[sae.b_lat]["z"] - z, moved)  # schedule-free's z moved with it
+
+
 def relu_config(run_dir, sae: dict, **train):
     raw = train_config(run_dir, layer=0, **train)
     raw["train"].pop("k")  # TopK's
@@ -364,7 +388,8 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_identical_weights(tmp_path,
     a = load_file(sae_folder(tmp_path / "killed", layer=0) / "sae.safetensors")
     b = load_file(sae_folder(tmp_path / "ref", layer=0) / "sae.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert a["l1_lambda"].item() > 2 * ReluSettings.l1_coefficient  # the controller moved lam
+    # the controller moved lam (and the last steps, after the kill, the bias)
+    assert abs(math.log(a["l1_lambda"].item() / ReluSettings.l1_coefficient)) > 0.3
 
     def rows(run):
         lines = (sae_folder(tmp_path / run, layer=0) / "metrics.jsonl").read_text().splitlines()

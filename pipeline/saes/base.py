@@ -116,6 +116,9 @@ class Dictionary(nn.Module):
     # The same for the architecture as a transcoder: format -> (its name there, with a skip connection).
     transcodes: ClassVar[dict[str, tuple[str, str]]] = {}
     shards: ClassVar[bool] = False  # train_forward handles view.shard (train.shard_latents)
+    # Its sparsity holds without the training loss (a fixed k or threshold), so pipeline.finetune may
+    # train it on the model's KL alone; a penalised one's L0 would drift.
+    finetunes: ClassVar[bool] = False
 
     def __init__(self, d_in: int, n_latents: int, normalize: str = "none", backend: str = "auto"):
         super().__init__()

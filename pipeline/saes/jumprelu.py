@@ -214,6 +214,7 @@ class JumpReLUSAE(Dictionary):
     # SAELens' jumprelu computes relu(z) * (z > threshold): our encode(). sparsify has no threshold.
     transcodes = {"saelens": ("jumprelu_transcoder", "jumprelu_skip_transcoder")}
     exports = {"saelens": "jumprelu"}
+    finetunes = True  # the learnt thresholds stay where training left them (only the STE moves them)
 
     def __init__(self, d_in: int, n_latents: int, target_l0: float = 32, threshold_init: float | None = None,
                  sparsity: str = "target_l0", normalize: str = "none", backend: str = "auto"):

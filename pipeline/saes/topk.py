@@ -113,6 +113,7 @@ class TopKSAE(Dictionary):
     transcodes = {"sparsify": ("topk", "topk")}  # sparsify: `transcode` and `skip_connection` in its cfg
     exports = {"saelens": "topk", "sparsify": "topk"}  # both compute relu(topk(...)) as encode() does
     shards = True
+    finetunes = True  # k is the L0 whatever the weights (batchtopk, matryoshka: a fixed threshold)
 
     def __init__(self, d_in: int, n_latents: int, k: int, normalize: str = "none", backend: str = "auto"):
         super().__init__(d_in, n_latents, normalize, backend)
