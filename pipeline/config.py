@@ -435,7 +435,7 @@ class FinetuneConfig:
     n_tokens: int = setting(40960, "tokens forwarded through the model: whole windows of the store's own tokens "
                                    "(its training chunks only; eval's windows lie past the store)")
     batch_size: int = setting(8, "windows per step")
-    lr: float = setting(1e-4, "peak learning rate (Adam): a linear warm-up, then cosine decay to 0")
+    lr: float = setting(3e-4, "peak learning rate (Adam): a linear warm-up, then cosine decay to 0")
     warmup: float = setting(0.1, "fraction of the steps of linear warm-up")
     recon_coefficient: float = setting(0.0, "weight of the SAE's reconstruction FVU (its training space) beside "
                                             "the KL of the clean to the spliced model: keeps the reconstruction "

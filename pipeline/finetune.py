@@ -61,7 +61,7 @@ from pipeline.fsio import target_locks, write_atomic
 from pipeline.harvest import diffs
 from pipeline.model import load_causal_lm, record_block_outputs, resume_after_block, splice
 from pipeline.paths import finetuned, leaf, model_key, sae_dir
-from pipeline.saes import Dictionary, TrainView, load_sae, saved_cfg, saved_marker
+from pipeline.saes import ARCHITECTURES, Dictionary, TrainView, load_sae, saved_cfg, saved_marker
 from pipeline.store import ActivationStore, Location
 
 FORMAT = 1
@@ -208,9 +208,10 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False):
         for t in todo:
             t.sae = load_sae(t.base, device=device)
             if not t.sae.finetunes:
+                able = ", ".join(name for name, cls in ARCHITECTURES.items() if cls.finetunes)
                 raise UserError(f"{t.base} holds a {t.sae.architecture} SAE, whose sparsity comes from its "
                                 "training penalty, which a KL fine-tune does not carry (its L0 would drift); "
-                                "fine-tune an SAE of fixed k or threshold: topk, batchtopk or matryoshka")
+                                f"fine-tune an SAE of fixed k or thresholds: {able}")
             t.pass_bos = passes_bos(t.sae.cfg)
         _check_splice(model, todo, T)
         yield Plan(cfg, fc, targets, todo, windows, model, -(-n_windows // fc.batch_size))
