@@ -204,7 +204,7 @@ def test_kill_after_the_save_only_the_swap_remains(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- 8: Ctrl-C at checkpoint time
 def test_ctrl_c_while_checkpointing_exits_130_in_one_line_and_resumes_bit_identical(tmp_path):
     # A wide SAE checkpointed every step: most of the run is spent inside torch.save.
-    cfg, ref = setup_run(tmp_path, n_latents=2048, n_tokens=256 * 120, checkpoint_every=1, log_every=10,
+    cfg, ref = setup_run(tmp_path, n_latents=2048, n_tokens=256 * 300, checkpoint_every=1, log_every=10,
                          eval_every=1000)
     work = work_folder(tmp_path / "run")
     seen = -1
