@@ -18,8 +18,8 @@ from pipeline.config import FinetuneConfig, config_from_dict
 from pipeline.model import load_causal_lm, record_block_outputs
 from pipeline.paths import sae_dir
 from pipeline.saes import load_sae
-from pipeline.saes.topk import TopKSAE
 from tests.helpers import harvested_llama, make_model, run_cli, write_corpus
+from tests.test_eval import exact_sae, random_sae  # the same D 32 SAEs eval's tests splice
 
 D, LAYER = 32, 1
 
@@ -34,28 +34,6 @@ def trained(tmp_path_factory):
     res = run_cli(root, raw, "train")
     assert res.exit_code == 0, res.output
     return root, raw
-
-
-def random_sae(seed=1) -> TopKSAE:
-    g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(D, 4 * D, 6, backend="torch")
-    sae.reset_parameters(g)
-    with torch.no_grad():
-        sae.b_pre.copy_(0.1 * torch.randn(D, generator=g))
-        sae.b_lat.copy_(0.05 * torch.randn(4 * D, generator=g))
-    return sae
-
-
-def exact_sae() -> TopKSAE:
-    """Latents +e_i and -e_i with k = d: exactly the positive half fires, so x_hat == x."""
-    sae = TopKSAE(D, 2 * D, D, backend="torch")
-    eye = torch.eye(D)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye]))
-        sae.W_dec.copy_(torch.cat([eye, -eye]))
-        sae.b_pre.zero_()
-        sae.b_lat.zero_()
-    return sae
 
 
 def ours(model, sae, ids, pass_bos=True, recon=0.0):
