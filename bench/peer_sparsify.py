@@ -15,13 +15,20 @@ epoch. Imports nothing of saepipe. Writes the weights in saepipe's names
 """
 
 import argparse
+import os
+import sys
 import time
 
-import numpy as np
-import torch
-from schedulefree import ScheduleFreeWrapper
-from sparsify import SparseCoder, SparseCoderConfig
-from sparsify.sign_sgd import SignSGD
+# python puts this script's folder first on sys.path, and bench/ holds modules (kernels.py, eval.py, ...)
+# named like packages transformers imports (hub `kernels`): drop it, so every import is the peer venv's.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from schedulefree import ScheduleFreeWrapper  # noqa: E402
+from sparsify import SparseCoder, SparseCoderConfig  # noqa: E402
+from sparsify.sign_sgd import SignSGD  # noqa: E402
 
 
 def main():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -42,9 +43,13 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
+# Run as a script, bench/ leads sys.path, and bench/kernels.py would shadow the `kernels` package
+# transformers imports: take bench/ off, and load peers.py from its file.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-import peers  # noqa: E402
+_spec = importlib.util.spec_from_file_location("bench_peers", HERE / "peers.py")
+peers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(peers)
 from pipeline import eval as lm_eval  # noqa: E402
 from pipeline.config import config_from_dict, load_config  # noqa: E402
 from pipeline.loader import RowFilter, eval_rows, split_chunks  # noqa: E402
