@@ -14,7 +14,7 @@ LAYER_FLAG = $(if $(strip $(LAYERS)),--layers "$(LAYERS)")
 # The MiniLM example's package (sentence-transformers, sklearn, pandas) only for its config.
 MINILM = $(if $(findstring configs/demo.yaml,$(CONFIG)),$(VENV)/.installed-minilm)
 
-.PHONY: setup harvest verify train finetune collate eval demo test bench browser clean
+.PHONY: setup harvest verify train finetune collate eval demo tutorial docs test bench browser clean
 
 setup: $(VENV)/.installed
 
@@ -36,7 +36,11 @@ $(VENV)/.installed-minilm: $(VENV)/.installed
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -e '.[dev,demo]'
+	$(BIN)/pip install -e '.[dev,demo,docs]'
+	touch $@
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(BIN)/pip install -e '.[docs]'
 	touch $@
 
 $(DEMO_DATA): pipeline/demo_corpus.py | setup
@@ -69,7 +73,7 @@ demo: setup $(DEMO_DATA) $(MINILM)
 	$(BIN)/saepipe train $(CONFIG) $(LAYER_FLAG)
 	$(BIN)/saepipe eval $(CONFIG) $(LAYER_FLAG)
 	$(BIN)/saepipe collate $(CONFIG) $(LAYER_FLAG)
-	@echo; echo "Eval of each SAE (nats/token; see README, 'saepipe eval'):"
+	@echo; echo "Eval of each SAE (nats/token; see docs/guides/eval.md):"
 	@$(BIN)/saepipe eval $(CONFIG) $(LAYER_FLAG) | grep -v "^eval: .*skipping"
 
 # The viewer test drives Debian's Chromium; install it when missing: only the two
@@ -87,7 +91,17 @@ browser:
 	    else echo "warning: could not install chromium (apt log: $(BROWSER_LOG)); the viewer test will be skipped"; fi; }
 
 test: setup $(VENV)/.installed-test browser
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $${TMPDIR:-/tmp}/saepipe-site-check
 	$(BIN)/python -m pytest -q
+
+# The docs site into site/ (open site/index.html); offline, --strict: a broken link fails.
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# docs/tutorial.py on the demo's run (after `make demo`); its output goes on the tutorial's page.
+tutorial: setup
+	$(BIN)/python docs/tutorial.py $(CONFIG) 3 > docs/tutorial-output.txt
+	@cat docs/tutorial-output.txt
 
 bench: setup
 	$(BIN)/python bench/harvest.py

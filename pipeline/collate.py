@@ -32,6 +32,7 @@ dense [tokens, latents] matrix, never all nonzeros.
 
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from pipeline import records, viewer
 from pipeline.config import CollateConfig, Config
 from pipeline.errors import UserError
 from pipeline.fsio import recover_swap, swap_dir, target_locks, tree_size
+from pipeline.metrics import fvu_space
 from pipeline.model import resolve_device
 from pipeline.paths import leaf, records_dir, sae_dir
 from pipeline.saes import Dictionary, load_sae, saved_cfg, verify_saved
@@ -146,7 +148,7 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: Dictionary, 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     meta = {"layer": layer, "hook": hook, "d_in": sae.d_in, "architecture": sae.architecture, **sae.settings(),
-            **({"member": member} if member else {})}
+            **({"member": member} if member else {}), **_train_numbers(sae, sae_folder, out)}
 
     try:
         col = col if col is not None else scan(store, layer, hook, sae, cfg, device)
@@ -173,6 +175,20 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: Dictionary, 
         counts = ", ".join(f"{g}: {r['live']}/{r['dead']}" for g, r in enumerate(grouped["groups"]))
         print(f"collate {layer}/{leaf(hook, member)}: live/dead latents per {grouped['name']}: {counts}")
     return out / "viewer.html"
+
+
+def _train_numbers(sae: Dictionary, sae_folder: Path, out: Path) -> dict:
+    """What the viewer shows of training beside collate's own numbers: train's held-out FVU (its
+    space named), dead fraction and token count, and the way from the records to its loss.png."""
+    ev = (sae.cfg or {}).get("eval")
+    loss = Path(sae_folder) / "loss.png"
+    got = {"loss_png": os.path.relpath(loss, out)} if loss.exists() else {}
+    if isinstance(ev, dict):
+        normalized = sae.normalize == "layer_norm" and not sae.transcoder
+        got["train_eval"] = {"fvu": ev.get("fvu"), "fvu_space": fvu_space(normalized), "fvu_raw": ev.get("fvu_raw"),
+                             "dead_frac": ev.get("dead_frac", ev.get("dead_frac_eval")),
+                             "tokens": ev.get("eval_tokens")}
+    return got
 
 
 def _logit_lens(sae: Dictionary, lens: records.Lens | str | None):

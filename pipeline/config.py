@@ -3,7 +3,7 @@ before any work starts.
 
 Every stage reads the same file and acts on its own section. Type checking is
 generic (walks the dataclass fields), so adding a key is adding a field; each
-field carries its documentation (`setting(default, doc)`), from which README's
+field carries its documentation (`setting(default, doc)`), from which docs/config.md's
 config reference is generated:
 
     python -m pipeline.config --markdown
@@ -36,7 +36,7 @@ class ConfigError(UserError):
 
 
 def setting(default: Any = dataclasses.MISSING, doc: str = "", logistics: bool = False):
-    """A config field and its documentation (README's config reference is generated from `doc`).
+    """A config field and its documentation (docs/config.md's reference is generated from `doc`).
 
     `logistics` marks a field that changes how a run executes, not what it computes:
     an interrupted run may resume, or finished work stand, with another value of it.
@@ -177,14 +177,14 @@ class TrainConfig:
     shard_latents: bool = setting(False, "under torchrun, split the n_latents over the ranks (each holds n_latents / "
                                          "W rows of W_enc, b_lat, W_dec and their Adam state; every rank sees the "
                                          "whole batch) instead of splitting the batch; for SAEs too wide for one "
-                                         "device (README, \"Several processes\"); adam only, no ema_decay or grad_clip",
+                                         "device (docs/guides/gpu.md, torchrun); adam only, no ema_decay or grad_clip",
                                   logistics=True)
     sweep: list[dict] | None = setting(None, "several SAEs per (layer, hook) from one pass over the batches: a list "
                                              "of overrides of this section, one per SAE, e.g. `[{}, {k: 64}, "
                                              "{n_latents: 4096, k: 16, name: wide}]` (`{}` = this config, in the "
                                              "plain folder; the others in `<hook>@<name>`, the name derived from "
                                              "the overrides when not given); the batch stream's keys and the "
-                                             "logistics stay shared (README, \"Several SAEs in one pass\")")
+                                             "logistics stay shared (docs/guides/sweeps.md)")
 
     @property
     def n_steps(self) -> int:
@@ -758,7 +758,7 @@ def _is_module_path(hook: str) -> bool:
 
 # --------------------------------------------------------------------------- the reference, generated
 def markdown() -> str:
-    """README's config reference: one table per section, from the fields' docs."""
+    """docs/config.md's config reference: one table per section, from the fields' docs."""
     out = ["Keys marked *logistics* change how a run executes, not what it computes: work interrupted or "
            "finished under another value of them still counts (it is resumed, or kept).",
            _table(Config, "", skip_sections=True)]
@@ -821,5 +821,5 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] != ["--markdown"]:
-        sys.exit("usage: python -m pipeline.config --markdown   (prints README's config reference tables)")
+        sys.exit("usage: python -m pipeline.config --markdown   (prints docs/config.md's reference tables)")
     print(markdown(), end="")

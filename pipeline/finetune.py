@@ -59,6 +59,7 @@ from pipeline.errors import UserError
 from pipeline.eval import passes_bos, splice_point
 from pipeline.fsio import target_locks, write_atomic
 from pipeline.harvest import diffs
+from pipeline.metrics import describe, fvu_space
 from pipeline.model import load_causal_lm, record_block_outputs, resume_after_block, splice
 from pipeline.paths import finetuned, leaf, model_key, sae_dir
 from pipeline.saes import ARCHITECTURES, Dictionary, TrainView, load_sae, saved_cfg, saved_marker
@@ -395,12 +396,15 @@ def _finish(p: Plan, t: Target, seconds: float):
     with open(t.work / "metrics.jsonl", "w") as f:
         for row in t.log:
             f.write(json.dumps({"split": "finetune", **row}) + "\n")
-    plots.loss_figure(t.work, [{"split": "train", **r} for r in t.log], f"{t.name}: KL fine-tune")
+    normalized = t.sae.normalize == "layer_norm" and not t.sae.transcoder
+    plots.loss_figure(t.work, [{"split": "train", **r} for r in t.log], f"{t.name}: KL fine-tune",
+                      fvu_space(normalized))
     t.sae.save(t.work, info)
     (t.work / CHECKPOINT).unlink(missing_ok=True)
     publish(t.work, t.out)
-    print(f"finetune: {t.name}: done; KL on its batches {t.log[0]['kl']:.4f} -> {t.log[-1]['kl']:.4f}, held-out "
-          f"fvu {ev.get('fvu', float('nan')):.4f} -> {t.out}")
+    held_out = f"; {describe(ev, normalized)}" if ev else ""
+    print(f"finetune: {t.name}: done; KL on its batches {t.log[0]['kl']:.4f} -> {t.log[-1]['kl']:.4f}{held_out} "
+          f"-> {t.out}")
 
 
 def held_out_stats(p: Plan, t: Target, base_cfg: dict) -> dict:

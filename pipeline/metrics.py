@@ -8,6 +8,16 @@ MSE, L0 and dead latents that train's eval rows, cfg.json, eval.json and the tab
     density    per latent, the fraction of rows it fired on
 
 Sums are float64 and taken a batch at a time, so a stream of any length costs O(d + n) memory.
+
+Every report says which space and which tokens its numbers are of (docs/results.md):
+
+    fvu_raw    FVU of the activations as the model holds them (the field's FVU; `saepipe eval`'s
+               `fvu` is this one, on its own held-out windows)
+    fvu        train's: in the SAE's training space, which differs from the raw one when it
+               normalises (normalize: layer_norm divides each row by its spread, so tokens of huge
+               norm stop dominating the sum)
+    dead_frac  over the tokens of that report: train's held-out store tokens, eval's windows;
+               collate's `dead` counts over the whole store
 """
 
 from __future__ import annotations
@@ -53,3 +63,19 @@ class ReconStats:
         fvu = self.se.item() / max(var, 1e-30)
         return {"fvu": fvu, "nmse": self.nmse.item() / n, "explained_variance": 1 - fvu,
                 "l0": self.active.item() / n, "dead_frac": (self.fired == 0).float().mean().item()}
+
+
+def fvu_space(normalized: bool) -> str:
+    """What train's `fvu` is measured in: "layer-normed" for an SAE that normalises its input
+    (not a transcoder's target, which it never normalises), else "raw" (input_scale cancels in a ratio)."""
+    return "layer-normed" if normalized else "raw"
+
+
+def describe(ev: dict, normalized: bool) -> str:
+    """Train's final held-out numbers in one phrase that names their space and their tokens:
+    "held-out FVU 0.1787 layer-normed, 0.0199 raw; dead 1.2%; on 18,900 held-out store tokens"."""
+    fvu = f"held-out FVU {ev['fvu']:.4f} {fvu_space(normalized)}"
+    if normalized and ev.get("fvu_raw") is not None:
+        fvu += f", {ev['fvu_raw']:.4f} raw"
+    return f"{fvu}; dead {ev['dead_frac']:.1%}; on {ev['eval_tokens']:,} held-out store tokens"
+

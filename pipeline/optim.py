@@ -20,7 +20,7 @@ one tensor per parameter, as with signum, half of Adam's.
 Learning-rate rules (`default_lr`), so that a user never sweeps: each is
 proportional to 1/sqrt(n_latents) (sparsify's form: wider SAEs see each
 latent's gradient less often, and larger steps kill latents), with the base
-measured by bench/quality.py (README, "The training recipe"):
+measured by bench/quality.py (docs/recipe.md):
 
     adam       2.4e-3 * sqrt(2**14 / n_latents) * sqrt(768 / d_model), at most 1e-2
     signum_sf  2.5e-3 * sqrt(2**14 / n_latents)

@@ -23,9 +23,9 @@ FORMATS = ("png", "svg")
 DPI = 120
 
 
-def loss_figure(folder, rows: list[dict], title: str) -> list[Path]:
-    """loss.png and loss.svg from metrics.jsonl rows; returns their paths."""
-    return _save(draw_loss(rows, title), Path(folder), "loss")
+def loss_figure(folder, rows: list[dict], title: str, space: str | None = None) -> list[Path]:
+    """loss.png and loss.svg from metrics.jsonl rows (FVU measured in `space`); returns their paths."""
+    return _save(draw_loss(rows, title, space), Path(folder), "loss")
 
 
 def density_figure(folder, density, n_tokens: int, title: str) -> list[Path]:
@@ -75,25 +75,25 @@ def draw_frontier(points: list[dict], title: str) -> Figure:
     return fig
 
 
-def draw_loss(rows: list[dict], title: str) -> Figure:
-    """FVU (train and eval) on a log axis above; the AuxK loss on its own linear axis below.
-
-    The AuxK loss is a different quantity (often exactly 0 while no latent is
-    dormant), so it never shares the FVU axis. A series with no finite point
-    gets neither a line nor a legend entry.
+def draw_loss(rows: list[dict], title: str, space: str | None = None) -> Figure:
+    """FVU (train and eval; `space`: the one it is measured in) on a log axis above; below, on its
+    own axis, the share of latents dormant (silent for the last train.dormant_tokens tokens: the
+    ones AuxK trains), when any was. Each logged point is marked, so a sparse log does not pass for
+    a measured straight line. A series with no finite point gets neither a line nor a legend entry.
     """
     train = [r for r in rows if r.get("split") == "train"]
     evals = [r for r in rows if r.get("split") == "eval"]
-    fvu = [("train", _series(train, "fvu", positive=True), "-"),
-           ("eval", _series(evals, "fvu", positive=True), "o-")]
-    aux = _series(train, "aux_loss")
+    fvu = [("train", _series(train, "fvu", positive=True), ".-"),
+           ("eval (held-out)", _series(evals, "fvu", positive=True), "o-")]
+    xs_d, ys_d = _series(train, "dormant_frac")
+    dormant = (xs_d, [100 * y for y in ys_d]) if any(y > 0 for y in ys_d) else ([], [])
 
-    fig = Figure(figsize=(7, 6.5 if aux[0] else 4.5), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(7, 6.5 if dormant[0] else 4.5), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    if aux[0]:
-        ax, ax_aux = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    if dormant[0]:
+        ax, ax_dormant = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
     else:
-        ax, ax_aux = fig.subplots(1, 1), None
+        ax, ax_dormant = fig.subplots(1, 1), None
     fig.suptitle(title)
 
     for label, (xs, ys), style in fvu:
@@ -101,7 +101,7 @@ def draw_loss(rows: list[dict], title: str) -> Figure:
             ax.plot(xs, ys, style, label=label, markersize=3)
     ax.set_yscale("log")
     _plain_log_labels(ax)
-    ax.set_ylabel("FVU (fraction of variance unexplained)")
+    ax.set_ylabel("FVU" + (f", {space} space" if space else "") + " (fraction of variance unexplained)")
     ax.grid(True, which="major", alpha=0.4)
     ax.grid(True, which="minor", alpha=0.15)
     if ax.lines:
@@ -112,12 +112,13 @@ def draw_loss(rows: list[dict], title: str) -> Figure:
     else:
         ax.text(0.5, 0.5, "no finite FVU logged", transform=ax.transAxes, ha="center", va="center")
 
-    if ax_aux is not None:
-        ax_aux.plot(*aux, "-", color="C2")
-        ax_aux.set_ylabel("AuxK loss (train)")
-        ax_aux.grid(True, alpha=0.4)
-        ax_aux.set_ylim(bottom=0)
-    bottom = ax if ax_aux is None else ax_aux
+    if ax_dormant is not None:
+        ax_dormant.plot(*dormant, ".-", color="C2", markersize=3)
+        ax_dormant.set_ylabel("dormant latents, %\n(what AuxK trains)")
+        ax_dormant.grid(True, alpha=0.4)
+        ax_dormant.set_ylim(bottom=0)
+        ax_dormant.yaxis.set_major_locator(ticker.MaxNLocator(steps=[1, 2, 5, 10]))
+    bottom = ax if ax_dormant is None else ax_dormant
     bottom.set_xlabel("training tokens")
     bottom.xaxis.set_major_formatter(ticker.EngFormatter(sep=""))
     return fig

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline import fsio, viewer
+from pipeline import fsio, plots, viewer
 from pipeline.accumulators import Collator
 from pipeline.config import CollateConfig, logistics
 from pipeline.errors import UserError
@@ -376,6 +376,10 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
     }
     if grouped is not None:
         summary["latent_groups"] = grouped
+    # The largest count of tokens any report has: train's density.png saw only its held-out rows.
+    plots.density_figure(out, density, col.n_tokens,
+                         f"layer {meta['layer']} {meta['hook']}: feature density on the whole store")
+    summary["density_png"] = "density.png"
     index = {"layer": meta["layer"], "hook": meta["hook"], "n_latents": n, "n_tokens": col.n_tokens,
              "latents": latents}
     write_atomic(out / "index.json", _dumps(index))

@@ -47,7 +47,7 @@ folder's (`fsio.target_locks`), so two trains of one SAE (a sweep's `{}` member
 and a plain train share the plain folder) refuse each other, and different
 members may train at once.
 
-Under torchrun (README, "Several processes") training is data-parallel: every
+Under torchrun (docs/guides/gpu.md, torchrun) training is data-parallel: every
 rank draws the same batches (the loader reads each rank's share of the chunks
 and gathers the rest) and computes its own rows of each, the gradients
 and counters are summed over the ranks (pipeline.dist), member after member in
@@ -79,7 +79,7 @@ from pipeline.errors import UserError
 from pipeline.kernels import resolve_backend
 from pipeline.loader import (CACHE_BYTES, BatchLoader, RowFilter, count_nonfinite, eval_rows, split_chunks,
                              trainable_rows)
-from pipeline.metrics import ReconStats
+from pipeline.metrics import ReconStats, describe, fvu_space
 from pipeline.model import resolve_device
 from pipeline.paths import DONE, leaf, sae_dir
 from pipeline.saes import DEFAULT, Dictionary, TrainView, saved_cfg
@@ -248,7 +248,7 @@ def _check_pair(store: ActivationStore, layer: int, hook: str, target: str, tc: 
 # The default shuffle window: rows mixed at once, and the most bytes they may take. A window of 8
 # chunks (11k rows, ~80 sequences) gave FVU 0.113 and 14% dead latents on the demo store where 64
 # chunks (88k rows) gave 0.108 and 7%: batches drawn from too few sequences pull the SAE
-# back and forth between them (README, "The training recipe").
+# back and forth between them (docs/recipe.md).
 SHUFFLE_ROWS = 2**17
 SHUFFLE_BYTES = 512 * 2**20
 
@@ -598,20 +598,24 @@ def _settle(p: Plan) -> dict | None:
 @torch.no_grad()
 def evaluate(sae: Dictionary, x_raw: torch.Tensor, scale: float, batch: int,
              matmul_dtype: torch.dtype | None = None, out_scale: float = 1.0) -> dict:
-    """pipeline.metrics on held-out rows, in training space (normalised, scaled), with the
-    per-latent firing density and the count of rows. A transcoder's rows are (input, target)
-    pairs, and the statistics are of its prediction of the target."""
+    """pipeline.metrics on held-out rows, in training space (normalised, scaled), with `fvu_raw`,
+    the FVU of the same rows in the raw space the model holds them in (what `saepipe eval`
+    reports), the per-latent firing density and the count of rows. A transcoder's rows are
+    (input, target) pairs, and the statistics are of its prediction of the target."""
     dev, d = sae.W_enc.device, sae.d_in
-    stats = ReconStats(sae.d_in, sae.n_latents, dev)
+    stats, raw = ReconStats(sae.d_in, sae.n_latents, dev), ReconStats(sae.d_in, sae.n_latents, dev)
     for i in range(0, x_raw.shape[0], batch):
         rows = x_raw[i:i + batch].to(dev)
         x = sae.preprocess(rows[:, :d]) * scale
         o = sae.train_forward(x, TrainView(matmul_dtype=matmul_dtype))
         if sae.transcoder:
-            stats.add(rows[:, d:] * out_scale, o.x_hat + sae.skip(x), o.idx, o.vals)
+            y_hat = o.x_hat + sae.skip(x)
+            stats.add(rows[:, d:] * out_scale, y_hat, o.idx, o.vals)
+            raw.add(rows[:, d:], y_hat / out_scale, o.idx, o.vals)
         else:
             stats.add(x, o.x_hat, o.idx, o.vals)
-    return {**stats.result(), "eval_tokens": stats.rows, "density": stats.density()}
+            raw.add(rows[:, :d], sae.postprocess(o.x_hat / scale, rows[:, :d].float()), o.idx, o.vals)
+    return {**stats.result(), "fvu_raw": raw.result()["fvu"], "eval_tokens": stats.rows, "density": stats.density()}
 
 
 def _finish(p: Plan, state: TrainState, x_eval: torch.Tensor) -> dict:
@@ -625,12 +629,12 @@ def _finish(p: Plan, state: TrainState, x_eval: torch.Tensor) -> dict:
     info = _saved_cfg(p, state, ev)
     # Pictures first, then the SAE with its marker last: a folder marked done holds everything.
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    plots.loss_figure(work, rows, f"{p.name}: loss")
+    normalized = final.normalize == "layer_norm" and not final.transcoder
+    plots.loss_figure(work, rows, f"{p.name}: loss", fvu_space(normalized))
     plots.density_figure(work, density, x_eval.shape[0], f"{p.name}: feature density on held-out tokens")
     saved.save(work, info)
     publish(work, p.out)
-    print(f"train: {p.name}: done; eval fvu {ev['fvu']:.4f}, dead {ev['dead_frac']:.1%} "
-          f"(never fired on {ev['eval_tokens']} eval tokens) -> {p.out}")
+    print(f"train: {p.name}: done; {describe(ev, normalized)} -> {p.out}")
     return saved.cfg
 
 

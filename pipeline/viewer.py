@@ -185,7 +185,14 @@ def _lm_eval(run_dir, layer: int, hook: str, member: str | None = None) -> dict:
     return lm if now is not None and lm.get("sae_sha256") == now else {}
 
 
-_LM_HEAD = ("<th>CE clean</th><th>CE spliced</th><th>&Delta;CE</th><th>CE recovered</th><th>KL</th>")
+_LM_HEAD = ("<th>CE clean</th><th>CE spliced</th><th>&Delta;CE</th><th>CE recovered</th><th>KL</th>"
+            "<th>eval FVU raw</th><th>eval dead</th><th>eval tokens</th>")
+_LM_KEYS = ("ce_clean", "ce_spliced", "delta_ce", "ce_recovered", "kl", "fvu", "dead_frac", "n_tokens")
+_COLUMNS = 12  # without the LM-eval columns
+
+
+def _link(href: Path | str, text: str) -> str:
+    return f'<a href="{html.escape(quote(str(href)))}">{html.escape(text)}</a>'
 
 
 def _row(run_dir, layer: int, hook: str, member: str | None, with_lm: bool) -> str:
@@ -199,21 +206,29 @@ def _row(run_dir, layer: int, hook: str, member: str | None, with_lm: bool) -> s
     made_from = fingerprint.get("sae.sha256") if isinstance(fingerprint, dict) else None
     now = (saved_marker(sae) or {}).get("sha256")
     note = " (its SAE is gone)" if now is None else "" if made_from == now else " (the SAE changed since: rerun collate)"
+    here = f"{layer}/{leaf(hook, member)}"
+    space = (s.get("train_eval") or {}).get("fvu_space")
+    pictures = [_link(Path("..") / "saes" / here / "loss.png", "loss")] if (sae / "loss.png").exists() else []
+    density = f"{here}/density.png" if (out / "density.png").exists() else (
+        Path("..") / "saes" / here / "density.png" if (sae / "density.png").exists() else None)
+    pictures += [_link(density, "density")] if density else []
     cells = [
         str(layer),
         html.escape(leaf(hook, member)),  # a sweep member shows as hook@member, its folder's name
-        f'<a href="{html.escape(quote(f"{layer}/{leaf(hook, member)}/viewer.html"))}">viewer</a>{html.escape(note)}',
+        f'{_link(f"{here}/viewer.html", "viewer")}{html.escape(note)}',
         _num(s.get("n_latents")),
         _num(s.get("dead")),
         _num(s.get("ultra_rare")),
         _num(s.get("n_tokens")),
-        _num(ev.get("fvu")),
+        _num(ev.get("fvu")) + (f" ({html.escape(space)})" if space and ev.get("fvu") is not None else ""),
+        _num(ev.get("fvu_raw")),
         _num(dead_frac, percent=True),
+        _num(ev.get("eval_tokens")),
+        " ".join(pictures) or "–",
     ]
     if with_lm:
         lm = _lm_eval(run_dir, layer, hook, member)
-        cells += [_num(lm.get(k), percent=k == "ce_recovered")
-                  for k in ("ce_clean", "ce_spliced", "delta_ce", "ce_recovered", "kl")]
+        cells += [_num(lm.get(k), percent=k in ("ce_recovered", "dead_frac")) for k in _LM_KEYS]
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
@@ -227,7 +242,7 @@ def write_index_page(run_dir) -> Path:
     rows = "\n".join(_row(run_dir, *found_one, with_lm) for found_one in found)
     text = Template(template("records_index.html")).substitute(
         run_dir=html.escape(str(Path(run_dir).resolve())), lm_head=_LM_HEAD if with_lm else "",
-        rows=rows or f'<tr><td colspan="{14 if with_lm else 9}">none yet</td></tr>',
+        rows=rows or f'<tr><td colspan="{_COLUMNS + len(_LM_KEYS) if with_lm else _COLUMNS}">none yet</td></tr>',
         groups=_groups(run_dir, found), frontiers=_frontiers(run_dir, found))
     fsio.write_atomic(page, text)
     for found_one in found:

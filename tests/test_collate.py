@@ -592,8 +592,10 @@ def test_index_page_links_every_finished_layer_with_its_numbers(tmp_path, tokeni
     cells = [[re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td>(.*?)</td>", r)] for r in rows]
     summary = json.loads((tmp_path / "records/0/resid_post/summary.json").read_text())
     numbers = [str(N_LAT), str(summary["dead"]), str(summary["ultra_rare"]), f"{summary['n_tokens']:,}"]
-    assert cells == [["0", "resid_post", "viewer", *numbers, "0.1235", "6.25%"],
-                     ["3", "resid_post", "viewer (its SAE is gone)", *numbers, "–", "–"]]
+    # train's numbers say their space; the density picture is collate's, over the whole store
+    assert cells == [["0", "resid_post", "viewer", *numbers, "0.1235 (raw)", "–", "6.25%", "–", "density"],
+                     ["3", "resid_post", "viewer (its SAE is gone)", *numbers, "–", "–", "–", "–", "density"]]
+    assert 'href="0/resid_post/density.png"' in page and (tmp_path / "records/0/resid_post/density.png").exists()
     assert 'href="0/resid_post/viewer.html"' in page and 'href="3/resid_post/viewer.html"' in page
     assert 'id="groups"' not in page and "Latent groups" not in page  # no listed SAE has latent groups
 

@@ -45,9 +45,10 @@ def save_sae(root: Path, sae: TopKSAE, hook="resid_post", exclude_bos=True) -> P
     return folder
 
 
-def exact_sae() -> TopKSAE:
-    """Latents +e_i and -e_i with k = d: exactly the positive half fires, so x_hat == x."""
-    sae = TopKSAE(D, 2 * D, D, backend="torch")
+def exact_sae(normalize: str = "none") -> TopKSAE:
+    """Latents +e_i and -e_i with k = d: exactly the positive half fires, so x_hat == x (of what
+    encode sees: the layer-normed row under normalize="layer_norm")."""
+    sae = TopKSAE(D, 2 * D, D, normalize=normalize, backend="torch")
     eye = torch.eye(D)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye]))

@@ -24,6 +24,7 @@ def metrics_rows(n_train=12, aux=True):
                "loss": 0.0, "dormant_frac": 0.0, "lr": 1e-3}
         if aux:
             row["aux_loss"] = 0.0 if i < 5 else 0.05 / i
+            row["dormant_frac"] = 0.0 if i < 5 else 0.01 * i
         rows.append(row)
         if step % 40 == 0:
             rows.append({"split": "eval", "step": step, "tokens": step * 512, "fvu": 0.95 * 0.8 ** i, "l0": 8.0})
@@ -37,7 +38,7 @@ def lines_by_label(ax):
 
 
 def test_loss_files_are_png_and_svg(tmp_path):
-    paths = plots.loss_figure(tmp_path, metrics_rows(), "L3 resid_post: loss")
+    paths = plots.loss_figure(tmp_path, metrics_rows(), "L3 resid_post: loss", "layer-normed")
     assert paths == [tmp_path / "loss.png", tmp_path / "loss.svg"]
     png, svg = paths
     assert png.read_bytes().startswith(PNG_MAGIC)
@@ -46,7 +47,7 @@ def test_loss_files_are_png_and_svg(tmp_path):
     root = ET.parse(svg).getroot()
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
     texts = "".join(root.itertext())
-    assert "L3 resid_post: loss" in texts and "AuxK loss" in texts and "FVU" in texts
+    assert "L3 resid_post: loss" in texts and "dormant latents" in texts and "FVU, layer-normed space" in texts
     assert {p.stat().st_mode & 0o777 for p in paths} == {0o666 & ~current_umask()}
 
 
@@ -60,31 +61,33 @@ def test_loss_figure_draws_the_rows(tmp_path):
     # FVU of train and eval on a log axis, non-finite and non-positive points left out.
     assert ax.get_yscale() == "log"
     lines = lines_by_label(ax)
-    assert set(lines) == {"train", "eval"}
+    assert set(lines) == {"train", "eval (held-out)"}
     kept = [r for r in train if math.isfinite(r["fvu"]) and r["fvu"] > 0]
     assert len(kept) == len(train) - 2
     np.testing.assert_array_equal(lines["train"].get_xdata(), [r["tokens"] for r in kept])
     np.testing.assert_array_equal(lines["train"].get_ydata(), [r["fvu"] for r in kept])
-    np.testing.assert_array_equal(lines["eval"].get_xdata(), [r["tokens"] for r in evals])
-    np.testing.assert_array_equal(lines["eval"].get_ydata(), [r["fvu"] for r in evals])
+    np.testing.assert_array_equal(lines["eval (held-out)"].get_xdata(), [r["tokens"] for r in evals])
+    np.testing.assert_array_equal(lines["eval (held-out)"].get_ydata(), [r["fvu"] for r in evals])
+    assert all(line.get_marker() not in (None, "None", "") for line in ax.get_lines())  # each logged point shows
 
-    # AuxK on its own linear axis, sharing the token axis, and only there.
+    # The dormant share (%) on its own linear axis, sharing the token axis, and only there, points marked.
     assert ax_aux is not ax and ax_aux.get_yscale() == "linear"
     (aux,) = ax_aux.get_lines()
     np.testing.assert_array_equal(aux.get_xdata(), [r["tokens"] for r in train])
-    np.testing.assert_array_equal(aux.get_ydata(), [r["aux_loss"] for r in train])
+    np.testing.assert_array_equal(aux.get_ydata(), [100 * r["dormant_frac"] for r in train])
+    assert aux.get_marker() not in (None, "None", "")
     assert ax_aux.get_ylim()[0] == 0 and ax.get_shared_x_axes().joined(ax, ax_aux)
     assert not any(np.array_equal(line.get_ydata(), aux.get_ydata()) for line in ax.get_lines())
 
     # One legend entry per drawn line, no more.
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "eval"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "eval (held-out)"]
     assert ax_aux.get_legend() is None
 
 
 def test_a_series_with_no_points_gets_no_line_and_no_legend_entry():
     rows = [r for r in metrics_rows(aux=False) if r["split"] == "train"]
-    fig = plots.draw_loss(rows, "no eval yet, no AuxK")
-    (ax,) = fig.axes  # nothing to show for AuxK: no empty panel
+    fig = plots.draw_loss(rows, "no eval yet, nothing dormant")
+    (ax,) = fig.axes  # no latent was ever dormant: no empty panel
     assert set(lines_by_label(ax)) == {"train"}
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train"]
 

@@ -282,7 +282,8 @@ def test_index_page_links_each_layer_with_its_numbers(records, browser):
     rows = browser.find_elements(By.CSS_SELECTOR, "#layers tbody tr")
     cells = [td.text for td in rows[0].find_elements(By.TAG_NAME, "td")]
     assert len(rows) == 1 and cells == ["0", "resid_post", "viewer", str(summary["n_latents"]), str(summary["dead"]),
-                                         str(summary["ultra_rare"]), f"{summary['n_tokens']:,}", "0.123", "6.25%"]
+                                         str(summary["ultra_rare"]), f"{summary['n_tokens']:,}", "0.123 (raw)", "–",
+                                         "6.25%", "–", "density"]
     assert summary["dead"] >= 1  # DEAD
 
     # The link opens the layer's viewer from disk, and the viewer links back.
@@ -418,7 +419,15 @@ def test_overview_shows_the_eval_of_the_sae_there_now(records, browser, tmp_path
     write_index_page(root)
     _open(browser, page, "", "overview")
     text = browser.find_element(By.ID, "overview-stats").text
-    assert "3.25 → 3.5" in text and "ΔCE (spliced − clean) 0.25" in text and "eval tokens 4096" in text, text
+    assert "3.25 → 3.5" in text and "ΔCE (spliced − clean) 0.25" in text, text
+    # each FVU and dead share names its space and its tokens: eval's, and train's from cfg.json
+    assert "FVU raw, eval (4096 held-out tokens past the store) 0.1" in text, text
+    assert "dead, eval (never fired on those 4096 tokens) 0.00%" in text, text
+    assert f"FVU raw, train's held-out store tokens {EVAL['fvu']}" in text, text
+    assert "dead, train's held-out store tokens 6.25%" in text, text
+    links = {a.text: a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "#pictures a")}
+    assert set(links) == {"density picture"}  # this SAE was saved by hand: no loss.png to link
+    assert links["density picture"].endswith("/records/0/resid_post/density.png")
 
     # An eval of other weights is not shown.
     (sae / "eval.json").write_text(json.dumps({**lm, "sae_sha256": "0" * 64}))
