@@ -44,7 +44,7 @@ code = sae.encode(x[1:])  # position 0 is BOS, which the SAE never trained on
 acts = code.dense()  # [T - 1, n_latents]
 print(f"{ids.shape[1]} tokens, {code.l0().float().mean():.1f} latents firing per token")
 strongest = acts.max(0).values.topk(5)
-pieces = tokenizer.convert_ids_to_tokens(ids[0, 1:].tolist())
+pieces = [tokenizer.decode([t]) for t in ids[0, 1:].tolist()]
 for latent, value in zip(strongest.indices.tolist(), strongest.values.tolist()):
     at = int(acts[:, latent].argmax())
     print(f"latent {latent:5d}: {value:6.2f} on {pieces[at]!r}")
