@@ -184,8 +184,7 @@ def _train_numbers(sae: Dictionary, sae_folder: Path, out: Path) -> dict:
     loss = Path(sae_folder) / "loss.png"
     got = {"loss_png": os.path.relpath(loss, out)} if loss.exists() else {}
     if isinstance(ev, dict):
-        normalized = sae.normalize == "layer_norm" and not sae.transcoder
-        got["train_eval"] = {"fvu": ev.get("fvu"), "fvu_space": fvu_space(normalized), "fvu_raw": ev.get("fvu_raw"),
+        got["train_eval"] = {"fvu": ev.get("fvu"), "fvu_space": fvu_space(sae), "fvu_raw": ev.get("fvu_raw"),
                              "dead_frac": ev.get("dead_frac", ev.get("dead_frac_eval")),
                              "tokens": ev.get("eval_tokens")}
     return got

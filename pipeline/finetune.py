@@ -396,13 +396,12 @@ def _finish(p: Plan, t: Target, seconds: float):
     with open(t.work / "metrics.jsonl", "w") as f:
         for row in t.log:
             f.write(json.dumps({"split": "finetune", **row}) + "\n")
-    normalized = t.sae.normalize == "layer_norm" and not t.sae.transcoder
-    plots.loss_figure(t.work, [{"split": "train", **r} for r in t.log], f"{t.name}: KL fine-tune",
-                      fvu_space(normalized))
+    space = fvu_space(t.sae)
+    plots.loss_figure(t.work, [{"split": "train", **r} for r in t.log], f"{t.name}: KL fine-tune", space)
     t.sae.save(t.work, info)
     (t.work / CHECKPOINT).unlink(missing_ok=True)
     publish(t.work, t.out)
-    held_out = f"; {describe(ev, normalized)}" if ev else ""
+    held_out = f"; {describe(ev, space)}" if ev else ""
     print(f"finetune: {t.name}: done; KL on its batches {t.log[0]['kl']:.4f} -> {t.log[-1]['kl']:.4f}{held_out} "
           f"-> {t.out}")
 

@@ -65,17 +65,16 @@ class ReconStats:
                 "l0": self.active.item() / n, "dead_frac": (self.fired == 0).float().mean().item()}
 
 
-def fvu_space(normalized: bool) -> str:
-    """What train's `fvu` is measured in: "layer-normed" for an SAE that normalises its input
-    (not a transcoder's target, which it never normalises), else "raw" (input_scale cancels in a ratio)."""
-    return "layer-normed" if normalized else "raw"
+def fvu_space(sae) -> str:
+    """What train's `fvu` of this Dictionary is measured in: "layer-normed" when it normalises its
+    input (a transcoder's target never is), else "raw" (input_scale cancels in the ratio)."""
+    return "layer-normed" if sae.normalize == "layer_norm" and not sae.transcoder else "raw"
 
 
-def describe(ev: dict, normalized: bool) -> str:
+def describe(ev: dict, space: str) -> str:
     """Train's final held-out numbers in one phrase that names their space and their tokens:
     "held-out FVU 0.1787 layer-normed, 0.0199 raw; dead 1.2%; on 18,900 held-out store tokens"."""
-    fvu = f"held-out FVU {ev['fvu']:.4f} {fvu_space(normalized)}"
-    if normalized and ev.get("fvu_raw") is not None:
+    fvu = f"held-out FVU {ev['fvu']:.4f} {space}"
+    if space != "raw" and ev.get("fvu_raw") is not None:
         fvu += f", {ev['fvu_raw']:.4f} raw"
     return f"{fvu}; dead {ev['dead_frac']:.1%}; on {ev['eval_tokens']:,} held-out store tokens"
-

@@ -629,12 +629,12 @@ def _finish(p: Plan, state: TrainState, x_eval: torch.Tensor) -> dict:
     info = _saved_cfg(p, state, ev)
     # Pictures first, then the SAE with its marker last: a folder marked done holds everything.
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    normalized = final.normalize == "layer_norm" and not final.transcoder
-    plots.loss_figure(work, rows, f"{p.name}: loss", fvu_space(normalized))
+    space = fvu_space(final)
+    plots.loss_figure(work, rows, f"{p.name}: loss", space)
     plots.density_figure(work, density, x_eval.shape[0], f"{p.name}: feature density on held-out tokens")
     saved.save(work, info)
     publish(work, p.out)
-    print(f"train: {p.name}: done; {describe(ev, normalized)} -> {p.out}")
+    print(f"train: {p.name}: done; {describe(ev, space)} -> {p.out}")
     return saved.cfg
 
 

@@ -250,7 +250,8 @@ def test_files_match_schema_and_brute_force(tmp_path, tokenizer_dir, tokenizer, 
 
     # Stored once: the viewer's shards are the records.
     assert [f["index"] for f in viewer.read_features(out)] == list(range(N_LAT))
-    assert sorted(p.name for p in out.iterdir()) == ["done", "index.json", "summary.json", "viewer.html", "viewer_data"]
+    assert sorted(p.name for p in out.iterdir()) == ["density.png", "density.svg", "done", "index.json",
+                                                       "summary.json", "viewer.html", "viewer_data"]
     bos_fired = 0  # records whose window shows a BOS position where the dense encode fires
     for latent in range(N_LAT):
         f = viewer.read_feature(out, latent)

@@ -248,9 +248,10 @@ def test_index_page_shows_the_eval_numbers(tmp_path, llama):
     [(_, _, row)] = eval_run(config_from_dict(make_cfg(tmp_path, *llama)), progress=False)
     page = viewer.index_page(run_dir).read_text()
     cells = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td>(.*?)</td>", page)]
-    assert "<th>CE spliced</th>" in page and cells[-5:] == [f"{row['ce_clean']:.4g}", f"{row['ce_spliced']:.4g}",
+    assert "<th>CE spliced</th>" in page and cells[-8:] == [f"{row['ce_clean']:.4g}", f"{row['ce_spliced']:.4g}",
                                                    f"{row['delta_ce']:.4g}", f"{row['ce_recovered']:.2%}",
-                                                   f"{row['kl']:.4g}"]
+                                                   f"{row['kl']:.4g}", f"{row['fvu']:.4g}", f"{row['dead_frac']:.2%}",
+                                                   f"{row['n_tokens']:,}"]
 
 
 def test_another_models_sae_and_a_held_lock(tmp_path, llama):

@@ -216,6 +216,8 @@ def test_ctrl_c_while_checkpointing_exits_130_in_one_line_and_resumes_bit_identi
         assert proc.returncode == 130, err
         assert error_line(err) == INTERRUPTED
         assert not list(work.glob("*.tmp"))
+        # The stopped run may have checkpointed again after the one seen: wait for the next run's own.
+        seen = (work / "checkpoint.pt").stat().st_mtime_ns
     code, text = cli("train", cfg)
     assert code == 0 and "resuming from the checkpoint at step" in text, text
     assert_same_result(sae_folder(tmp_path / "run"), ref)
