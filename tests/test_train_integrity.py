@@ -75,11 +75,15 @@ def assert_same_result(out, ref):
 
 
 def start(cfg, *args, limit_bytes=None):
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    def child():
+        # As from a terminal: a test run started in the background (`make test &`, nohup) inherits
+        # SIGINT ignored, and python then never turns Ctrl-C into KeyboardInterrupt.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if limit_bytes:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
     return subprocess.Popen([SAEPIPE, "train", cfg, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=limit if limit_bytes else None)
+                            text=True, preexec_fn=child)
 
 
 def wait_for(path: Path, proc, after_ns: int = -1):
