@@ -70,7 +70,7 @@ from pipeline.metrics import ReconStats
 from pipeline.model import (ActivationCapture, check_context_size, load_causal_lm, record_block_outputs,
                             resume_after_block, splice)
 from pipeline.paths import EVAL_FILE, frontier_stem, leaf, model_key, sae_dir, split_leaf
-from pipeline.saes import DEFAULT, Dictionary, load_sae, saved_cfg, saved_marker
+from pipeline.saes import DEFAULT, Dictionary, load_sae, saved_cfg, saved_marker, trained
 from pipeline.store import ActivationStore, Location
 
 KEYS = ("ce_clean", "ce_spliced", "ce_zero", "delta_ce", "ce_recovered", "kl", "fvu", "l0", "dead_frac", "n_tokens")
@@ -172,10 +172,7 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False,
         found = []
         for layer, hook, member in saes:
             folder = sae_dir(run_dir, layer, hook, member)
-            marker, sae_cfg = saved_marker(folder), saved_cfg(folder)
-            if marker is None or sae_cfg is None:
-                raise UserError(f"no trained SAE for layer {layer} hook {leaf(hook, member)} (looked in {folder}); "
-                                f"train it first: saepipe train CONFIG --layers {layer}")
+            marker, sae_cfg = trained(folder, layer, leaf(hook, member))
             found.append((layer, hook, member, folder, marker["sha256"], sae_cfg))
         w = _windows(cfg, found[0][5])
         corpus = corpus_fingerprint(cfg)

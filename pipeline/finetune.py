@@ -62,7 +62,7 @@ from pipeline.harvest import diffs
 from pipeline.metrics import describe, fvu_space
 from pipeline.model import load_causal_lm, record_block_outputs, resume_after_block, splice
 from pipeline.paths import finetuned, leaf, model_key, sae_dir
-from pipeline.saes import ARCHITECTURES, Dictionary, TrainView, load_sae, saved_cfg, saved_marker
+from pipeline.saes import ARCHITECTURES, Dictionary, TrainView, load_sae, saved_cfg, trained
 from pipeline.store import ActivationStore, Location
 
 FORMAT = 1
@@ -185,10 +185,7 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False):
         targets, ids = [], None
         for layer, hook, member in sae_targets:
             base = sae_dir(run_dir, layer, hook, member)
-            marker, sae_cfg = saved_marker(base), saved_cfg(base)
-            if marker is None or sae_cfg is None:
-                raise UserError(f"no trained SAE for layer {layer} hook {leaf(hook, member)} (looked in {base}); "
-                                f"train it first: saepipe train CONFIG --layers {layer}")
+            marker, sae_cfg = trained(base, layer, leaf(hook, member))
             _check_base(base, sae_cfg, cfg, store)
             mine = training_windows(store, layer, hook, sae_cfg.get("eval_chunks") or [])
             ids = mine if ids is None else np.intersect1d(ids, mine)

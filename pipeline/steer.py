@@ -58,8 +58,8 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.paths import DONE, leaf, records_dir, sae_dir
-from pipeline.saes import load_sae, saved_marker
+from pipeline.paths import leaf, records_dir, sae_dir
+from pipeline.saes import load_sae, saved_marker, trained
 
 
 @dataclass
@@ -149,9 +149,7 @@ def plan(cfg: Config, layer: int, latent: int, strengths: list[float | str], pro
         raise UserError(f"--max-new-tokens = {max_new_tokens} must be at least 1")
     hook, member = _hook(cfg, layer, hook), _member(cfg, member)
     folder = sae_dir(cfg.run_path, layer, hook, member)
-    if not (folder / DONE).exists():
-        raise UserError(f"no trained SAE for layer {layer} hook {leaf(hook, member)} (looked in {folder}); "
-                        f"run `saepipe train CONFIG --layers {layer}` first")
+    trained(folder, layer, leaf(hook, member))
     sae = load_sae(folder)
     if not 0 <= latent < sae.n_latents:
         raise UserError(f"--latent {latent} is out of range: the SAE of layer {layer} hook {leaf(hook, member)} has "

@@ -35,8 +35,8 @@ import torch
 
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
-from pipeline.paths import records_dir, sae_dir
-from pipeline.saes import Dictionary
+from pipeline.paths import leaf, records_dir, sae_dir
+from pipeline.saes import Dictionary, trained
 from pipeline.saes import load_sae as _load_dictionary
 from pipeline.store import ActivationStore, Location
 
@@ -170,9 +170,9 @@ class Run:
     def sae(self, layer: int, hook: str | None = None, member: str | None = None, device: str = "cpu") -> SAE:
         """The trained SAE of (layer, hook) (default: the first harvested hook), or a sweep
         member's (`member="k64"`; the KL fine-tuned copy is member "kl")."""
-        folder = sae_dir(self.run_dir, layer, self._hook(hook), member)
-        if not folder.is_dir():
-            raise UserError(f"no trained SAE in {folder}; train it first: saepipe train CONFIG --layers {layer}")
+        hook = self._hook(hook)
+        folder = sae_dir(self.run_dir, layer, hook, member)
+        trained(folder, layer, leaf(hook, member))
         return load_sae(folder, device)
 
     def saes(self) -> list[Path]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.saes.base import (LN_EPS, WEIGHTS, Dictionary, TrainOutput, TrainView, read_checked, retrain_hint,
-                                saved_cfg, saved_marker, verify_saved)
+                                saved_cfg, saved_marker, trained, verify_saved)
 
 ARCHITECTURES: dict[str, type[Dictionary]] = {}
 DEFAULT = "topk"  # what a cfg.json without an `architecture` key holds (saepipe wrote it before it had others)
@@ -82,4 +82,4 @@ def _import_all():
 _import_all()
 
 __all__ = ["ARCHITECTURES", "LN_EPS", "WEIGHTS", "Dictionary", "TrainOutput", "TrainView", "architecture", "build_sae", "load_sae", "register",
-           "saved_cfg", "saved_marker", "verify_saved"]
+           "saved_cfg", "saved_marker", "trained", "verify_saved"]

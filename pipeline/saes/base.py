@@ -331,6 +331,16 @@ def saved_marker(folder) -> dict | None:
     return marker if ok else None
 
 
+def trained(folder, layer: int, name: str) -> tuple[dict, dict]:
+    """(marker, cfg.json) of the finished SAE in `folder` (saved_cfg's cheap check), else the one
+    line a stage gives: which SAE (`name`: its hook, or hook@member), where it looked, what to run."""
+    marker, cfg = saved_marker(folder), saved_cfg(folder)
+    if marker is None or cfg is None:
+        raise UserError(f"no trained SAE for layer {layer} hook {name} (looked in {folder}); train it first: "
+                        f"saepipe train CONFIG --layers {layer}")
+    return marker, cfg
+
+
 def saved_cfg(folder) -> dict | None:
     """cfg.json of a finished folder (marker present, weights of the recorded size), else None.
     Cheap: no hashing, for deciding what is done; load_sae() and verify_saved() check the bytes."""
