@@ -206,7 +206,8 @@ def one_seed(a, store_dir: Path, x_train, x_eval) -> dict:
         scratch = Path(tmp)
         for name, fn in recipes:
             sae, wall, *ft_wall = fn()
-            results[name] = {**score(sae, x_eval), "wall": wall, **({"ft_wall": ft_wall[0]} if ft_wall else {})}
+            results[name] = {**score(sae, x_eval), "wall": wall, "architecture": sae.architecture,
+                             **({"ft_wall": ft_wall[0]} if ft_wall else {})}
             saes[name] = sae
             print(f"quality: seed {a.seed} {name}: held-out fvu {results[name]['fvu']:.4f}, dead "
                   f"{results[name]['dead']:.1%}, {wall:.1f} s" + (f" + fine-tune {ft_wall[0]:.1f} s" if ft_wall else ""),
@@ -255,10 +256,11 @@ def seeds_table(per_seed: dict, a) -> str:
     and ours / sparsify's better, the fine-tuned one included."""
     names = [("sparsify_best", "sparsify 1.3.3 default (the better of as saved / unit rows)"),
              ("saepipe", f"saepipe default, {a.tokens:,} cached tokens")]
-    if a.finetune_tokens:
-        names.append(("saepipe_kl", f"saepipe, {a.tokens - a.finetune_tokens:,} cached + {a.finetune_tokens:,} "
-                                    "KL fine-tune tokens"))
     seeds = list(per_seed)
+    if a.finetune_tokens:
+        arch = per_seed[seeds[0]]["saepipe_kl"]["architecture"]
+        names.append(("saepipe_kl", f"saepipe {arch}, {a.tokens - a.finetune_tokens:,} cached + "
+                                    f"{a.finetune_tokens:,} KL fine-tune tokens"))
     lines = ["| recipe | " + " | ".join(f"seed {s}: delta CE, KL" for s in seeds)
              + " | median delta CE | median KL | mean delta CE +- se | mean KL +- se | FVU (median) | L0 |",
              "| --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- | --- | --- | --- |"]

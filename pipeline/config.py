@@ -435,8 +435,10 @@ class FinetuneConfig:
     n_tokens: int = setting(40960, "tokens forwarded through the model: whole windows of the store's own tokens "
                                    "(its training chunks only; eval's windows lie past the store)")
     batch_size: int = setting(8, "windows per step")
-    lr: float = setting(3e-4, "peak learning rate (Adam): a linear warm-up, then cosine decay to 0")
+    lr: float = setting(3e-4, "peak learning rate (Adam), after a linear warm-up")
     warmup: float = setting(0.1, "fraction of the steps of linear warm-up")
+    lr_schedule: str = setting("constant", "after the warm-up: constant (the peak to the end: at these budgets "
+                                           "the weights are still far from done) or cosine (decay to 0)")
     recon_coefficient: float = setting(0.0, "weight of the SAE's reconstruction FVU (its training space) beside "
                                             "the KL of the clean to the spliced model: keeps the reconstruction "
                                             "near the activations")
@@ -452,6 +454,8 @@ class FinetuneConfig:
             raise ConfigError(f"{where}: finetune.lr = {self.lr} must be > 0")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"{where}: finetune.warmup = {self.warmup} must be in [0, 1)")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"{where}: finetune.lr_schedule = {self.lr_schedule!r} must be constant or cosine")
         if not self.recon_coefficient >= 0:
             raise ConfigError(f"{where}: finetune.recon_coefficient = {self.recon_coefficient} must be >= 0")
 

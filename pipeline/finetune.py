@@ -94,10 +94,12 @@ def kl_clean_spliced(logp_clean: torch.Tensor, logits: torch.Tensor) -> torch.Te
 
 
 def learning_rate(fc: FinetuneConfig, step: int, n_steps: int, lr: float) -> float:
-    """Linear warm-up over fc.warmup of the steps, then cosine decay to 0."""
+    """Linear warm-up over fc.warmup of the steps, then lr to the end (constant) or cosine decay to 0."""
     warm = max(1, round(fc.warmup * n_steps))
     if step < warm:
         return lr * (step + 1) / warm
+    if fc.lr_schedule == "constant":
+        return lr
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, n_steps - warm)))
 
 
@@ -138,7 +140,7 @@ class Plan:
 
 def fingerprint(cfg: Config, fc: FinetuneConfig, base_sha: str, store: ActivationStore) -> dict:
     """What a fine-tuned SAE depends on: the base's weights, the settings, the model, the store."""
-    keep = ("n_tokens", "batch_size", "lr", "warmup", "recon_coefficient", "seed")
+    keep = ("n_tokens", "batch_size", "lr", "warmup", "lr_schedule", "recon_coefficient", "seed")
     return {"format": FORMAT, "base_sha256": base_sha, "model.name": model_key(cfg.model.name),
             "model.revision": cfg.model.revision, "model.dtype": cfg.model.dtype,
             "store": store.attrs.get("fingerprint"), **{f"finetune.{k}": getattr(fc, k) for k in keep}}
@@ -384,6 +386,7 @@ def _finish(p: Plan, t: Target, seconds: float):
     info = {
         "eval": ev,
         "finetune": {"loss": "kl", "tokens": min(tokens, p.windows.size), "steps": t.step, "lr": p.fc.lr,
+                     "lr_schedule": p.fc.lr_schedule,
                      "recon_coefficient": p.fc.recon_coefficient, "batch_size": p.fc.batch_size,
                      "seed": p.fc.seed, "base": t.base.name, "base_sha256": t.fingerprint["base_sha256"],
                      "kl_first": t.log[0]["kl"], "kl_last": t.log[-1]["kl"], "seconds": seconds,

@@ -141,11 +141,13 @@ def test_only_windows_wholly_in_training_chunks(trained):
     assert np.array_equal(order, ft.order(ids, 100, seed=3)) and not np.array_equal(order, ft.order(ids, 100, 4))
 
 
-def test_learning_rate_warms_up_then_decays_to_zero():
-    fc = FinetuneConfig(warmup=0.2)
+def test_learning_rate_warms_up_then_holds_or_decays():
+    fc = FinetuneConfig(warmup=0.2, lr_schedule="cosine")
     lrs = [ft.learning_rate(fc, s, 10, 1.0) for s in range(10)]
     assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0 and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
     assert lrs[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * 7 / 8)))
+    flat = [ft.learning_rate(FinetuneConfig(warmup=0.2), s, 10, 1.0) for s in range(10)]
+    assert flat == [0.5] + [1.0] * 9  # constant is the default
 
 
 # --------------------------------------------------------------------------- the stage
