@@ -346,6 +346,13 @@ def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none").double().sum()
 
 
+def _dot(p: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """sum_v p[..., v] * logq[..., v] for p, logq [B, T, V]: [B, T], one read of each (a batched
+    matrix product; elementwise product then sum writes and reads a third [B, T, V] tensor)."""
+    V = p.shape[-1]
+    return torch.bmm(p.reshape(-1, 1, V), logq.reshape(-1, V, 1)).reshape(p.shape[:-1])
+
+
 @torch.no_grad()
 def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
     """The numbers of every SAE in p.todo, all from one pass over the held-out windows."""
@@ -370,6 +377,10 @@ def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
             del logits
             ce_clean -= logp_clean.gather(-1, targets.unsqueeze(-1)).double().sum()
             p_clean = logp_clean.exp()
+            # KL(clean || spliced) = sum_v p log p - sum_v p log q: the first sum once per batch, the
+            # second one dot product per position (_dot), not two [B, T, V] temporaries per SAE.
+            neg_entropy = _dot(p_clean, logp_clean)
+            del logp_clean
 
             def forward(layer, hook, sae, fn):
                 where, source = splice_point(hook, sae)
@@ -382,7 +393,7 @@ def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
                 logits = forward(layer, hook, sae, _replacer(sae, pass_bos, stats[key]))
                 logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
                 s.ce_spliced -= logp.gather(-1, targets.unsqueeze(-1)).double().sum()
-                s.kl += (p_clean * (logp_clean - logp)).sum(-1).double().sum()
+                s.kl += (neg_entropy - _dot(p_clean, logp)).double().sum()
                 del logits, logp
                 s.ce_zero += _ce(forward(layer, hook, sae, _replacer(sae, pass_bos, None)), targets)
             bar.update(ids.numel())
