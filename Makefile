@@ -14,7 +14,7 @@ LAYER_FLAG = $(if $(strip $(LAYERS)),--layers "$(LAYERS)")
 # The MiniLM example's package (sentence-transformers, sklearn, pandas) only for its config.
 MINILM = $(if $(findstring configs/demo.yaml,$(CONFIG)),$(VENV)/.installed-minilm)
 
-.PHONY: setup harvest verify train finetune collate eval demo tutorial docs test bench browser clean
+.PHONY: setup harvest verify train finetune collate explain inspect eval demo tutorial docs test bench browser clean
 
 setup: $(VENV)/.installed
 
@@ -62,6 +62,16 @@ finetune: setup $(MINILM)
 
 collate: setup $(MINILM)
 	$(BIN)/saepipe collate $(CONFIG) $(LAYER_FLAG) $(ARGS)
+
+# N2G explanations of every live latent from its records (after collate), scored on held-out windows:
+# explanations.json and explain_summary.json next to each layer's records.
+explain: setup $(MINILM)
+	$(BIN)/saepipe explain $(CONFIG) $(LAYER_FLAG) $(ARGS)
+
+# Top latents per token of PROMPT through each layer's trained SAE: make inspect PROMPT="def read(path):"
+# (ARGS: --top 10, --latent 17, --html inspect.html).
+inspect: setup $(MINILM)
+	$(BIN)/saepipe inspect $(CONFIG) --prompt "$(PROMPT)" $(LAYER_FLAG) $(ARGS)
 
 # Spliced-SAE loss on held-out windows: the table, and eval.json next to each SAE.
 eval: setup $(MINILM)

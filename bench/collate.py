@@ -7,7 +7,7 @@
 
 For --records (a finished run: its store, SAE and config's collate settings),
 scan and windows run once, then, interleaved over rounds, collate's writer
-(pipeline.records.write_records) and a plain per-latent writer (a dict per
+(pipeline.collate.records.write_records) and a plain per-latent writer (a dict per
 latent through json.dumps into its own file, as collate wrote them before) on
 the same records: latents/s of each, their ratio, and the bytes each leaves.
 
@@ -86,7 +86,7 @@ def build(root: Path, args, n_latents: int):
 def measure(kind: str, root: str, args: dict, n_latents: int) -> dict:
     """One measurement, meant to run in its own process."""
     from pipeline import collate as C
-    from pipeline import scan as S
+    from pipeline.collate import scan as S
     from pipeline.config import CollateConfig
     from pipeline.saes import load_sae
     from pipeline.store import ActivationStore
@@ -125,7 +125,7 @@ def measure(kind: str, root: str, args: dict, n_latents: int) -> dict:
 
 def plain_write(out: Path, recs, text, ctx: int, n: int):
     """The reference writer: every latent's records as a dict, json.dumps, one file each."""
-    from pipeline.records import _dumps, _round
+    from pipeline.collate.records import _dumps, _round
 
     out.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -144,14 +144,14 @@ def plain_write(out: Path, recs, text, ctx: int, n: int):
 
 def records_bench(args):
     """--records: collate's writer against the plain per-latent one, interleaved."""
-    from pipeline import records
+    from pipeline.collate import records
     from pipeline.config import load_config
     from pipeline.fsio import tree_size
     from pipeline.paths import sae_dir
     from pipeline.saes import load_sae
-    from pipeline.scan import scan
+    from pipeline.collate.scan import scan
     from pipeline.store import ActivationStore
-    from pipeline.windows import TokenText, cut_windows, pick, store_tokenizer
+    from pipeline.collate.windows import TokenText, cut_windows, pick, store_tokenizer
 
     run = Path(args.records)
     cfg = load_config(args.config or f"configs/{run.name}.yaml", [f"run_dir={run}"]).collate
@@ -193,7 +193,7 @@ def records_bench(args):
     print("| --- | --- | --- |")
     print(f"| plain: a dict per latent, json.dumps, one file each ({n_plain} latents a round) | {p_:,.0f} | "
           f"{size['plain'] / 2**20:.1f} MiB (extrapolated), and again in the viewer's shards before |")
-    print(f"| collate (pipeline.records.write_records): records once, in the viewer's shards | {o:,.0f} | "
+    print(f"| collate (pipeline.collate.records.write_records): records once, in the viewer's shards | {o:,.0f} | "
           f"{size['ours'] / 2**20:.1f} MiB (whole folder) |")
     print(f"| ratio | {o / p_:.1f}x | |")
 

@@ -389,7 +389,10 @@ class CollateConfig:
     hooks: list[str] | None = setting(None, "null = train.hooks, then harvest.hooks", logistics=True)
     n_top: int = setting(50, "largest activations kept per latent, at most one per sequence")
     n_random: int = setting(20, "uniform sample of positive activations per latent")
-    seed: int = setting(0, "the random sample")
+    n_quantiles: int = setting(5, "equal-width intervals of each latent's (0, max activation], bounds snapped to "
+                                  "its histogram's bin edges, each sampled beside top and random; 0 = none")
+    n_per_quantile: int = setting(5, "uniform sample of the positive activations in each interval")
+    seed: int = setting(0, "the random and quantile samples")
     batch_size: int = setting(4096, "tokens per encode batch (rounded down to whole sequences)", logistics=True)
     window: int | None = setting(None, "tokens each side of the selected one; null = the whole stored sequence")
     hist_bin_width: float = setting(0.2, "activation histogram bin width (sae-viewer's: key = ceil(act / width))")
@@ -398,18 +401,27 @@ class CollateConfig:
     device: str = setting("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:1", logistics=True)
     exclude_bos: bool = setting(True, "leave out position 0 when the store prepended BOS (or CLS)")
     reader_threads: int = setting(4, "threads reading and decompressing chunks", logistics=True)
+    cooccurrence_max_latents: int = setting(8192, "count each latent's co-firing partners only for SAEs of at most "
+                                                  "this many latents: an exact n x n int32 table of the pairs, 4n² "
+                                                  "bytes (256 MiB at 8192; one per sweep member); 0 = never")
 
     def validate(self, where):
         _positive(where, "collate.n_top", self.n_top, minimum=0)
         _positive(where, "collate.n_random", self.n_random, minimum=0)
+        _positive(where, "collate.n_quantiles", self.n_quantiles, minimum=0)
+        _positive(where, "collate.n_per_quantile", self.n_per_quantile, minimum=0)
         _positive(where, "collate.batch_size", self.batch_size)
         _positive(where, "collate.reader_threads", self.reader_threads)
+        _positive(where, "collate.cooccurrence_max_latents", self.cooccurrence_max_latents, minimum=0)
         if self.window is not None:
             _positive(where, "collate.window", self.window, minimum=0)
         if not self.hist_bin_width > 0:
             raise ConfigError(f"{where}: collate.hist_bin_width must be > 0")
         if self.hist_max_bins < 2 or self.hist_max_bins % 2:
             raise ConfigError(f"{where}: collate.hist_max_bins = {self.hist_max_bins} must be an even number >= 2")
+        if self.n_quantiles > self.hist_max_bins:
+            raise ConfigError(f"{where}: collate.n_quantiles = {self.n_quantiles} must be <= collate.hist_max_bins = "
+                              f"{self.hist_max_bins}: the intervals are made of histogram bins")
         if not 0 < self.ultra_rare_density < 1:
             raise ConfigError(f"{where}: collate.ultra_rare_density must be in (0, 1)")
 
@@ -461,6 +473,44 @@ class FinetuneConfig:
 
 
 @dataclass
+class ExplainConfig:
+    layers: list[int] | None = setting(None, "null = collate.layers, then train.layers, then harvest.layers",
+                                       logistics=True)
+    hooks: list[str] | None = setting(None, "null = collate.hooks, then train.hooks, then harvest.hooks",
+                                      logistics=True)
+    n_top: int = setting(5, "building examples per latent from its top records (the first n_top collate kept)")
+    n_random: int = setting(15, "building examples per latent from its random records (the first n_random; "
+                                "collate.n_random caps it): the typical firings, which the scores' recall "
+                                "counts, where the top records are the extreme ones")
+    max_suffix: int = setting(6, "the longest pattern searched, in tokens ending at the activating one; an "
+                                 "example that needs more context stays unexplained. The forwards grow as "
+                                 "context_size * (max_suffix + 1) tokens per window with examples")
+    importance_threshold: float = setting(0.9, "a suffix token whose replacement by the pad token lowers the "
+                                               "suffix's own activation by less than this fraction becomes a "
+                                               "wildcard: only the tokens the latent cannot fire without stay, "
+                                               "so the patterns recall its weaker firings (mean F1 on the demo's "
+                                               "block 3: 0.185 at 0.5, 0.207 at 0.75, 0.216 at 0.9)")
+    n_score_windows: int = setting(128, "the store's last windows, held out: no building example comes from them, "
+                                        "and every explanation is scored on them")
+    batch_tokens: int = setting(4096, "tokens per forward batch (rows padded to the longest)", logistics=True)
+    chunk_windows: int = setting(32, "windows per unit of work; a checkpoint after each, where a killed run "
+                                     "resumes", logistics=True)
+    device: str = setting("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:1", logistics=True)
+
+    def validate(self, where):
+        _positive(where, "explain.n_top", self.n_top, minimum=0)
+        _positive(where, "explain.n_random", self.n_random, minimum=0)
+        if self.n_top + self.n_random == 0:
+            raise ConfigError(f"{where}: explain.n_top and explain.n_random are both 0: no building examples")
+        _positive(where, "explain.max_suffix", self.max_suffix)
+        if not 0 < self.importance_threshold <= 1:
+            raise ConfigError(f"{where}: explain.importance_threshold = {self.importance_threshold} must be in (0, 1]")
+        _positive(where, "explain.n_score_windows", self.n_score_windows)
+        _positive(where, "explain.batch_tokens", self.batch_tokens)
+        _positive(where, "explain.chunk_windows", self.chunk_windows)
+
+
+@dataclass
 class Config:
     run_dir: str = setting(doc="where the store, SAEs and records go")
     model: ModelConfig
@@ -470,6 +520,7 @@ class Config:
     collate: CollateConfig = field(default_factory=CollateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
     store: str | None = setting(None, "where the activation store lives; null = `<run_dir>/activations.zarr`. Another "
                                       "folder, or an fsspec URL that outlives the process: s3://bucket/prefix/acts.zarr, "
                                       "gs://... (progress logs, locks, SAEs and records stay in run_dir)")
@@ -506,7 +557,8 @@ class Config:
         self._notes: list = []
 
     def validate(self, where):
-        for section in (self.model, self.harvest, self.train, self.collate, self.eval, self.finetune):
+        for section in (self.model, self.harvest, self.train, self.collate, self.eval, self.finetune,
+                        self.explain):
             section.validate(where)
         self._validate_store(where)
         for hook in self.harvest.hooks:
@@ -552,14 +604,14 @@ class Config:
     def sae_targets(self, stage: str, layers: list[int] | None = None) -> list[tuple[int, str, str | None]]:
         """Every SAE a stage after train works on: (layer, hook, member) for each of targets() and each
         member of train.sweep (member None: the plain folder; the only one without a sweep).
-        The stages that read SAEs (eval, collate) also take each one's KL fine-tuned copy
+        The stages that read SAEs (eval, collate, explain) also take each one's KL fine-tuned copy
         (pipeline.finetune) when it has been made, so before and after sit side by side."""
         from pipeline.paths import finetuned, sae_dir
         from pipeline.saes import saved_marker
 
         names = [name for name, _ in self.train.members()]
         out = [(layer, hook, name) for layer, hook in self.targets(stage, layers) for name in names]
-        if stage in ("eval", "collate"):
+        if stage in ("eval", "collate", "explain"):
             out += [(layer, hook, finetuned(name)) for layer, hook, name in out
                     if saved_marker(sae_dir(self.run_path, layer, hook, finetuned(name))) is not None]
         return out
@@ -567,7 +619,8 @@ class Config:
 
 # Where a stage without its own layers/hooks takes them from (harvest always has both).
 _FALLBACK = {"harvest": ("harvest",), "train": ("train", "harvest"), "collate": ("collate", "train", "harvest"),
-             "eval": ("eval", "train", "harvest"), "finetune": ("finetune", "train", "harvest")}
+             "eval": ("eval", "train", "harvest"), "finetune": ("finetune", "train", "harvest"),
+             "explain": ("explain", "collate", "train", "harvest")}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -186,6 +186,15 @@ def special_ids(tokenizer, prepend_bos: bool | None) -> tuple[bool, int | None, 
     return prepend_bos, bos, sep
 
 
+def pad_id(tokenizer) -> int:
+    """The token that blanks another one out (explain's N2G replaces tokens by it): the
+    tokenizer's pad token, else its EOS, else its UNK."""
+    for token in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if token is not None:
+            return int(token)
+    raise UserError("the tokenizer has no pad, EOS or UNK token to blank tokens out with")
+
+
 def make_windows(texts, tokenizer, context_size: int, n_sequences: int, prepend_bos: bool | None,
                  batch_docs: int = 256, block_rows: int = 4096, progress: bool = True,
                  skip_sequences: int = 0) -> tuple[np.ndarray, bool]:

@@ -1,4 +1,6 @@
-"""Write a trained SAE folder in the layouts SAELens and sparsify load.
+"""Write a trained SAE folder in the layouts SAELens and sparsify load (and, `--format
+neuronpedia`, its collated records and explanations as Neuronpedia's feature upload:
+pipeline.neuronpedia, which takes every architecture, since it reads records, not weights).
 
 Each architecture lists the formats that can hold it and its name there
 (`Dictionary.exports`; as a transcoder, `Dictionary.transcodes`) and adds what else a format needs (`export_extras`: `k`
@@ -40,15 +42,17 @@ from pipeline.errors import UserError
 from pipeline.paths import member_folder
 from pipeline.saes import Dictionary, load_sae
 
-FORMATS = ("saelens", "sparsify")
+FORMATS = ("saelens", "sparsify", "neuronpedia")
 # TransformerLens names for the hooks harvest knows by name; module-path hooks keep our naming.
 _TL_HOOKS = {"resid_post": "hook_resid_post", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
              "mlp_in": "ln2.hook_normalized"}
 
 
 
-def export(sae_dir, fmt: str, out, member: str | None = None) -> Path:
-    """Write the SAE of `sae_dir` (with `member`: the train.sweep member's folder beside it) into `out`."""
+def export(sae_dir, fmt: str, out, member: str | None = None, np_model_id: str | None = None,
+           np_set_name: str | None = None) -> Path:
+    """Write the SAE of `sae_dir` (with `member`: the train.sweep member's folder beside it) into `out`.
+    `np_model_id`, `np_set_name`: Neuronpedia's model id and source set name (neuronpedia only)."""
     sae_dir = member_folder(sae_dir, member)
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -57,6 +61,11 @@ def export(sae_dir, fmt: str, out, member: str | None = None) -> Path:
         raise UserError(f"--out {out} is a file; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} already exists and is not empty; choose a new folder or remove it")
+    if fmt == "neuronpedia":  # before loading weights: it needs none, so every architecture has it
+        from pipeline import neuronpedia
+        return neuronpedia.write(sae_dir, out, np_model_id, np_set_name)
+    if np_model_id is not None or np_set_name is not None:
+        raise UserError("--np-model-id and --np-set-name name a Neuronpedia upload: they go with --format neuronpedia")
     sae = load_sae(sae_dir)  # a finished, intact SAE or one line saying how to retrain it
     formats, kind = (sae.transcodes, "transcoder") if sae.transcoder else (sae.exports, "SAE")
     if fmt not in formats:

@@ -313,22 +313,32 @@ def load_model(name: str, revision: str, dtype: str, device: str):
     return model.to(dev).eval(), tokenizer
 
 
+def is_causal_lm(name: str, revision: str = "main") -> bool:
+    """Whether the checkpoint is a causal (decoder) language model, from its config alone: its
+    model type has a causal-LM class and the architectures it records (when it does) include
+    one. An encoder's type may have one too (BERT's BertLMHeadModel), but its checkpoint names
+    BertModel."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = _from_pretrained(AutoConfig, name, revision, "config")
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    archs = getattr(config, "architectures", None) or []
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (not archs or any(a in causal for a in archs))
+
+
 def load_causal_lm(name: str, revision: str = "main", dtype: str = "float32", device: str = "auto"):
     """(model with its LM head, tokenizer) in eval mode, for eval and steer.
 
     An encoder (BERT) is refused: AutoModelForCausalLM would happily build
     BertLMHeadModel around it with a random head, so the checkpoint must name a
     causal-LM class and its head must have come from the checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
     no_head = UserError(f"model {name!r} has no language-model head; eval/steer need a causal LM "
                         "(a decoder such as SmolLM2, GPT-2 or Llama)")
-    config = _from_pretrained(AutoConfig, name, revision, "config")
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    archs = getattr(config, "architectures", None) or []
-    if (archs and not any(a in causal for a in archs)) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if not is_causal_lm(name, revision):
         raise no_head
     tokenizer = load_tokenizer(name, revision)
     model, info = _from_pretrained(AutoModelForCausalLM, name, revision, "model", dtype=dtypes.torch_dtype(dtype),

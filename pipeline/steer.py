@@ -201,7 +201,8 @@ def max_activation(run_dir, layer: int, hook: str, member: str | None, latent: i
     """Latent `latent`'s max activation in the collated records of the SAE in `sae_folder`
     (pipeline.viewer.read_feature's max_act); records missing, made from other weights,
     unreadable, or where the latent never fired are a UserError saying what to run."""
-    from pipeline import records, viewer
+    from pipeline import viewer
+    from pipeline.collate import records
 
     out = records_dir(run_dir, layer, hook, member)
     name = f"layer {layer} hook {leaf(hook, member)}"

@@ -9,7 +9,9 @@ function the page defines:
     viewer.html                    the page (a copy of pipeline/viewer.html)
     viewer_data/index.js           saeViewer.index({index, summary, shard_size})
     viewer_data/features_<j>.js    saeViewer.shard(j, [FeatureInfo, ...])
-    viewer_data/search.js          saeViewer.search({tokens, latents})
+    viewer_data/search.js          saeViewer.search({words, latents})
+    viewer_data/explanations.js    saeViewer.explanations({summary, latents}), written by
+                                   saepipe explain (write_explanations); absent before it
 
 Features are sharded (SHARD_SIZE latents per file) and loaded on demand, so
 opening the page for a large SAE reads only the latent list, and one click
@@ -19,14 +21,20 @@ line of strict JSON (ended by a comma but the last), and so on; read_feature
 and read_features give them back to Python.
 
 search.js, loaded on the first search by text, lets a search find a latent by
-the tokens of its top records: each distinct picked token once in `tokens`, and
-per latent the indices of its own. A token shared by many latents costs one
-string, so the file stays near n_latents * distinct-picks integers.
+the words of its top records: the word at each picked position, joined across
+token boundaries (records.picked_word: [word, start, end], the picked token
+being word[start:end]), each distinct one once in `words`, and per latent the
+indices of its own. A query matches a latent when it occurs in one of its words
+overlapping the picked token, so "Deprecated" finds a latent picked at "recated"
+of "Dep" + "recated". A word shared by many latents costs one string, so the
+file stays near n_latents * distinct-picks integers.
 
 <run_dir>/records/index.html is plain HTML written from the finished records
 folders' summary.json and their SAEs' cfg.json: it needs no script at all. An SAE
-whose latents form groups (summary.json `latent_groups`, pipeline.records) gets a
+whose latents form groups (summary.json `latent_groups`, pipeline.collate.records) gets a
 second table below the first: each group's latents and how many are live and dead.
+Once `saepipe explain` has run on some layer (its explain_summary.json in the records
+folder), the table gains each layer's N2G and baseline mean F1; explain rewrites the page.
 """
 
 from __future__ import annotations
@@ -81,13 +89,14 @@ class ViewerWriter:
         self.shard_size = shard_size
         self.shard = 0
         self.buf: list[str] = []
-        self.vocab: dict[str, int] = {}  # token text -> its index in search.js `tokens`
-        self.search: list[list[int]] = []  # per latent: its top records' distinct picked tokens
+        self.words: dict[tuple[str, int, int], int] = {}  # picked word -> its index in search.js `words`
+        self.search: list[list[int]] = []  # per latent: its top records' distinct picked words
 
-    def add(self, i: int, feature_json: str, picked_tokens: list[str]):
+    def add(self, i: int, feature_json: str, picked_words: list[tuple[str, int, int]]):
+        """Latent i's FeatureInfo and its top records' picked words (records.picked_word)."""
         assert i == self.shard * self.shard_size + len(self.buf), "features must come in latent order"
         self.buf.append(feature_json)
-        own = dict.fromkeys(self.vocab.setdefault(t, len(self.vocab)) for t in picked_tokens)
+        own = dict.fromkeys(self.words.setdefault(w, len(self.words)) for w in picked_words)
         self.search.append(list(own))
         if len(self.buf) == self.shard_size:
             self._flush()
@@ -102,13 +111,33 @@ class ViewerWriter:
         """Write the last shard, the search data, the index and the page; returns the page's path."""
         if self.buf:
             self._flush()
-        self.write(self.data / "search.js", _js_call("search", _json({"tokens": list(self.vocab),
+        self.write(self.data / "search.js", _js_call("search", _json({"words": list(self.words),
                                                                        "latents": self.search})))
         payload = _json({"index": index, "summary": summary, "shard_size": self.shard_size})
         self.write(self.data / "index.js", _js_call("index", payload))
         page = self.out / "viewer.html"
         self.write(page, template())
         return page
+
+
+def write_explanations(folder, latents: list[dict], summary: dict) -> Path | None:
+    """viewer_data/explanations.js, written atomically, from saepipe explain's entries (its
+    explanations.json `latents`) and its summary: per explained latent what its page shows (the
+    patterns, their text, N2G's and the baseline's scores) and what the list sorts, filters and
+    searches by. Written by explain, so collate's files stay collate's; a records folder without
+    it shows no explanations. None (nothing written) for records made before the viewer had data
+    files."""
+    data = Path(folder) / DATA_DIR
+    if not data.is_dir():
+        return None
+    slim = [{"latent": e["latent"], "text": e["text"], "n_examples": e["n_examples"], "n_explained": e["n_explained"],
+             "patterns": [{k: p[k] for k in ("tokens", "ids", "activation", "count")} for p in e["patterns"]],
+             "scores": e["scores"],
+             "baseline": {k: e["baseline"][k] for k in ("tokens", "activations", "scores")}} for e in latents]
+    shown = {k: v for k, v in summary.items() if k != "fingerprint"}
+    path = data / "explanations.js"
+    fsio.write_atomic(path, _js_call("explanations", _json({"summary": shown, "latents": slim})))
+    return path
 
 
 def _strict_json(line: str):
@@ -188,14 +217,23 @@ def _lm_eval(run_dir, layer: int, hook: str, member: str | None = None) -> dict:
 _LM_HEAD = ("<th>CE clean</th><th>CE spliced</th><th>&Delta;CE</th><th>CE recovered</th><th>KL</th>"
             "<th>eval FVU raw</th><th>eval dead</th><th>eval tokens</th>")
 _LM_KEYS = ("ce_clean", "ce_spliced", "delta_ce", "ce_recovered", "kl", "fvu", "dead_frac", "n_tokens")
-_COLUMNS = 12  # without the LM-eval columns
+_COLUMNS = 12  # without the LM-eval and explain columns
+_EXPLAIN_HEAD = "<th>N2G mean F1</th><th>baseline mean F1</th>"
+
+
+def _explain_summary(run_dir, layer: int, hook: str, member: str | None = None) -> dict:
+    """saepipe explain's explain_summary.json in the records folder ({} when explain has not run
+    on these records: a collate that redoes them takes it away)."""
+    from pipeline.collate.explain import SUMMARY  # explain imports this module: not at the top
+
+    return fsio.read_json(records_dir(run_dir, layer, hook, member) / SUMMARY)
 
 
 def _link(href: Path | str, text: str) -> str:
     return f'<a href="{html.escape(quote(str(href)))}">{html.escape(text)}</a>'
 
 
-def _row(run_dir, layer: int, hook: str, member: str | None, with_lm: bool) -> str:
+def _row(run_dir, layer: int, hook: str, member: str | None, with_lm: bool, with_explain: bool = False) -> str:
     out, sae = records_dir(run_dir, layer, hook, member), sae_dir(run_dir, layer, hook, member)
     s = fsio.read_json(out / "summary.json")
     ev = (saved_cfg(sae) or {}).get("eval")
@@ -229,6 +267,9 @@ def _row(run_dir, layer: int, hook: str, member: str | None, with_lm: bool) -> s
     if with_lm:
         lm = _lm_eval(run_dir, layer, hook, member)
         cells += [_num(lm.get(k), percent=k in ("ce_recovered", "dead_frac")) for k in _LM_KEYS]
+    if with_explain:
+        ex = _explain_summary(run_dir, layer, hook, member)
+        cells += [_num((ex.get(side) or {}).get("mean_f1"), 3) for side in ("n2g", "baseline")]
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
@@ -239,9 +280,12 @@ def write_index_page(run_dir) -> Path:
     found = finished_records(run_dir)
     # The LM-eval columns appear once some listed SAE has been through `saepipe eval`.
     with_lm = any(_lm_eval(run_dir, *found_one) for found_one in found)
-    rows = "\n".join(_row(run_dir, *found_one, with_lm) for found_one in found)
+    # Likewise the explain columns, once explain has run on some listed records.
+    with_explain = any(_explain_summary(run_dir, *found_one) for found_one in found)
+    rows = "\n".join(_row(run_dir, *found_one, with_lm, with_explain) for found_one in found)
     text = Template(template("records_index.html")).substitute(
         run_dir=html.escape(str(Path(run_dir).resolve())), lm_head=_LM_HEAD if with_lm else "",
+        explain_head=_EXPLAIN_HEAD if with_explain else "",
         rows=rows or f'<tr><td colspan="{_COLUMNS + len(_LM_KEYS) if with_lm else _COLUMNS}">none yet</td></tr>',
         groups=_groups(run_dir, found), frontiers=_frontiers(run_dir, found))
     fsio.write_atomic(page, text)

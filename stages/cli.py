@@ -211,6 +211,28 @@ def collate(config, layers, overrides, force):
 
 @main.command()
 @_CONFIG
+@_LAYERS
+@_SET
+@_FORCE
+@_user_errors
+def explain(config, layers, overrides, force):
+    """N2G explanations of every live latent from its collated records, scored on held-out windows.
+
+    Each latent's top and random records become token patterns (the shortest suffix that keeps
+    half the activation, unimportant tokens as wildcards, ^ when it must open the text), scored
+    by precision, recall, F1 and correlation on the store's last explain.n_score_windows windows
+    beside a single-token baseline. Writes explanations.json and explain_summary.json into
+    <run_dir>/records/<L>/<hook>/ (run collate first); an interrupted run resumes; finished
+    explanations of the same records and settings are skipped unless --force.
+    """
+    from pipeline.config import parse_layers
+    from stages import explain as stage
+
+    stage.run(_load(config, overrides), layers=parse_layers(layers), force=force)
+
+
+@main.command()
+@_CONFIG
 @click.option("--layer", required=True, type=int, help="The SAE's layer.")
 @click.option("--hook", default=None, help="The SAE's hook; default: the config's one hook.")
 @click.option("--latent", required=True, type=int, help="The latent whose decoder direction is added.")
@@ -242,6 +264,38 @@ def steer(config, layer, hook, latent, strengths, prompt, max_new_tokens, member
     stage.run(_load(config, overrides), layer, latent, list(strengths), prompt, hook, max_new_tokens, member)
 
 
+@main.command()
+@_CONFIG
+@click.option("--prompt", required=True, help="The text whose latents to show.")
+@_LAYERS
+@click.option("--hook", default=None, help="The SAEs' hook; default: every hook of the chosen layers.")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(1, 1000),
+              help="Latents shown per token, the strongest first.")
+@click.option("--latent", default=None, type=int,
+              help="Follow this one latent over the prompt instead: its activation at every token, with a bar.")
+@click.option("--html", "html_out", default=None, type=click.Path(), metavar="OUT",
+              help="Also write a self-contained page: per latent shown, a heatmap over the prompt, its explanation "
+                   "and scores, and a link to its page in the records' viewer.")
+@click.option("--member", default=None, metavar="NAME",
+              help="The train.sweep member (or KL fine-tuned copy: kl) whose SAEs read; default: the plain one.")
+@_SET
+@_user_errors
+def inspect(config, prompt, layers, hook, top, latent, html_out, member, overrides):
+    """Show, token by token, which latents of the trained SAEs fire on a prompt.
+
+    Runs the model once over the prompt (stopped after the deepest chosen layer) and prints,
+    per SAE, one row per token: its top --top latents as latent:activation, then each one's
+    N2G F1 and explanation when `saepipe explain` has run on those weights. The prompt is cut
+    as the store's windows were (BOS first when they opened with it); the position collate
+    leaves out (that BOS, with collate.exclude_bos) is shown, marked *. A prompt longer than
+    the model's positions is refused.
+    """
+    from pipeline.config import parse_layers
+    from stages import inspect as stage
+
+    stage.run(_load(config, overrides), prompt, parse_layers(layers), hook, member, top, latent, html_out)
+
+
 @main.command(name="eval")
 @_CONFIG
 @_LAYERS
@@ -265,17 +319,22 @@ def eval_(config, layers, overrides, force):
 
 @main.command()
 @click.argument("sae_dir", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["saelens", "sparsify"]), required=True,
+@click.option("--format", "fmt", type=click.Choice(["saelens", "sparsify", "neuronpedia"]), required=True,
               help="Folder layout to write.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to create.")
 @click.option("--member", default=None, metavar="NAME",
               help="Export the train.sweep member NAME of SAE_DIR's hook (the folder SAE_DIR@NAME beside it).")
+@click.option("--np-model-id", default=None, metavar="ID",
+              help="neuronpedia: the model's id on Neuronpedia (default: from the model's name).")
+@click.option("--np-set-name", default=None, metavar="NAME",
+              help="neuronpedia: the source set's name; the source is <layer>-NAME (default: saepipe-<hook>).")
 @_user_errors
-def export(sae_dir, fmt, out, member):
-    """Export a trained SAE folder for SAELens (SAE.load_from_disk) or sparsify."""
+def export(sae_dir, fmt, out, member, np_model_id, np_set_name):
+    """Export a trained SAE folder for SAELens (SAE.load_from_disk) or sparsify, or its
+    collated records and N2G explanations as Neuronpedia's feature upload batches."""
     from stages import export as stage
 
-    stage.run(sae_dir, fmt, out, member)
+    stage.run(sae_dir, fmt, out, member, np_model_id, np_set_name)
 
 
 if __name__ == "__main__":

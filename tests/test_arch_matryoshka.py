@@ -190,7 +190,7 @@ def test_collate_records_each_latents_prefix_group(tmp_path, capsys):
 def test_latent_groups_must_be_contiguous_runs_in_order():
     import numpy as np
 
-    from pipeline.records import latent_groups
+    from pipeline.collate.records import latent_groups
 
     count = np.array([1, 0, 2, 0, 0])
     assert latent_groups(None, count) is None

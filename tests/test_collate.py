@@ -19,13 +19,14 @@ import zarr
 from click.testing import CliRunner
 
 from helpers import CORPUS, make_tokenizer
-from pipeline import accumulators as A
+from pipeline.collate import accumulators as A
 from pipeline import collate as C
-from pipeline import fsio, records, viewer
-from pipeline import scan as S
+from pipeline import fsio, viewer
+from pipeline.collate import records
+from pipeline.collate import scan as S
 from pipeline.errors import UserError
 from pipeline.paths import records_dir
-from pipeline.windows import TokenText
+from pipeline.collate.windows import TokenText
 from pipeline.config import CollateConfig, config_from_dict
 from pipeline.saes import load_sae
 from pipeline.saes.topk import TopKSAE
@@ -101,7 +102,7 @@ def brute_top(a: torch.Tensor, n_top: int) -> list[tuple[int, float]]:
 
 
 def reference_key(seed: int, row: int, latent: int) -> int:
-    """The random sample's key, from the algorithm in pipeline/accumulators.py's docstring,
+    """The random sample's key, from the algorithm in pipeline/collate/accumulators.py's docstring,
     in plain Python integers (the production code splits products into 16-bit halves)."""
     m = 0xFFFFFFFF
 
@@ -290,14 +291,31 @@ def test_files_match_schema_and_brute_force(tmp_path, tokenizer_dir, tokenizer, 
     assert js.startswith("saeViewer.shard(0, [") and (out / "viewer_data/index.js").exists()
     assert summary["context_size"] == CTX
 
-    # The viewer's search data: per latent, the distinct tokens at its top records' picked rows.
+    # The viewer's search data: per latent, the distinct words at its top records' picked rows, each
+    # [word, start, end] with the picked token at word[start:end], the word a run of the record's text.
     js = (out / "viewer_data/search.js").read_text()
     assert js.startswith("saeViewer.search(") and js.endswith(");\n")
     search = _strict(js[len("saeViewer.search("): -len(");\n")])
-    assert len(search["latents"]) == N_LAT and len(set(search["tokens"])) == len(search["tokens"])
+    words = [tuple(w) for w in search["words"]]
+    assert len(search["latents"]) == N_LAT and len(set(words)) == len(words)
     for latent in range(N_LAT):
+        mine = [words[j] for j in search["latents"][latent]]
         want = {tokenizer.decode([int(tokens.flat[row])]) for row, _ in brute_top(Z_ref[:, latent], 5)}
-        assert {search["tokens"][j] for j in search["latents"][latent]} == want, latent
+        assert {w[a:b] for w, a, b in mine} == want, latent
+        for s in viewer.read_feature(out, latent)["top"]:
+            text = "".join(s["tokens"])
+            at = len("".join(s["tokens"][: s["idx"]]))
+            assert any(text[at - a: at - a + len(w)] == w for w, a, b in mine)
+
+
+def test_picked_word_joins_a_word_across_tokens():
+    toks = ["import", " Dep", "rec", "ated", "(", "x", ") ", "\n", " a", "b", "c", "d", "e", "f", "g"]
+    assert records.picked_word(toks, 2) == (" Deprecated(x) ", 4, 7)  # no whitespace until ") "
+    assert records.picked_word(toks, 1) == (" Deprecated(x", 0, 4)  # at most WORD_TOKENS = 4 each side
+    assert records.picked_word(toks, 0) == ("import", 0, 6)  # the next token opens a word
+    assert records.picked_word(toks, 7) == ("\n", 0, 1)  # whitespace alone: a word of its own
+    assert records.picked_word(toks, 14) == ("cdefg", 4, 5)
+    assert records.picked_word(["", "ab", ""], 1) == ("ab", 0, 2)  # a held-back partial character joins
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -649,6 +667,32 @@ def test_logit_lens_matches_brute_force(tmp_path, monkeypatch):
         assert f["top_upvote_tokens_logits"][0] == tok.decode([up.indices[i, 0].item()])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["logit_lens"] == {"model": str(tmp_path / "llama"), "k": k, "vocab": vocab}
+
+    # How peaked each latent's logits are, in numpy: the top logit's z over the whole vocabulary,
+    # against the bar random directions of the same seed reach through the same norm and unembedding.
+    def peak(rows: np.ndarray) -> np.ndarray:
+        rows = rows.astype(np.float64)
+        h = rows / np.sqrt((rows ** 2).mean(-1, keepdims=True) + model.config.rms_norm_eps)
+        h = h * model.model.norm.weight.detach().double().numpy()
+        z = h @ model.lm_head.weight.detach().double().numpy().T
+        return (z.max(1) - z.mean(1)) / z.std(1)
+
+    z = peak(sae.W_dec.detach().numpy())
+    null = torch.randn(records.LENS_NULL_DIRECTIONS, d, generator=torch.Generator().manual_seed(records.LENS_NULL_SEED))
+    bar = float(np.quantile(peak(null.numpy()), records.LENS_NULL_QUANTILE))
+    q = summary["lens_quality"]
+    assert q["peak_z_bar"] == pytest.approx(bar, rel=1e-4)
+    assert q["n_layers"] == 2 and q["lower_third"] is False  # layer 0 of 2 blocks: block 1, half way up
+    flags = []
+    for i in range(n_latents):
+        f = viewer.read_feature(out, i)
+        assert f["lens_peak_z"] == pytest.approx(z[i], rel=1e-4)
+        if abs(z[i] - bar) > 1e-3:
+            assert f["lens_uninformative"] == (z[i] < bar)
+        flags.append(f["lens_uninformative"])
+    assert q["uninformative"] == sum(flags)
+    assert records.lens_quality(records.LensOut(*[np.zeros((1, 1))] * 4, np.zeros(1), 1.0, 30), 9)["lower_third"]
+    assert not records.lens_quality(records.LensOut(*[np.zeros((1, 1))] * 4, np.zeros(1), 1.0, 30), 10)["lower_third"]
 
 
 def test_logit_lens_skipped_without_a_model(tmp_path, tokenizer_dir):

@@ -173,7 +173,7 @@ def test_lens_of_a_post_ln_model_is_the_bare_unembedding(tmp_path):
 def test_lens_refused_when_a_projection_precedes_the_head(tmp_path):
     """OPT-350m's project_out maps d_model 32 to the embeddings' 16: no norm alone gives the
     logits, so the lens is refused in one line, which collate keeps as summary.json's reason."""
-    from pipeline.records import load_lens
+    from pipeline.collate.records import load_lens
 
     make_model("opt", tmp_path, n_layers=2, word_embed_proj_dim=16)
     model, _ = M.load_causal_lm(str(tmp_path), "main", "float32", "cpu")

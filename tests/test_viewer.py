@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -206,6 +207,21 @@ def test_latent_page_shows_tokens_and_keeps_markup_inert(records, browser, tmp_p
     assert len(random_box.find_elements(By.CLASS_NAME, "record")) == len(feature["random"])
     main = browser.find_element(By.TAG_NAME, "main").text
     assert "Random positive activations" in main
+
+    # A section per quantile interval between the top and the random records, highest first,
+    # titled with its bounds and count; the intervals also shade the histogram.
+    intervals = feature["quantiles"][::-1]
+    sections = browser.find_elements(By.CSS_SELECTOR, "#quantiles section.quantile")
+    assert intervals and len(sections) == len(intervals)
+    for section, q in zip(sections, intervals):
+        title = section.find_element(By.TAG_NAME, "h4").text
+        lo, hi, count = re.match(r"Activations in \((\S+), (\S+)\]: (\d+)", title).groups()
+        assert float(lo) == pytest.approx(q["lo"], rel=1e-3) and float(hi) == pytest.approx(q["hi"], rel=1e-3)
+        assert int(count) == q["count"]
+        assert len(section.find_elements(By.CLASS_NAME, "record")) == len(q["examples"]) == min(q["count"], 5)
+        assert q["count"] or section.text.endswith("No activation falls in this interval.")
+    assert main.index("Top activations") < main.index("Activations in (") < main.index("Random positive activations")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#hist rect.band")) == len(intervals)
     # doc_id is explained: a stored window of context_size tokens, which may span documents.
     note = browser.find_element(By.ID, "doc-note").text
     assert "doc_id" in note and f"{CTX} tokens" in note and "end of one document and the start of the next" in note
@@ -235,13 +251,7 @@ def test_search_finds_a_latent_by_the_tokens_of_its_top_records(records, browser
     assert "denominator" not in topic["top_tokens"]  # the list's one-line hint does not show it
 
     def expected(q: str) -> set[int]:
-        """Latents with a top record picked at a token holding q (any case), from the feature files."""
-        found = set()
-        for r in index["latents"]:
-            f = read_feature(folder, r["id"])
-            picked = [s["tokens"][s["idx"]].lower() for s in f["top"]] + [r["top_tokens"].lower()]
-            found |= {r["id"]} if any(q in t for t in picked) else set()
-        return found
+        return search_hits(folder, q)
 
     def listed(d) -> set[int]:
         return {int(li.get_attribute("data-id")) for li in d.find_elements(By.CSS_SELECTOR, "#list li")}
@@ -255,6 +265,57 @@ def test_search_finds_a_latent_by_the_tokens_of_its_top_records(records, browser
     search.clear()
     search.send_keys("no such token")
     WebDriverWait(browser, 20).until(lambda d: listed(d) == set())
+
+
+def search_hits(folder, q: str, explanations: dict | None = None) -> set[int]:
+    """What the search box must list for q (no whitespace in it), from the files: a latent whose id
+    starts with q, whose list hint holds it, whose explanation text holds it, or one of whose top
+    records' text holds it overlapping the picked token (any case)."""
+    q = q.lower()
+    index = json.loads((folder / "index.json").read_text())
+    found = set()
+    for r in index["latents"]:
+        i = r["id"]
+        hit = (q.isdigit() and str(i).startswith(q)) or q in r["top_tokens"].lower()
+        hit |= explanations is not None and i in explanations and q in explanations[i]["text"].lower()
+        for s in read_feature(folder, i)["top"]:
+            text = "".join(s["tokens"]).lower()
+            a = len("".join(s["tokens"][: s["idx"]]))
+            b = a + len(s["tokens"][s["idx"]])
+            hit |= any(at < b and at + len(q) > a for at in range(len(text)) if text.startswith(q, at))
+        found |= {i} if hit else set()
+    return found
+
+
+def test_search_finds_a_word_split_across_tokens(records, browser):
+    """A query spanning a token boundary at a top record's picked token ("Dep" + "recated" for
+    "Deprecated") finds the latent, which no single picked token holds."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    folder = records.parent
+    index = json.loads((folder / "index.json").read_text())
+    query = latent = None
+    for r in index["latents"]:  # the first record whose picked token continues the token before it
+        for s in read_feature(folder, r["id"])["top"]:
+            before, pick = s["tokens"][s["idx"] - 1] if s["idx"] else "", s["tokens"][s["idx"]]
+            if before[-2:].isalpha() and len(before) >= 2 and pick[:2].isalpha() and len(pick) >= 2:
+                query, latent = (before[-2:] + pick[:2]).upper(), r["id"]  # any case matches
+                break
+        if query:
+            break
+    assert query, "the corpus must split some word at a picked token"
+    picks = [s["tokens"][s["idx"]].lower() for s in read_feature(folder, latent)["top"]]
+    assert not any(query.lower() in t for t in picks)  # the picked-token search of before missed it
+    want = search_hits(folder, query)
+    assert latent in want
+
+    _open(browser, records, "", "overview")
+    search = browser.find_element(By.ID, "search")
+    search.clear()
+    search.send_keys(query)
+    WebDriverWait(browser, 20).until(
+        lambda d: {int(li.get_attribute("data-id")) for li in d.find_elements(By.CSS_SELECTOR, "#list li")} == want)
 
 
 def test_sidebar_scrolls_to_the_shown_latent(records, browser):
@@ -393,10 +454,170 @@ def test_latent_page_shows_the_logit_lens(lens_records, bos_records, browser):
     assert [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#lens th")] == ["promotes", "logit",
                                                                                     "suppresses", "logit"]
     assert "final norm and unembedding" in browser.find_element(By.ID, "lens-note").text
+    # The same lists as bars: one per token, its length the logit's size.
+    for side, logits in (("up", feature["top_upvotes_logits"]), ("down", feature["top_downvotes_logits"])):
+        bars = browser.find_elements(By.CSS_SELECTOR, f"#lens-chart rect.{side}")
+        widths = [float(r.get_attribute("width")) for r in bars]
+        assert len(widths) == len(logits) and widths == sorted(widths, reverse=True)
     # A store that names no model has no lens, and says why.
     _open(browser, bos_records, "#0", "0")
     assert browser.find_elements(By.CSS_SELECTOR, "#lens table") == []
+    assert not browser.find_element(By.ID, "lens-chart").is_displayed()
     assert "Not computed" in browser.find_element(By.ID, "lens-note").text
+
+
+@pytest.fixture(scope="module")
+def explained(lens_records, tmp_path_factory):
+    """A copy of the lens run after `saepipe explain` (its tiny Llama's forwards; the synthetic
+    store's activations are not the model's, so the scores are whatever they come out as):
+    (viewer page, explanations by latent, explain_summary.json)."""
+    from pipeline.collate import explain
+
+    root = tmp_path_factory.mktemp("explained") / "run"
+    shutil.copytree(lens_records.parents[3], root)
+    llama = lens_records.parents[3] / "llama"  # the store names this folder: explain checks it
+    explain.run(config_from_dict({
+        "run_dir": str(root), "model": {"name": str(llama), "device": "cpu"}, "data": {"path": "synthetic"},
+        "harvest": {"layers": [0], "n_tokens": N_SEQ * CTX, "context_size": CTX},
+        "explain": {"n_score_windows": 4, "chunk_windows": 4, "batch_tokens": 512, "device": "cpu"},
+    }))
+    folder = root / "records/0/resid_post"
+    return (folder / "viewer.html", explain.read_explanations(folder),
+            json.loads((folder / explain.SUMMARY).read_text()))
+
+
+def _f1(e) -> float | None:
+    return e["scores"]["f1"] if e else None
+
+
+def test_latent_page_shows_its_explanation_beside_the_baseline(explained, browser):
+    from selenium.webdriver.common.by import By
+
+    page, ex, _ = explained
+    i = next(i for i, e in sorted(ex.items()) if e["patterns"] and _f1(e) is not None)
+    e = ex[i]
+    _open(browser, page, f"#{i}", str(i))
+    box = browser.find_element(By.ID, "explanation")
+    assert box.is_displayed() and e["text"] in browser.find_element(By.ID, "explain-text").text
+    shown = browser.find_elements(By.CSS_SELECTOR, "#explain-patterns li")
+    assert len(shown) == len(e["patterns"])
+    for li, p in zip(shown, e["patterns"]):
+        assert [s.get_attribute("textContent") for s in li.find_elements(By.CLASS_NAME, "pat")] == \
+            [t if j < 0 else json.dumps(t, ensure_ascii=False)[1:-1] for t, j in zip(p["tokens"], p["ids"])]
+        assert float(re.search(r"mean act (\S+)", li.text).group(1)) == pytest.approx(p["activation"], rel=1e-2)
+    for key in ("precision", "recall", "f1", "corr"):
+        cells = browser.find_element(By.CSS_SELECTOR, f"#explain-scores tr[data-score='{key}']").text.split()
+        for got, want in zip(cells[-2:], (e["scores"][key], e["baseline"]["scores"][key])):
+            assert (got == "–") if want is None else float(got) == pytest.approx(want, rel=1e-2, abs=1e-3), key
+    assert "F1" in box.text and "baseline" in box.text
+
+
+def test_list_sorts_and_filters_by_f1_and_searches_explanations(explained, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    page, ex, _ = explained
+    n = len(json.loads((page.parent / "index.json").read_text())["latents"])
+
+    def listed(d) -> list[int]:
+        return [int(li.get_attribute("data-id")) for li in d.find_elements(By.CSS_SELECTOR, "#list li")]
+
+    _open(browser, page, "", "overview")
+    WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "f1-filter").is_displayed())
+    Select(browser.find_element(By.ID, "sort")).select_by_value("f1-desc")
+    f1 = {i: _f1(ex.get(i)) for i in range(n)}
+    want = sorted(range(n), key=lambda i: (-(f1[i] if f1[i] is not None else -1), i))
+    assert len({v for v in f1.values() if v is not None}) >= 2, "the run must give a few distinct F1s"
+    WebDriverWait(browser, 20).until(lambda d: listed(d) == want)
+
+    scored = [v for v in f1.values() if v is not None]
+    bar = round((min(scored) + max(scored)) / 2, 3)
+    browser.find_element(By.ID, "f1-min").send_keys(str(bar))
+    kept = [i for i in want if f1[i] is not None and f1[i] >= bar]
+    WebDriverWait(browser, 20).until(lambda d: listed(d) == kept)
+    assert 0 < len(kept) < n and f"with explanation F1 ≥ {bar}" in browser.find_element(By.ID, "count").text
+    browser.find_element(By.ID, "f1-min").clear()
+    WebDriverWait(browser, 20).until(lambda d: listed(d) == want)
+
+    # The search box matches explanation text too: a word some latent is found by only through it.
+    words = dict.fromkeys(t.strip() for e in ex.values() for p in e["patterns"] for t, j in zip(p["tokens"], p["ids"])
+                          if j >= 0 and len(t.strip()) >= 3 and t.strip().isalpha())
+    word = next(w for w in words if search_hits(page.parent, w, ex) != search_hits(page.parent, w))
+    browser.find_element(By.ID, "search").send_keys(word)
+    WebDriverWait(browser, 20).until(lambda d: set(listed(d)) == search_hits(page.parent, word, ex))
+
+
+def test_explain_numbers_reach_the_overview_and_the_index_page(explained, records, browser):
+    from selenium.webdriver.common.by import By
+
+    page, _, summary = explained
+    _open(browser, page, "", "overview")
+    rows = {tr.get_attribute("data-side"): tr.text.split()[1:]
+            for tr in browser.find_elements(By.CSS_SELECTOR, "#explain-dist tr[data-side]")}
+    for side in ("n2g", "baseline"):
+        d = summary[side]
+        for got, want in zip(rows[side], [d["mean_f1"], d["q1_f1"], d["median_f1"], d["q3_f1"], d["mean_corr"]]):
+            assert (got == "–") if want is None else float(got) == pytest.approx(want, rel=1e-2, abs=1e-3)
+
+    browser.get((page.parents[2] / "index.html").resolve().as_uri())
+    head = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#layers thead th")]
+    cells = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#layers tbody tr td")]
+    assert head[-2:] == ["N2G mean F1", "baseline mean F1"]
+    assert cells[-2:] == [f"{summary['n2g']['mean_f1']:.3g}", f"{summary['baseline']['mean_f1']:.3g}"]
+
+    # Records without explanations: no explanation part, no F1 controls, no F1 columns.
+    _open(browser, records, f"#{TOPIC}", str(TOPIC))
+    assert not browser.find_element(By.ID, "explanation").is_displayed()
+    assert not browser.find_element(By.ID, "f1-filter").is_displayed()
+    assert browser.execute_script("return document.querySelector('#sort option[value=\"f1-desc\"]').hidden")
+    assert not browser.find_element(By.ID, "overview-explain").is_displayed()
+    browser.get((records.parents[2] / "index.html").resolve().as_uri())
+    assert "F1" not in browser.find_element(By.ID, "layers").text
+
+
+def test_related_latents_link_to_their_pages(records, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    f = read_feature(records.parent, TOPIC)
+    _open(browser, records, f"#{TOPIC}", str(TOPIC))
+    for box, key in (("neighbors", "decoder_neighbors"), ("cooccurring", "cooccurring")):
+        links = browser.find_elements(By.CSS_SELECTOR, f"#{box} a")
+        assert [a.text for a in links] == [f"#{r['id']}" for r in f[key]]
+    assert len(f["decoder_neighbors"]) == 5
+    nearest = f["decoder_neighbors"][0]["id"]
+    browser.find_element(By.CSS_SELECTOR, "#neighbors a").click()
+    WebDriverWait(browser, 20).until(lambda d: d.execute_script("return document.body.dataset.shown") == str(nearest))
+    assert browser.find_element(By.ID, "feature-title").text.startswith(f"Latent {nearest}")
+    # TOPIC fires on 4 tokens only: its partners are the latents firing there too.
+    partner = f["cooccurring"][0]
+    assert partner["count"] <= 4 and f["cooccurring"] == sorted(f["cooccurring"], key=lambda r: -r["jaccard"])
+    _open(browser, records, f"#{TOPIC}", str(TOPIC))
+    browser.find_element(By.CSS_SELECTOR, "#cooccurring a").click()
+    WebDriverWait(browser, 20).until(
+        lambda d: d.execute_script("return document.body.dataset.shown") == str(partner["id"]))
+
+
+def test_lens_notes_say_when_the_lens_is_uninformative(lens_records, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from pipeline.viewer import read_features
+
+    flags = [f["lens_uninformative"] for f in read_features(lens_records.parent)]
+    for i in (flags.index(True) if True in flags else None, flags.index(False) if False in flags else None):
+        if i is None:
+            continue
+        _open(browser, lens_records, f"#{i}", str(i))
+        note = browser.find_element(By.ID, "lens-quality")
+        assert note.is_displayed() == flags[i]
+        assert ("lens uninformative" in note.text) == flags[i]
+    # A layer in the model's lower third says so, whatever the latent.
+    i = flags.index(False) if False in flags else 0
+    _open(browser, lens_records, f"#{i}", str(i))
+    browser.execute_script("state.summary.lens_quality.lower_third = true; document.body.dataset.shown = ''; route();")
+    WebDriverWait(browser, 20).until(lambda d: d.execute_script("return document.body.dataset.shown") == str(i))
+    assert "lower third of the model's 2 blocks" in browser.find_element(By.ID, "lens-quality").text
 
 
 def test_overview_shows_the_eval_of_the_sae_there_now(records, browser, tmp_path):

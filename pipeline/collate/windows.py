@@ -1,7 +1,7 @@
 """Collate's pass 2, the records' windows: which (latent, row) pairs became
 records, the tokens and this latent's acts around each, and the tokens as text.
 
-    pick         flatten the Collator's top and random lists into Records
+    pick         flatten the Collator's top, random and quantile lists into Records
     cut_windows  re-read only the picked sequences, encode them again, and cut
                  each record's window out of them
     TokenText    per-token strings that concatenate back to the decoded text
@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.accumulators import Collator
+from pipeline.collate.accumulators import Collator
 from pipeline.config import CollateConfig
 from pipeline.errors import UserError
 from pipeline.loader import excludes_bos
 from pipeline.saes import Dictionary
-from pipeline.scan import batch_rows_for, one_cpu_thread, read_ahead
+from pipeline.collate.scan import batch_rows_for, one_cpu_thread, read_ahead
 from pipeline.store import ActivationStore
 
 
@@ -34,7 +34,7 @@ from pipeline.store import ActivationStore
 
 @dataclass
 class Records:
-    """Every picked (latent, row), ordered by (latent, top before random, rank).
+    """Every picked (latent, row), ordered by (latent, kind, rank).
 
     Latent i's records are offsets[i]:offsets[i+1]. Record r's window is row
     slot[r] of acts/tokens [R, W] (W = the widest window), valid up to length[r];
@@ -43,7 +43,7 @@ class Records:
     """
 
     latent: np.ndarray
-    kind: np.ndarray  # 0 = top, 1 = random
+    kind: np.ndarray  # 0 = top, 1 = random, 2 + q = quantile interval q
     row: np.ndarray
     act: np.ndarray
     start: np.ndarray  # window start, a position in the sequence
@@ -62,13 +62,17 @@ def _scratch(path: Path, shape, dtype):
 
 
 def pick(col: Collator, cfg: CollateConfig, context_size: int, scratch: Path) -> Records:
-    """Flatten the top and random lists into Records with their windows laid out."""
-    rows = torch.cat([col.top.row, col.random.row], 1).cpu().numpy()
-    acts = torch.cat([col.top.act, col.random.act], 1).cpu().numpy()
-    n, width = rows.shape
+    """Flatten the top, random and quantile lists into Records with their windows laid out."""
+    q = col.quantiles
+    rows = torch.cat([col.top.row, col.random.row, q.row.flatten(1)], 1).cpu().numpy()
+    acts = torch.cat([col.top.act, col.random.act, q.act.flatten(1)], 1).cpu().numpy()
+    n_quantiles, per_quantile = q.row.shape[1:]
+    kinds = np.concatenate([np.zeros(col.top.size), np.ones(col.random.size),
+                            np.repeat(2 + np.arange(n_quantiles), per_quantile)]).astype(np.int32)
+    n = rows.shape[0]
     valid = rows >= 0
     latent = np.broadcast_to(np.arange(n)[:, None], rows.shape)[valid]
-    kind = np.broadcast_to((np.arange(width) >= cfg.n_top)[None, :], rows.shape)[valid].astype(np.int8)
+    kind = np.broadcast_to(kinds[None, :], rows.shape)[valid]
     row, act = rows[valid], acts[valid]
     offsets = np.concatenate([[0], np.cumsum(valid.sum(1))])
     pos = row % context_size

@@ -1,5 +1,5 @@
 """Collate's pass 1: stream every stored row of a layer through the SAE into a
-Collator, plus the reading helpers pass 2 (pipeline.windows) shares.
+Collator, plus the reading helpers pass 2 (pipeline.collate.windows) shares.
 
 Reads go through ActivationStore.read_chunk (checked: a missing or corrupt chunk
 is a one-line error, never zeros), up to 2 * reader_threads chunks ahead of the
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.accumulators import Collator
+from pipeline.collate.accumulators import Collator
 from pipeline.config import CollateConfig
 from pipeline.loader import excludes_bos
 from pipeline.saes import Dictionary

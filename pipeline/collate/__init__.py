@@ -13,12 +13,15 @@ records folder the same way; the members of one (layer, hook) share pass 1
     run    for each (layer, hook) to do, collate_sae:
              scan         pass 1: every row through the SAE (every member's, for
                           a sweep) into fixed-size per-latent state
-                          (pipeline.scan, pipeline.accumulators)
+                          (pipeline.collate.scan, pipeline.collate.accumulators)
              windows      pass 2: re-read only the picked sequences and cut the
-                          records' windows (pipeline.windows)
-             logit lens   each decoder row through the final norm and unembedding
-                          (pipeline.records; the model's LM head is loaded once, in plan)
-             write        the files, `done` last (pipeline.records, pipeline.viewer)
+                          records' windows (pipeline.collate.windows)
+             logit lens   each decoder row through the final norm and unembedding, and how
+                          peaked that is (pipeline.collate.records; the model's LM head is
+                          loaded once, in plan)
+             neighbours   each latent's nearest others by decoder cosine (records); its
+                          co-firing partners were counted in the scan (accumulators)
+             write        the files, `done` last (pipeline.collate.records, pipeline.viewer)
 
 A folder whose `done` marker records the same SAE weights and the same
 output-deciding settings is skipped unless force; one made from anything else
@@ -26,8 +29,11 @@ is redone, with a line saying what changed. Work happens in `<out>.partial/`,
 which takes the final name whole (fsio.swap_dir), so an interrupted run never
 looks finished and the old records keep the name until then.
 
-Memory is O(n_latents * (n_top + n_random + bins)) plus one batch: never the
-dense [tokens, latents] matrix, never all nonzeros.
+Memory is O(n_latents * (n_top + n_random + hist_max_bins * n_per_quantile)), plus
+n_latents² int32 co-firing counts up to collate.cooccurrence_max_latents, plus
+one batch (the quantile samples keep n_per_quantile per histogram bin until the
+end, when the intervals are known): never the dense [tokens, latents] matrix,
+never all nonzeros.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ from typing import Iterator
 
 import torch
 
-from pipeline import records, viewer
+from pipeline import viewer
+from pipeline.collate import records
 from pipeline.config import CollateConfig, Config
 from pipeline.errors import UserError
 from pipeline.fsio import recover_swap, swap_dir, target_locks, tree_size
@@ -49,9 +56,10 @@ from pipeline.metrics import fvu_space
 from pipeline.model import resolve_device
 from pipeline.paths import leaf, records_dir, sae_dir
 from pipeline.saes import Dictionary, load_sae, saved_cfg, verify_saved
-from pipeline.scan import scan, scan_all
+# The module, not its function: `pipeline.collate.scan` must stay the submodule for its importers.
+from pipeline.collate import scan as scanning
 from pipeline.store import ActivationStore, Location
-from pipeline.windows import TokenText, cut_windows, pick, store_tokenizer
+from pipeline.collate.windows import TokenText, cut_windows, pick, store_tokenizer
 
 
 # ---------------------------------------------------------------------------
@@ -151,7 +159,7 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: Dictionary, 
             **({"member": member} if member else {}), **_train_numbers(sae, sae_folder, out)}
 
     try:
-        col = col if col is not None else scan(store, layer, hook, sae, cfg, device)
+        col = col if col is not None else scanning.scan(store, layer, hook, sae, cfg, device)
         recs = pick(col, cfg, store.context_size, partial / "_scratch")
         cut_windows(store, layer, hook, sae, recs, cfg, device)
     except UserError:
@@ -160,7 +168,7 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: Dictionary, 
         raise
     lens_out, lens_note = _logit_lens(sae, lens)
     summary = records.write_records(partial, col, recs, TokenText(tokenizer), cfg, meta, lens_out, lens_note,
-                                    sae.latent_groups())
+                                    sae.latent_groups(), records.decoder_neighbors(sae.W_dec))
     del recs  # closes the memory maps before their files go
     shutil.rmtree(partial / "_scratch")
 
@@ -220,7 +228,7 @@ def run(cfg: Config, layers: list[int] | None = None, force: bool = False) -> li
             saes = [load_sae(t.sae, device=p.device) for t in group]
             cols = [None] * len(group)
             if len(group) > 1:  # a sweep's members: one read of the store for all of them
-                cols = scan_all(p.store, layer, hook, saes, p.cfg, p.device,
+                cols = scanning.scan_all(p.store, layer, hook, saes, p.cfg, p.device,
                                 desc=f"collate {layer}/{hook} x{len(group)} SAEs")
             for i, t in enumerate(group):
                 collate_sae(p.store, t.layer, t.hook, saes[i], t.sae, p.tokenizer, p.cfg, t.out, p.device, p.lens,

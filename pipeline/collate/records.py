@@ -6,6 +6,7 @@ it was made from the inputs at hand.
                         which the viewer loads and viewer.read_feature(s) reads
     index.json          the latent list: id, density, max_act, common top tokens
     summary.json        counts over the whole store: n_tokens, dead, ultra-rare, ...;
+                        `lens_quality`, `decoder_neighbors`, `cooccurrence` (below);
                         for an SAE that groups its latents (Dictionary.latent_groups),
                         `latent_groups`: each group's range and live/dead counts
     viewer.html         the static viewer (pipeline.viewer)
@@ -21,6 +22,27 @@ is the one model.unembed checks against the model's own logits. Skipped, with a
 note in summary.json `logit_lens`, when the store's model is no causal LM or cannot
 be loaded here, or more than a norm runs between its last block and its head (these
 collate also prints, once), or the hook's width is not the model's.
+
+Whether the lens is worth reading: each record's `lens_peak_z` (peak_z: how far the top
+logit stands above the rest) and `lens_uninformative` (under the bar random directions
+reach, lens_bar); summary.json `lens_quality` holds the bar, the count under it and
+`lower_third`, a layer in the lower third of the model's blocks, where the residual
+stream is still far from what the unembedding reads (the viewer says so on every page).
+
+Related latents, 5 each (accumulators.N_RELATED), each record's
+    decoder_neighbors   [{id, cos}]: largest cosine of the decoder rows (decoder_neighbors)
+    cooccurring         [{id, jaccard, count}]: the latents firing on the same tokens,
+                        by Jaccard index (accumulators.CoOccurrence); absent, with
+                        summary.json `cooccurrence` {"skipped": ...}, for SAEs wider than
+                        collate.cooccurrence_max_latents
+
+Quantile samples (SAEDashboard's and Neuronpedia's activation intervals): each record's
+`quantiles` lists up to collate.n_quantiles intervals of equal width over (0, max_act],
+lowest first, as {lo, hi, count, examples}: the acts in (lo, hi], `count` of them, and
+collate.n_per_quantile of them drawn uniformly with random's seeded keys (records in
+random's form, smallest key first). Bounds are snapped to the latent's histogram edges
+(multiples of hist_bin_width): each bin goes to the interval holding its midpoint, so a
+latent whose acts span few bins has fewer intervals. pipeline.collate.accumulators computes them.
 
 "dead" means never fired on the whole store (the tokens the statistics counted,
 BOS excluded with exclude_bos): summary.json `dead`, and the viewer's word.
@@ -48,12 +70,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline import fsio, plots, viewer
-from pipeline.accumulators import Collator
+from pipeline.collate.accumulators import N_RELATED, Collator, best_per_row
 from pipeline.config import CollateConfig, logistics
 from pipeline.errors import UserError
 from pipeline.paths import DONE
 from pipeline.saes import saved_marker
-from pipeline.windows import Records, TokenText
+from pipeline.collate.windows import Records, TokenText
 
 
 # ---------------------------------------------------------------------------
@@ -61,6 +83,9 @@ from pipeline.windows import Records, TokenText
 
 LENS_K = 10  # tokens kept each way per latent
 LENS_BLOCK = 1 << 24  # logits computed at once: [latents, vocab] is never whole (131072 x 49152 would be 26 GB)
+# The bar a latent's lens must clear to be worth reading: the LENS_NULL_QUANTILE quantile of the
+# peak z of LENS_NULL_DIRECTIONS random directions (seeded) through the same norm and unembedding.
+LENS_NULL_DIRECTIONS, LENS_NULL_QUANTILE, LENS_NULL_SEED = 256, 0.95, 0
 
 
 @dataclasses.dataclass
@@ -68,13 +93,27 @@ class Lens:
     model: str  # the store's model, as named in its attributes
     norm: nn.Module | None  # the final norm, float32
     W_U: torch.Tensor  # [vocab, d] float32, rows past the tokenizer's vocabulary dropped
+    n_layers: int | None = None  # the model's blocks: where a layer sits in it
+
+
+@dataclasses.dataclass
+class LensOut:
+    """logit_lens()'s result: per latent the k largest logits (largest first) and the k smallest
+    (smallest first), [n, k] each; how peaked its logits are; and the bar for that."""
+    up_ids: np.ndarray
+    up: np.ndarray
+    down_ids: np.ndarray
+    down: np.ndarray
+    peak_z: np.ndarray  # [n]: (largest logit - mean) / std over the whole vocabulary
+    peak_z_bar: float  # the random directions' LENS_NULL_QUANTILE quantile of peak_z
+    n_layers: int | None
 
 
 def load_lens(attrs: dict, device) -> Lens | str:
     """The store's model's final norm and unembedding, or why there is no lens (one line).
 
     Only those two are kept: the rest of the causal LM is dropped right after loading."""
-    from pipeline.model import load_causal_lm, unembed
+    from pipeline.model import find_blocks, load_causal_lm, unembed
 
     name, revision = attrs.get("model"), attrs.get("revision")
     if not name or revision in (None, "none"):  # write_synthetic's stores: no model made them
@@ -87,37 +126,74 @@ def load_lens(attrs: dict, device) -> Lens | str:
     except (ValueError, KeyError, RuntimeError) as e:  # an architecture this transformers cannot build
         return f"cannot load {name!r} as a causal LM ({type(e).__name__}: {str(e).strip().splitlines()[0]})"
     W_U = W_U.detach()[: len(tokenizer)].float()
+    n_layers = len(find_blocks(model))
     del model
-    return Lens(name, norm.float() if norm is not None else None, W_U)
+    return Lens(name, norm.float() if norm is not None else None, W_U, n_layers)
+
+
+def _lens_logits(rows: torch.Tensor, lens: Lens) -> torch.Tensor:
+    """W_U norm(rows), the norm's bias left out: a LayerNorm adds it whatever the input, so
+    norm(0) is it (0 for RMSNorm)."""
+    if lens.norm is not None:
+        rows = lens.norm(rows) - lens.norm(torch.zeros(1, rows.shape[1], device=rows.device))
+    return rows @ lens.W_U.T
+
+
+def peak_z(logits: torch.Tensor, largest: torch.Tensor | None = None, overwrite: bool = False) -> torch.Tensor:
+    """Per row, how far its largest logit stands above the rest, in standard deviations of the
+    row: (max - mean) / std over the whole vocabulary. A direction the unembedding reads as a few
+    tokens scores high; one it reads as noise scores what a random direction does. 0 for a
+    constant row. `largest`: each row's max when already known; `overwrite`: logits may be
+    centred in place (each saves a pass over [rows, vocab]).
+
+    Two passes, mean then the norm of the centred rows: a third of torch.std_mean's time here,
+    and no cancellation where a row's mean dwarfs its spread."""
+    mean = logits.mean(dim=1, keepdim=True)
+    top = logits.max(dim=1).values if largest is None else largest
+    centred = logits.sub_(mean) if overwrite else logits - mean
+    std = torch.linalg.vector_norm(centred, dim=1) / logits.shape[1] ** 0.5
+    return torch.where(std > 0, (top - mean[:, 0]) / std.clamp_min(torch.finfo(logits.dtype).tiny), 0.0)
 
 
 @torch.no_grad()
-def logit_lens(W_dec: torch.Tensor, lens: Lens, k: int = LENS_K) -> tuple[np.ndarray, ...]:
-    """(up_ids, up_logits, down_ids, down_logits), each [n_latents, k]: the largest logits of
-    W_U norm(W_dec[i]), largest first, and the smallest, smallest first; in blocks of latents."""
+def logit_lens(W_dec: torch.Tensor, lens: Lens, k: int = LENS_K) -> LensOut:
+    """Each latent's largest and smallest logits of W_U norm(W_dec[i]) and peak_z, in blocks of
+    latents; the bar is the quantile of peak_z over random directions of the same model."""
     W_U = lens.W_U
     n, vocab = W_dec.shape[0], W_U.shape[0]
     k = min(k, vocab)
     rows = W_dec.detach().to(W_U.device, torch.float32)
-    # A LayerNorm's bias is added whatever the input: norm(0) is it (0 for RMSNorm)
-    bias = lens.norm(torch.zeros(1, rows.shape[1], device=W_U.device)) if lens.norm is not None else 0.0
     out = [np.empty((n, k), np.int64), np.empty((n, k), np.float32),
            np.empty((n, k), np.int64), np.empty((n, k), np.float32)]
+    z = np.empty(n, np.float32)
     block = max(1, LENS_BLOCK // vocab)
     for lo in range(0, n, block):
-        h = rows[lo: lo + block]
-        if lens.norm is not None:
-            h = lens.norm(h) - bias
-        logits = h @ W_U.T
+        logits = _lens_logits(rows[lo: lo + block], lens)
         for j, largest in ((0, True), (2, False)):
             top = logits.topk(k, dim=1, largest=largest, sorted=True)
             out[j][lo: lo + block] = top.indices.cpu().numpy()
             out[j + 1][lo: lo + block] = top.values.cpu().numpy()
-    return tuple(out)
+            if largest:
+                biggest = top.values[:, 0]
+        z[lo: lo + block] = peak_z(logits, biggest, overwrite=True).cpu().numpy()  # after both topk: it centres them
+    return LensOut(*out, peak_z=z, peak_z_bar=lens_bar(lens, rows.shape[1]), n_layers=lens.n_layers)
 
 
-def _lens_fields(lens: tuple[np.ndarray, ...], i: int, text: TokenText) -> dict:
-    up_ids, up, down_ids, down = (a[i] for a in lens)
+@torch.no_grad()
+def lens_bar(lens: Lens, d: int) -> float:
+    """The LENS_NULL_QUANTILE quantile of peak_z over LENS_NULL_DIRECTIONS random Gaussian
+    directions (seeded, so every run of a model agrees): a latent below it is no more peaked than
+    a direction chosen at random, whatever the vocabulary's size and the unembedding's anisotropy
+    make of one (a fixed bar would not carry from one model to the next)."""
+    g = torch.Generator().manual_seed(LENS_NULL_SEED)
+    null = torch.randn(LENS_NULL_DIRECTIONS, d, generator=g).to(lens.W_U.device)
+    z = peak_z(_lens_logits(null, lens)).double().cpu()
+    return float(torch.quantile(z, LENS_NULL_QUANTILE))
+
+
+def _lens_fields(lens: LensOut, i: int, text: TokenText) -> dict:
+    up_ids, up, down_ids, down = lens.up_ids[i], lens.up[i], lens.down_ids[i], lens.down[i]
+    z = float(np.round(float(lens.peak_z[i]), 6))
     return {
         "top_upvote_tokens_logits": text.pieces(up_ids),
         "top_upvotes_logits": _round(up),
@@ -125,7 +201,47 @@ def _lens_fields(lens: tuple[np.ndarray, ...], i: int, text: TokenText) -> dict:
         "top_downvote_tokens_logits": text.pieces(down_ids),
         "top_downvotes_logits": _round(down),
         "top_downvote_token_ints": down_ids.tolist(),
+        "lens_peak_z": z,
+        "lens_uninformative": bool(lens.peak_z[i] < lens.peak_z_bar),
     }
+
+
+def lens_quality(lens: LensOut, layer: int) -> dict:
+    """summary.json `lens_quality`: the bar, how many latents fall under it, and whether the layer
+    sits in the model's lower third, where the residual stream is still far from what the
+    unembedding reads and the lens says little whatever the latent."""
+    return {"measure": "peak_z: (largest logit - mean) / std over the vocabulary",
+            "peak_z_bar": round(lens.peak_z_bar, 6), "null_directions": LENS_NULL_DIRECTIONS,
+            "null_quantile": LENS_NULL_QUANTILE,
+            "uninformative": int((lens.peak_z < lens.peak_z_bar).sum()),
+            "n_layers": lens.n_layers,
+            "lower_third": lens.n_layers is not None and 3 * (layer + 1) <= lens.n_layers}
+
+
+# ---------------------------------------------------------------------------
+# Related latents: decoder neighbours (co-firing partners: accumulators.CoOccurrence)
+
+NEIGHBOR_BLOCK = 1 << 22  # cosines computed at once: [block rows, n], never [n, n]
+
+
+@torch.no_grad()
+def decoder_neighbors(W_dec: torch.Tensor, k: int = N_RELATED) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, cos), each [n, k]: each latent's k others whose decoder rows have the largest cosine
+    with its own, largest first, ties to the smaller id. A block of rows against all of W_dec at a
+    time, so memory is NEIGHBOR_BLOCK floats whatever n; time n² d, as one encode of n tokens."""
+    w = W_dec.detach().float()
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n = w.shape[0]
+    k = min(k, max(n - 1, 0))
+    ids, cos = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+    step = max(1, NEIGHBOR_BLOCK // max(n, 1))
+    for lo in range(0, n, step):
+        sim = w[lo: lo + step] @ w.T
+        r = torch.arange(len(sim), device=sim.device)
+        sim[r, lo + r] = float("-inf")  # not its own neighbour
+        cols, vals = best_per_row(sim, k)
+        ids[lo: lo + step], cos[lo: lo + step] = cols.cpu().numpy(), vals.cpu().numpy()
+    return ids, cos
 
 
 # ---------------------------------------------------------------------------
@@ -221,6 +337,26 @@ def _number_rows(values: np.ndarray, lengths: np.ndarray) -> list[str]:
     return out
 
 
+WORD_TOKENS = 4  # tokens a picked word may reach each side of the picked one
+
+
+def picked_word(strings: list[str], idx: int) -> tuple[str, int, int]:
+    """(word, start, end): the whitespace-delimited word of a window's token strings that holds
+    token idx, and the picked token's characters in it, word[start:end]. The viewer's search
+    looks in these, so "Deprecated" finds a latent picked at "recated" of "Dep" + "recated".
+    A token opening with whitespace starts a word, one ending with it ends one; a word reaches
+    at most WORD_TOKENS tokens each side of the picked one."""
+    lo = hi = idx
+    while (lo > 0 and idx - lo < WORD_TOKENS and not strings[lo][:1].isspace()
+           and not strings[lo - 1][-1:].isspace()):
+        lo -= 1
+    while (hi + 1 < len(strings) and hi - idx < WORD_TOKENS and not strings[hi][-1:].isspace()
+           and not strings[hi + 1][:1].isspace()):
+        hi += 1
+    start = sum(len(t) for t in strings[lo:idx])
+    return "".join(strings[lo: hi + 1]), start, start + len(strings[idx])
+
+
 class _RecordText:
     """The JSON of records (OpenAI sae-viewer's SequenceInfo), a block of records at a time.
 
@@ -232,6 +368,8 @@ class _RecordText:
     def __init__(self, recs: Records, text: TokenText, ctx: int):
         self.recs, self.text, self.ctx = recs, text, ctx
         self.windows: dict[tuple[int, int, int], tuple[list[str], str, str]] = {}
+        # Likewise a picked word: the latents firing on one token share it.
+        self.words: dict[tuple[int, int, int, int], tuple[str, int, int]] = {}
 
     def _window(self, doc: int, start: int, length: int, slot: int) -> tuple[list[str], str, str]:
         """(token strings, their JSON, the ids' JSON) of a record's window."""
@@ -243,12 +381,14 @@ class _RecordText:
             got = (strings, _dumps(strings), "[" + ",".join(map(str, ids.tolist())) + "]")
             if len(self.windows) >= self.WINDOWS_KEPT:
                 self.windows.clear()
+                self.words.clear()
             self.windows[key] = got
         return got
 
-    def block(self, lo: int, hi: int) -> tuple[list[str], list[str], list[float], list[int]]:
-        """For records lo:hi: (each one's JSON, the token at its picked position, its act as
-        written, its kind). The acts of all of them are formatted at once (json_number_arrays)."""
+    def block(self, lo: int, hi: int) -> tuple[list[str], list[tuple[str, int, int] | None], list[float], list[int]]:
+        """For records lo:hi: (each one's JSON, the word at its picked position (picked_word) for a
+        top record (None for the others: the search reads top records only), its act as written,
+        its kind). The acts of all of them are formatted at once (json_number_arrays)."""
         recs, ctx = self.recs, self.ctx
         slots, lengths = recs.slot[lo:hi], recs.length[lo:hi]
         acts = json_number_arrays(np.asarray(recs.acts[slots]).reshape(len(slots), recs.acts.shape[1]), lengths)
@@ -256,14 +396,21 @@ class _RecordText:
         act_text = json_number_arrays(act, np.ones(len(act), np.int64))
         rows, starts = recs.row[lo:hi], recs.start[lo:hi]
         docs, idxs = (rows // ctx).tolist(), (rows % ctx - starts).tolist()
+        kinds = recs.kind[lo:hi].tolist()
         blobs, picked = [], []
         for j, (doc, idx, start, length, slot) in enumerate(zip(docs, idxs, starts.tolist(), lengths.tolist(),
                                                                 slots.tolist())):
             strings, tokens, ints = self._window(doc, start, length, slot)
             blobs.append(f'{{"doc_id":{doc},"idx":{idx},"act":{act_text[j][1:-1]},"acts":{acts[j]},'
                          f'"tokens":{tokens},"token_ints":{ints},"window_start":{start}}}')
-            picked.append(strings[idx])
-        return blobs, picked, np.round(act[:, 0].astype(np.float64), 6).tolist(), recs.kind[lo:hi].tolist()
+            word = None
+            if kinds[j] == 0:
+                key = (doc, start, length, idx)
+                word = self.words.get(key)
+                if word is None:
+                    word = self.words[key] = picked_word(strings, idx)
+            picked.append(word)
+        return blobs, picked, np.round(act[:, 0].astype(np.float64), 6).tolist(), kinds
 
 
 def _top_tokens(picked: list[str], n: int = 3, limit: int = 48) -> str:
@@ -304,12 +451,26 @@ def latent_groups(groups: tuple[str, torch.Tensor | np.ndarray] | None, count: n
     return {"name": str(name), "groups": out}
 
 
+def _related(ids: np.ndarray, values: np.ndarray, name: str, counts: np.ndarray | None = None) -> list[str]:
+    """Per latent, its related latents as the JSON list a record holds: [{"id", name[, "count"]}]."""
+    shown = np.round(values.astype(np.float64), 6).tolist()  # a float's str is its JSON, as json.dumps writes it
+    counts_l = counts.tolist() if counts is not None else None
+    out = []
+    for i, row in enumerate(ids.tolist()):
+        extra = [f',"count":{c}' for c in counts_l[i]] if counts_l else [""] * len(row)
+        out.append("[" + ",".join(f'{{"id":{j},"{name}":{shown[i][m]}{extra[m]}}}'
+                                  for m, j in enumerate(row) if j >= 0) + "]")
+    return out
+
+
 def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg: CollateConfig,
-                  meta: dict, lens: tuple[np.ndarray, ...] | None = None, lens_note: dict | None = None,
-                  groups: tuple[str, torch.Tensor] | None = None) -> dict:
+                  meta: dict, lens: LensOut | None = None, lens_note: dict | None = None,
+                  groups: tuple[str, torch.Tensor] | None = None,
+                  neighbors: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Every latent's record (into the viewer's shards), index.json, summary.json and the viewer.
     `lens` is logit_lens()'s result (None: no lens, `lens_note` says why); `groups` the SAE's
-    latent_groups() (None: its latents form no groups)."""
+    latent_groups() (None: its latents form no groups); `neighbors` decoder_neighbors()'s result.
+    The co-firing partners come from the Collator (None there: not counted)."""
     ctx = col.ctx
     n_tok = max(col.n_tokens, 1)
     count = col.stats.count.cpu().numpy()
@@ -318,7 +479,15 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
     hist = col.stats.hist.cpu().numpy()
     density = count / n_tok
     n = len(count)
+    quantiles = col.quantiles
+    q_lo, q_hi = (np.round(t.cpu().numpy(), 6) for t in (quantiles.lo, quantiles.hi))
+    q_count, q_present = quantiles.count.cpu().numpy(), quantiles.present.cpu().numpy()
     grouped = latent_groups(groups, count)  # first: an architecture's bad groups fail before any writing
+    near = _related(*neighbors, "cos") if neighbors is not None else None
+    partners = None
+    if col.cooccurring is not None:
+        p_ids, p_jac, p_count = (t.cpu().numpy() for t in col.cooccurring)
+        partners = _related(p_ids, p_jac, "jaccard", p_count)
 
     view = viewer.ViewerWriter(out, write_atomic)
     rec_text = _RecordText(recs, text, ctx)
@@ -329,9 +498,12 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
             lo = int(recs.offsets[i])
             blobs, tokens, acts, kinds = rec_text.block(lo, int(recs.offsets[min(n, i + block)]))
         mine = range(int(recs.offsets[i]) - lo, int(recs.offsets[i + 1]) - lo)
-        top = [j for j in mine if kinds[j] == 0]  # best first
-        random = [j for j in mine if kinds[j] == 1]
-        picked = [tokens[j] for j in top]
+        of_kind: dict[int, list[int]] = {}  # Records.kind -> this latent's records, best or smallest key first
+        for j in mine:
+            of_kind.setdefault(kinds[j], []).append(j)
+        top, random = of_kind.get(0, []), of_kind.get(1, [])
+        words = [tokens[j] for j in top]
+        picked = [word[a:b] for word, a, b in words]
         max_act = acts[top[0]] if top else 0.0
         m1, m2, m3, m4 = (float(s) for s in sums[:, i])
         bins = np.flatnonzero(hist[i])
@@ -350,10 +522,16 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
             "hist_bin_width": float(width[i]),
             "hist": {str(int(b) + 1): int(hist[i, b]) for b in bins},
         }
+        intervals = [f'{_dumps({"lo": float(q_lo[i, q]), "hi": float(q_hi[i, q]), "count": int(q_count[i, q])})[:-1]},'
+                     f'"examples":[{",".join(blobs[j] for j in of_kind.get(2 + q, []))}]}}'
+                     for q in np.flatnonzero(q_present[i]).tolist()]
+        related = (f',"decoder_neighbors":{near[i]}' if near is not None else "") + \
+                  (f',"cooccurring":{partners[i]}' if partners is not None else "")
         tail = "," + _dumps(_lens_fields(lens, i, text))[1:] if lens is not None else "}"
         blob = (f'{_dumps(head)[:-1]},"top":[{",".join(blobs[j] for j in top)}],'
-                f'"random":[{",".join(blobs[j] for j in random)}]{tail}')
-        view.add(i, blob, picked)
+                f'"random":[{",".join(blobs[j] for j in random)}],"quantiles":[{",".join(intervals)}]'
+                f'{related}{tail}')
+        view.add(i, blob, words)
         latents.append({"id": i, "density": head["density"], "max_act": max_act, "top_tokens": _top_tokens(picked)})
 
     summary = {
@@ -370,10 +548,18 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
         "density_histogram": _density_histogram(density),
         "n_top": cfg.n_top,
         "n_random": cfg.n_random,
+        "n_quantiles": cfg.n_quantiles,
+        "n_per_quantile": cfg.n_per_quantile,
         "seed": cfg.seed,
         "window": cfg.window,
         "logit_lens": lens_note,
+        "decoder_neighbors": {"k": N_RELATED, "measure": "cosine of the decoder rows"} if near is not None else None,
+        "cooccurrence": ({"k": N_RELATED, "measure": "jaccard: tokens both fire on / tokens either fires on"}
+                         if partners is not None else
+                         {"skipped": f"{n} latents > collate.cooccurrence_max_latents = {cfg.cooccurrence_max_latents}"}),
     }
+    if lens is not None:
+        summary["lens_quality"] = lens_quality(lens, meta["layer"])
     if grouped is not None:
         summary["latent_groups"] = grouped
     # The largest count of tokens any report has: train's density.png saw only its held-out rows.
