@@ -482,6 +482,8 @@ class ExplainConfig:
     n_random: int = setting(15, "building examples per latent from its random records (the first n_random; "
                                 "collate.n_random caps it): the typical firings, which the scores' recall "
                                 "counts, where the top records are the extreme ones")
+    n_quantile: int = setting(5, "building examples per latent from each of its quantile intervals (the first "
+                                 "n_quantile of collate's n_per_quantile): firings from every part of its range")
     max_suffix: int = setting(6, "the longest pattern searched, in tokens ending at the activating one; an "
                                  "example that needs more context stays unexplained. The forwards grow as "
                                  "context_size * (max_suffix + 1) tokens per window with examples")
@@ -500,8 +502,9 @@ class ExplainConfig:
     def validate(self, where):
         _positive(where, "explain.n_top", self.n_top, minimum=0)
         _positive(where, "explain.n_random", self.n_random, minimum=0)
-        if self.n_top + self.n_random == 0:
-            raise ConfigError(f"{where}: explain.n_top and explain.n_random are both 0: no building examples")
+        _positive(where, "explain.n_quantile", self.n_quantile, minimum=0)
+        if self.n_top + self.n_random + self.n_quantile == 0:
+            raise ConfigError(f"{where}: explain.n_top, n_random and n_quantile are all 0: no building examples")
         _positive(where, "explain.max_suffix", self.max_suffix)
         if not 0 < self.importance_threshold <= 1:
             raise ConfigError(f"{where}: explain.importance_threshold = {self.importance_threshold} must be in (0, 1]")

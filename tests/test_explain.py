@@ -105,6 +105,28 @@ def _out(root: Path) -> Path:
     return root / "run" / "records" / "0" / "resid_post"
 
 
+def test_building_examples_take_the_first_records_of_each_kind(built):
+    from pipeline.collate.explain import building_examples
+    from pipeline.viewer import read_features
+
+    root, _ = built
+    records = _out(root)
+    held_out, first = 6, 1
+    live, ex = building_examples(records, 2, 1, held_out, first, n_quantile=1)
+    want = set()
+    for f in read_features(records):
+        picked = f["top"][:2] + f["random"][:1] + [r for q in f["quantiles"] for r in q["examples"][:1]]
+        for r in picked:
+            w, p = int(r["doc_id"]), int(r.get("window_start", 0)) + int(r["idx"])
+            if w < held_out and p >= first:
+                want.add((w, p, int(f["index"])))
+    got = set(zip(ex.window.tolist(), ex.position.tolist(), ex.latent.tolist()))
+    assert got == want and len(got) == len(ex.latent)  # each (window, position) once per latent
+    assert any(len(f["quantiles"]) > 1 for f in read_features(records))  # the intervals add examples
+    only_top = building_examples(records, 2, 0, held_out, first)[1]
+    assert len(only_top.latent) < len(ex.latent)
+
+
 # --------------------------------------------------------------------------- known answers
 def test_token_latents_come_back_with_their_tokens_and_a_high_f1(run, capsys):
     root, raw, wanted = run

@@ -16,8 +16,9 @@ For every (layer, hook) SAE whose records collate finished, into its records fol
             records, the store's tokens, the store's model being a causal LM) before
             anything runs: a bad layer fails the whole command up front
     build   the building examples: each live latent's first n_top top and n_random
-            random records, those in the held-out windows left out. A chunk of
-            chunk_windows windows at a time goes through pipeline.collate.n2g's steps 1-4, which
+            random records and n_quantile of each quantile interval's, those in the
+            held-out windows left out. A chunk of chunk_windows windows at a time goes
+            through pipeline.collate.n2g's steps 1-4, which
             every latent with an example in the chunk shares; a checkpoint after each
     score   the store's last n_score_windows windows, held out from building: the real
             activations are the store's cached ones through the SAE (no model forward),
@@ -209,10 +210,11 @@ class Examples:
 
 
 def building_examples(records: Path, n_top: int, n_random: int, held_out_from: int,
-                      first: int) -> tuple[list[int], Examples]:
+                      first: int, n_quantile: int = 0) -> tuple[list[int], Examples]:
     """(the live latents, their building examples) from a records folder: each latent's first
-    n_top top and n_random random records (one example per (window, position)), those in
-    windows >= held_out_from or at a position before the text (BOS) left out."""
+    n_top top and n_random random records and the first n_quantile of each quantile interval's
+    (one example per (window, position)), those in windows >= held_out_from or at a position
+    before the text (BOS) left out."""
     live, rows = [], []
     for f in viewer.read_features(records):
         if not (f.get("n_positive") or f["top"]):
@@ -220,7 +222,8 @@ def building_examples(records: Path, n_top: int, n_random: int, held_out_from: i
         i = int(f["index"])
         live.append(i)
         seen = set()
-        for r in f["top"][:n_top] + f["random"][:n_random]:
+        spread = [r for q in f.get("quantiles") or [] for r in q["examples"][:n_quantile]]
+        for r in f["top"][:n_top] + f["random"][:n_random] + spread:
             place = (int(r["doc_id"]), int(r.get("window_start", 0)) + int(r["idx"]))
             if place[0] < held_out_from and place[1] >= first and place not in seen:
                 seen.add(place)
@@ -426,7 +429,7 @@ def explain_sae(p: Plan, t: Target) -> dict:
     n_seq = store.tokens.shape[0]
     held_out = n_seq - c.n_score_windows
     first = len(p.prefix)
-    live, ex = building_examples(t.records, c.n_top, c.n_random, held_out, first)
+    live, ex = building_examples(t.records, c.n_top, c.n_random, held_out, first, c.n_quantile)
     sae = load_sae(t.sae, device=p.device)
     capture = ActivationCapture(p.model, [(t.layer, t.hook)])
     probe = n2g.LatentProbe(capture, (t.layer, t.hook), sae, store.dtype(t.layer, t.hook), p.pad, c.batch_tokens)
