@@ -66,6 +66,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.collate.windows import encode_rows
+
 # Pattern elements besides token ids (ids are >= 0).
 WILDCARD = -1  # any one token of the text
 START = -2  # the start of the text: the token before it is BOS, or nothing
@@ -316,8 +318,8 @@ class LatentProbe:
         b = torch.tensor([i for i, need in enumerate(needs) for _ in need], device=acts.device)
         pos = torch.tensor([p for need in needs for p, _ in need], device=acts.device)
         slots = np.array([s for need in needs for _, s in need], dtype=np.int64)
-        x = acts[b, pos].to(self.dtype).float()  # rounded as the store rounds
-        idx, vals = self.sae.encode(x)
+        x = acts[b, pos].to(self.dtype)  # what the store would hold, encoded as collate encodes it
+        idx, vals = encode_rows(self.sae, x, len(x), x.device)
         return idx.cpu().numpy(), vals.float().cpu().numpy(), slots
 
 
