@@ -69,7 +69,8 @@ def main():
     layers = args.layers or list(dict.fromkeys(layer for layer, _ in cfg.targets("explain")))
     c = cfg.explain
     print(f"explain on {cfg.run_dir}: n_top {c.n_top}, n_random {c.n_random}, max_suffix {c.max_suffix}, "
-          f"importance_threshold {c.importance_threshold}, n_score_windows {c.n_score_windows}, "
+          f"importance_threshold {c.importance_threshold}, n_select_windows {c.n_select_windows}, "
+          f"n_score_windows {c.n_score_windows}, "
           f"batch_tokens {c.batch_tokens}")
     for layer in layers:
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:  # a child's error reaches us
@@ -92,6 +93,7 @@ def main():
         print(f"  F1 N2G       {_quartiles(n2g_f1)}")
         print(f"  F1 baseline  {_quartiles(base_f1)}")
         print(f"  N2G F1 above the baseline's on {better} latents, below on {worse}")
+        print("  depth kept (latents): " + ", ".join(f"{d}: {n}" for d, n in result["depths"].items()))
         for key in ("precision", "recall"):
             mine = [e["scores"][key] for e in fired if e["scores"][key] is not None]
             base = [e["baseline"]["scores"][key] for e in fired if e["baseline"]["scores"][key] is not None]

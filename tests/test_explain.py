@@ -24,6 +24,7 @@ from pipeline.collate import explain, n2g
 from pipeline.config import config_from_dict
 from pipeline.model import ActivationCapture
 from pipeline.collate.n2g import START, WILDCARD
+from pipeline.saes import load_sae
 from pipeline.saes.topk import TopKSAE
 from pipeline.store import ActivationStore, write_synthetic
 
@@ -70,7 +71,7 @@ def _token_latents(root: Path, store: ActivationStore) -> dict[int, list[int]]:
 def _raw(root: Path, **explain_settings) -> dict:
     raw = harvest_config(root / "model", root / "corpus.jsonl", root / "run", n_tokens=N_SEQ * CTX, layers=[0])
     raw["collate"] = {"n_top": 10, "n_random": 5, "batch_size": 256, "device": "cpu"}
-    raw["explain"] = {"n_score_windows": 16, "chunk_windows": 8, "batch_tokens": 512, "device": "cpu",
+    raw["explain"] = {"n_score_windows": 16, "n_select_windows": 16, "chunk_windows": 8, "batch_tokens": 512, "device": "cpu",
                       **explain_settings}
     return raw
 
@@ -135,13 +136,14 @@ def test_token_latents_come_back_with_their_tokens_and_a_high_f1(run, capsys):
     got = explain.read_explanations(out)
     doc = json.loads((out / explain.FILE).read_text())
     assert doc["score_windows"] == [N_SEQ - 16, N_SEQ] and doc["n_positions"] == 16 * (CTX - 1)
+    assert doc["select_windows"] == [N_SEQ - 32, N_SEQ - 16]
     for latent, toks in wanted.items():
         e = got[latent]
         assert sorted(tuple(p["ids"]) for p in e["patterns"]) == sorted((t,) for t in toks), e["text"]
         assert all(p["tokens"] != ["*"] and p["count"] >= 1 for p in e["patterns"])
         assert e["scores"]["f1"] >= 0.95 and e["scores"]["corr"] > 0.9 and e["scores"]["n_fires"] > 0
-        assert e["n_explained"] == e["n_examples"] > 0
-        assert sorted(e["baseline"]["ids"]) == sorted(toks)
+        assert e["n_explained"] == e["n_examples"] > 0 and e["depth"] == 1
+        assert e["baseline"]["ids"] and set(e["baseline"]["ids"]) <= set(toks)  # the repeated ones
         assert e["text"] == " | ".join(explain.render(p["tokens"]) for p in e["patterns"])
     summary = json.loads((out / explain.SUMMARY).read_text())
     assert summary["n_live"] == len(got) and summary["n2g"]["mean_f1"] is not None
@@ -192,6 +194,49 @@ def test_wildcards_anchors_and_unexplained_examples_by_rule():
         trie.insert(k, act)
     assert trie.patterns() == [((P.A, WILDCARD, P.B), 2.0, 2)]
     assert trie.predict([P.BOS, P.B, 4, P.A, P.A, 3, P.A], first=1).tolist() == [0, 0, 0, 2.0, 0, 0, 0]
+
+
+class PadProbe(RuleProbe):
+    """RuleProbe plus latent 3 = 4 wherever the text ends with the pad token."""
+
+    def codes(self, queries):
+        idx, vals = super().codes(queries)
+        last = np.array([[4.0 if q[-1] == self.PAD else 0.0] for q in queries], np.float32)
+        return np.hstack([idx, np.full((len(queries), 1), 3)]), np.hstack([vals, last])
+
+
+def test_the_pad_token_is_never_a_wildcard():
+    """Blanking the pad token out is a no-op, which would make it look unimportant."""
+    P = PadProbe
+    tokens = np.array([[P.BOS, 9, P.PAD, 9]])
+    st = n2g.Settings(max_suffix=3, threshold=0.5, prefix=(P.BOS,), pad=P.PAD)
+    a, keys = n2g.explain_examples(P(), tokens, [0], [2], [3], st)
+    assert a.tolist() == [4.0] and keys == [(P.PAD,)]
+
+
+def test_depth_selection_cuts_context_that_does_not_pay(built):
+    """On the known-answer SAE: latent 0 fires on its token whatever comes before, so a pattern
+    that also asks for one particular token before it is cut back to the token; a latent that
+    never fires in the selection windows keeps its patterns whole; no windows, no cut."""
+    root, wanted = built
+    store = ActivationStore(root / "run")
+    sae = load_sae(root / "run" / "saes" / "0" / "resid_post")
+    windows = range(N_SEQ - 32, N_SEQ - 16)
+    tokens = store.read_tokens(windows.start, windows.stop)
+    t0 = wanted[0][0]
+    r, c = np.nonzero(tokens[:, 1:] == t0)
+    before = np.array([tokens[i, j] for i, j in zip(r, c)])  # the token before each t0 (BOS included)
+    assert len(set(before.tolist())) > 1, "t0 must follow more than one token there"
+    ctx = int(np.bincount(before).argmax())
+    fires = sae.encode_dense(store.read_rows(0, "resid_post", windows.start * CTX, windows.stop * CTX).float())
+    silent = next(i for i in range(3, N_LAT) if not (fires[:, i].reshape(-1, CTX)[:, 1:] > 0).any())
+    keyed = {0: [((t0, ctx), 2.0), ((t0, ctx, WILDCARD), 1.0)], silent: [((t0, 5, 7), 1.0)], 1: []}
+    t = explain.Target(0, "resid_post", None, root / "run" / "saes" / "0" / "resid_post", _out(root), {}, None)
+    depth, patterns = explain.select_depths(store, t, sae, windows, 1, keyed, 512, torch.device("cpu"))
+    assert depth == {0: 1, silent: 3, 1: 0}
+    assert patterns[0] == [((t0,), 1.5, 2)] and patterns[silent] == [((t0, 5, 7), 1.0, 1)] and patterns[1] == []
+    depth, patterns = explain.select_depths(store, t, sae, range(0), 1, keyed, 512, torch.device("cpu"))
+    assert depth == {0: 3, silent: 3, 1: 0} and patterns[0] == [((t0, ctx), 2.0, 1), ((t0, ctx, WILDCARD), 1.0, 1)]
 
 
 # --------------------------------------------------------------------------- three predictors, one definition
@@ -407,7 +452,7 @@ def test_a_store_of_an_encoder_or_of_no_model_is_refused(tmp_path, model):
     (records / "done").write_text(json.dumps({"fingerprint": {}}))
     raw = {"run_dir": str(tmp_path / "run"), "model": {"name": str(tmp_path / "model") if model else "some/model"},
            "data": {"path": "synthetic"}, "harvest": {"layers": [0], "n_tokens": 8 * CTX, "context_size": CTX},
-           "explain": {"n_score_windows": 2, "device": "cpu"}}
+           "explain": {"n_score_windows": 2, "n_select_windows": 2, "device": "cpu"}}
     result = run_cli(tmp_path, raw, "explain")
     _assert_one_line(result, "not a causal language model" if model else "was harvested from model 'synthetic'")
     assert not (records / explain.FILE).exists()

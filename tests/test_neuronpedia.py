@@ -82,7 +82,7 @@ def explained(tmp_path_factory):
     raw = harvest_config(root / "model", root / "corpus.jsonl", root / "run", n_tokens=N_SEQ * CTX, layers=[0])
     raw["collate"] = {"n_top": 6, "n_random": 2, "n_quantiles": 3, "n_per_quantile": 2, "batch_size": 256,
                       "device": "cpu"}
-    raw["explain"] = {"n_score_windows": 8, "chunk_windows": 16, "batch_tokens": 1024, "device": "cpu"}
+    raw["explain"] = {"n_score_windows": 8, "n_select_windows": 8, "chunk_windows": 16, "batch_tokens": 1024, "device": "cpu"}
     assert run_cli(root, raw, "harvest").exit_code == 0
     torch.manual_seed(0)
     sae = TopKSAE(32, N_LAT, 4)

@@ -479,7 +479,7 @@ def explained(lens_records, tmp_path_factory):
     explain.run(config_from_dict({
         "run_dir": str(root), "model": {"name": str(llama), "device": "cpu"}, "data": {"path": "synthetic"},
         "harvest": {"layers": [0], "n_tokens": N_SEQ * CTX, "context_size": CTX},
-        "explain": {"n_score_windows": 4, "chunk_windows": 4, "batch_tokens": 512, "device": "cpu"},
+        "explain": {"n_score_windows": 4, "n_select_windows": 4, "chunk_windows": 4, "batch_tokens": 512, "device": "cpu"},
     }))
     folder = root / "records/0/resid_post"
     return (folder / "viewer.html", explain.read_explanations(folder),
@@ -510,6 +510,7 @@ def test_latent_page_shows_its_explanation_beside_the_baseline(explained, browse
         for got, want in zip(cells[-2:], (e["scores"][key], e["baseline"]["scores"][key])):
             assert (got == "–") if want is None else float(got) == pytest.approx(want, rel=1e-2, abs=1e-3), key
     assert "F1" in box.text and "baseline" in box.text
+    assert f"patterns cut to {e['depth']} element" in browser.find_element(By.ID, "explain-note").text
 
 
 def test_list_sorts_and_filters_by_f1_and_searches_explanations(explained, browser):

@@ -20,6 +20,13 @@ For every (layer, hook) SAE whose records collate finished, into its records fol
             held-out windows left out. A chunk of chunk_windows windows at a time goes
             through pipeline.collate.n2g's steps 1-4, which
             every latent with an example in the chunk shares; a checkpoint after each
+    select  the n_select_windows windows before the scoring ones, also held out from
+            building: each latent's patterns cut to each depth d (the activating token
+            and the d - 1 elements before it, merged as its trie merges them) are
+            scored there, and the latent keeps the cut of best F1 (the deepest among
+            equals). The search makes patterns as specific as its examples; cutting
+            the context that does not pay on unseen text lets them recall the latent's
+            other firings (mean F1 on the demo's block 6: 0.214 uncut, 0.254 cut)
     score   the store's last n_score_windows windows, held out from building: the real
             activations are the store's cached ones through the SAE (no model forward),
             the predictions every latent's trie's (n2g.PatternSet), a batch of windows at
@@ -62,6 +69,7 @@ import io
 import json
 import statistics
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,9 +180,10 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False) -> I
             n_seq = store.tokens.shape[0]  # raises when the tokens are missing
             for t in todo:
                 store.array(t.layer, t.hook)
-            if c.n_score_windows >= n_seq:
-                raise UserError(f"explain.n_score_windows = {c.n_score_windows} leaves no window to build "
-                                f"explanations from: {store.path} holds {n_seq}; lower it")
+            if c.n_score_windows + c.n_select_windows >= n_seq:
+                raise UserError(f"explain.n_score_windows + n_select_windows = {c.n_score_windows} + "
+                                f"{c.n_select_windows} leaves no window to build explanations from: {store.path} "
+                                f"holds {n_seq}; lower them")
             _check_model(cfg, store)
             p.tokenizer = store_tokenizer(store)
             prepend, bos, _ = special_ids(p.tokenizer, bool(store.attrs.get("prepend_bos")))
@@ -329,6 +338,39 @@ def _resume(path: Path, meta: dict, desc: str) -> tuple[Built, int]:
 # Tries, baselines and scores
 
 
+def cut_patterns(keyed: dict[int, list[tuple[tuple[int, ...], float]]],
+                 depth: int) -> dict[int, list[tuple[tuple[int, ...], float, int]]]:
+    """Each latent's patterns (Trie.patterns) from its examples' keys cut to their first `depth`
+    elements: the activating token and the depth - 1 elements before it."""
+    out = {}
+    for i, pairs in keyed.items():
+        trie = n2g.Trie()
+        for key, a in pairs:
+            trie.insert(key[:depth], a)
+        out[i] = trie.patterns()
+    return out
+
+
+def select_depths(store: ActivationStore, t: Target, sae, windows: range, first: int,
+                  keyed: dict[int, list[tuple[tuple[int, ...], float]]], batch_tokens: int,
+                  device) -> tuple[dict[int, int], dict[int, list[tuple[tuple[int, ...], float, int]]]]:
+    """(each latent's depth, its patterns cut to it): the depth whose patterns have the best F1
+    on `windows` (the selection windows, apart from building's and scoring's), the deepest among
+    equals, so a latent that never fires there keeps its whole patterns. No windows: no cut."""
+    deepest = max((len(key) for pairs in keyed.values() for key, _ in pairs), default=1)
+    cuts = {d: cut_patterns(keyed, d) for d in range(1, deepest + 1)}
+    if not len(windows):
+        return {i: max((len(key) for key, _ in pairs), default=0) for i, pairs in keyed.items()}, cuts[deepest]
+    sums = score(store, t.layer, t.hook, sae, windows, first, {str(d): pattern_set(cuts[d]) for d in cuts},
+                 batch_tokens, device)
+    depth = {}
+    for i in keyed:
+        f1 = {d: sums[str(d)].scores(i)["f1"] for d in cuts}
+        best = max(cuts, key=lambda d: (-1.0 if f1[d] is None else f1[d], d))
+        depth[i] = min(best, max((len(key) for key, _ in keyed[i]), default=0))
+    return depth, {i: cuts[max(1, depth[i])][i] for i in keyed}
+
+
 def pattern_set(table: dict[int, list[tuple[tuple[int, ...], float, int]]]) -> n2g.PatternSet:
     """Every latent's (key, value, count) patterns as one n2g.PatternSet."""
     rows = [(i, key, value) for i, pats in table.items() for key, value, _ in pats]
@@ -428,8 +470,9 @@ def explain_sae(p: Plan, t: Target) -> dict:
     desc = f"explain {t.name}"
     n_seq = store.tokens.shape[0]
     held_out = n_seq - c.n_score_windows
+    select_from = held_out - c.n_select_windows
     first = len(p.prefix)
-    live, ex = building_examples(t.records, c.n_top, c.n_random, held_out, first, c.n_quantile)
+    live, ex = building_examples(t.records, c.n_top, c.n_random, select_from, first, c.n_quantile)
     sae = load_sae(t.sae, device=p.device)
     capture = ActivationCapture(p.model, [(t.layer, t.hook)])
     probe = n2g.LatentProbe(capture, (t.layer, t.hook), sae, store.dtype(t.layer, t.hook), p.pad, c.batch_tokens)
@@ -438,16 +481,15 @@ def explain_sae(p: Plan, t: Target) -> dict:
     t_build = time.perf_counter() - t1
 
     # Per live latent: its trie's patterns, and the baseline from its examples' activating tokens.
-    tries: dict[int, n2g.Trie] = {i: n2g.Trie() for i in live}
+    keyed: dict[int, list[tuple[tuple[int, ...], float]]] = {i: [] for i in live}
     seen: dict[int, tuple[list[int], list[float]]] = {i: ([], []) for i in live}
-    n_explained = dict.fromkeys(live, 0)
     for lat, tok, a, key in zip(ex.latent.tolist(), built.token, built.act, built.keys):
         seen[lat][0].append(tok)
         seen[lat][1].append(a)
         if key is not None:
-            tries[lat].insert(key, a)
-            n_explained[lat] += 1
-    patterns = {i: tries[i].patterns() for i in live}
+            keyed[lat].append((key, a))
+    depth, patterns = select_depths(store, t, sae, range(select_from, held_out), first, keyed, c.batch_tokens,
+                                    p.device)
     baselines = {i: [((tok,), v, n) for tok, v, n in baseline_tokens(*seen[i])] for i in live}
     sums = score(store, t.layer, t.hook, sae, range(held_out, n_seq), first,
                  {"n2g": pattern_set(patterns), "baseline": pattern_set(baselines)}, c.batch_tokens, p.device)
@@ -461,15 +503,17 @@ def explain_sae(p: Plan, t: Target) -> dict:
             "latent": i,
             "patterns": shown,
             "text": " | ".join(render(s["tokens"]) for s in shown),
+            "depth": depth[i],
             "n_examples": len(seen[i][0]),
-            "n_explained": n_explained[i],
+            "n_explained": len(keyed[i]),
             "scores": sums["n2g"].scores(i),
             "baseline": {"tokens": text.pieces(ids), "ids": ids,
                          "activations": [_num(v) for _, v, _ in baselines[i]],
                          "scores": sums["baseline"].scores(i)},
         })
     head = {"format": FORMAT, "layer": t.layer, "hook": leaf(t.hook, t.member), "n_latents": sae.n_latents,
-            "n_live": len(live), "prepend_bos": bool(p.prefix), "score_windows": [held_out, n_seq],
+            "n_live": len(live), "prepend_bos": bool(p.prefix), "select_windows": [select_from, held_out],
+            "score_windows": [held_out, n_seq],
             "n_positions": sums["n2g"].n, "wildcard_id": n2g.WILDCARD, "start_id": n2g.START,
             "fingerprint": t.fingerprint}
     if records_sha256(t.records) != t.fingerprint["records.done.sha256"]:  # a collate swapped them meanwhile
@@ -525,6 +569,7 @@ def summarize(head: dict, latents: list[dict]) -> dict:
             "n_examples": sum(e["n_examples"] for e in latents), "n_explained": sum(e["n_explained"] for e in latents),
             "score_windows": head["score_windows"], "n_positions": head["n_positions"],
             "n2g": stats(lambda e: e["scores"]), "baseline": stats(lambda e: e["baseline"]["scores"]),
+            "depths": {str(d): n for d, n in sorted(Counter(e["depth"] for e in latents).items())},
             "fingerprint": head["fingerprint"]}
 
 

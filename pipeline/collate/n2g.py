@@ -15,7 +15,8 @@ a there, recomputed from the window's tokens t[0..p]):
     3. importance       each suffix token in turn replaced by the pad token: a token
                         whose loss lowers the suffix's own activation a_s by less than
                         importance_threshold * a_s, (a_s - a_j) / a_s < threshold,
-                        becomes a wildcard (*). Against a_s, not a: the suffix may
+                        becomes a wildcard (*); the pad token itself, which no
+                        replacement blanks out, stays. Against a_s, not a: the suffix may
                         keep just over a/2, and measured against a almost any token
                         would look important, the patterns too specific to recall
                         the latent's weaker firings
@@ -447,7 +448,9 @@ def explain_examples(probe: LatentProbe, tokens: np.ndarray, window, position, l
     lengths = [len(m[1]) for m in mine]
     a_blank = latent_acts(*_rows(idx, vals, [q for m in mine for q in m[1]]), np.repeat(latent[kept], lengths))
     ref = np.repeat(a_suffix[kept], lengths)
-    important = ((ref - a_blank) / ref >= st.threshold).tolist()
+    # The pad token itself cannot be blanked out (its blanked query is the suffix): it stays.
+    is_pad = np.concatenate([tokens[int(window[e]), starts[e]:int(position[e]) + 1] == st.pad for e in kept])
+    important = (((ref - a_blank) / ref >= st.threshold) | is_pad).tolist()
     at = 0
     for i, e in enumerate(kept):
         n = lengths[i]
