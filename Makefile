@@ -102,7 +102,7 @@ browser:
 
 test: setup $(VENV)/.installed-test browser
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $${TMPDIR:-/tmp}/saepipe-site-check
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The docs site into site/ (open site/index.html); offline, --strict: a broken link fails.
 docs: $(VENV)/.installed-docs
