@@ -131,7 +131,8 @@ def write_explanations(folder, latents: list[dict], summary: dict) -> Path | Non
     if not data.is_dir():
         return None
     slim = [{"latent": e["latent"], "text": e["text"], "n_examples": e["n_examples"], "n_explained": e["n_explained"],
-             "depth": e.get("depth"), "patterns": [{k: p[k] for k in ("tokens", "ids", "activation", "count")} for p in e["patterns"]],
+             "depth": e.get("depth"),
+             "patterns": [{k: p[k] for k in ("tokens", "ids", "activation", "count")} for p in e["patterns"]],
              "scores": e["scores"],
              "baseline": {k: e["baseline"][k] for k in ("tokens", "activations", "scores")}} for e in latents]
     shown = {k: v for k, v in summary.items() if k != "fingerprint"}
