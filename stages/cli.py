@@ -25,6 +25,13 @@ _SET = click.option(
 _FORCE = click.option("--force", is_flag=True, help="Redo layers that are already finished.")
 
 
+def _member(does: str):
+    """--member of a command run with one SAE per hook: which train.sweep member's SAE `does`."""
+    return click.option("--member", default=None, metavar="NAME",
+                        help=f"The train.sweep member (or the KL fine-tuned copy: kl) whose SAE {does}; default: "
+                             "the plain one (the sweep's {} entry).")
+
+
 def _fail(message: str, code: int = 2):
     click.echo(f"saepipe: error: {message}", err=True)
     sys.exit(code)
@@ -245,8 +252,7 @@ def explain(config, layers, overrides, force):
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096),
               help="Tokens generated per continuation (greedy); fewer, with a line saying so, where the prompt "
                    "and these would pass the model's positions.")
-@click.option("--member", default=None, metavar="NAME",
-              help="The train.sweep member whose SAE steers; default: the plain one (the sweep's {} entry).")
+@_member("steers")
 @_SET
 @_user_errors
 def steer(config, layer, hook, latent, strengths, prompt, max_new_tokens, member, overrides):
@@ -276,8 +282,7 @@ def steer(config, layer, hook, latent, strengths, prompt, max_new_tokens, member
 @click.option("--html", "html_out", default=None, type=click.Path(), metavar="OUT",
               help="Also write a self-contained page: per latent shown, a heatmap over the prompt, its explanation "
                    "and scores, and a link to its page in the records' viewer.")
-@click.option("--member", default=None, metavar="NAME",
-              help="The train.sweep member (or KL fine-tuned copy: kl) whose SAEs read; default: the plain one.")
+@_member("reads")
 @_SET
 @_user_errors
 def inspect(config, prompt, layers, hook, top, latent, html_out, member, overrides):

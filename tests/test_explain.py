@@ -424,6 +424,10 @@ def test_bad_input_is_one_line(run, tmp_path):
     out = _out(root)
     # A layer without an SAE.
     _assert_one_line(run_cli(root, raw, "explain", "--layers", "5"), "no trained SAE for layer 5")
+    # Held-out windows that leave none to build from.
+    big = {**raw, "explain": {**raw["explain"], "n_select_windows": N_SEQ - 16}}
+    _assert_one_line(run_cli(root, big, "explain"), "n_score_windows + n_select_windows = 16 + 48", "lower them")
+    assert not (out / explain.FILE).exists() and not (out / explain.PARTIAL).exists()
     # No records yet.
     shutil.rmtree(out)
     _assert_one_line(run_cli(root, raw, "explain"), "no records for layer 0 hook resid_post", "collate")
