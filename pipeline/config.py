@@ -454,6 +454,10 @@ class FinetuneConfig:
     recon_coefficient: float = setting(0.0, "weight of the SAE's reconstruction FVU (its training space) beside "
                                             "the KL of the clean to the spliced model: keeps the reconstruction "
                                             "near the activations")
+    calibrate: bool = setting(True, "a threshold SAE's inference threshold (batchtopk, matryoshka) follows the "
+                                    "encoder: each batch re-fits it so that its positions keep k latents on "
+                                    "average, and the end re-fits it to the rows train held out; false: the "
+                                    "trained threshold stays, and L0 drifts as the encoder moves")
     seed: int = setting(0, "the order of the windows")
     checkpoint_every: int = setting(20, "steps between checkpoints (resume after a kill)", logistics=True)
     device: str = setting("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:1", logistics=True)

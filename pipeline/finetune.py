@@ -36,6 +36,15 @@ function of the seed and the step.
 Only an architecture whose sparsity holds without its training penalty is fine-tuned
 (Dictionary.finetunes: a fixed k, or a fixed threshold); the forward is the inference one
 (train_forward of an evaluation view), the one eval splices.
+
+A threshold SAE (Dictionary.calibrate: BatchTopK's one theta) would keep its theta through the
+steps while the KL pushes its encoder's pre-activations up: on SmolLM2 block 15 a fixed theta
+let L0 climb ~13% over 120 steps. With finetune.calibrate (default) each batch first re-fits
+theta to its own spliced positions so that they keep k latents a token on average (the batch
+rule BatchTopK trains with), and at the end theta is re-fit to the rows train held out;
+cfg.json's `finetune.threshold` gives it before and after. Those rows' L0 in `eval` is then k by
+construction; `saepipe eval`'s, on windows past the store, is the check. (KL on block 15, seed
+0, 61k tokens: 0.2467 this way, 0.2505 with theta fixed and re-fit only at the end.)
 """
 
 from __future__ import annotations
@@ -70,15 +79,18 @@ CHECKPOINT = "checkpoint.pt"
 
 
 # --------------------------------------------------------------------------- the loss
-def reconstruct(sae: Dictionary, x: torch.Tensor, src: torch.Tensor | None = None
+def reconstruct(sae: Dictionary, x: torch.Tensor, src: torch.Tensor | None = None, calibrate: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(what replaces x [N, d] in the model, with a graph; the reconstruction FVU in the SAE's
-    training space). x is the hook's raw activation; a transcoder reads src (its input hook's)."""
+    training space). x is the hook's raw activation; a transcoder reads src (its input hook's).
+    `calibrate`: a threshold SAE first re-fits its threshold to these rows (the batch rule)."""
     from pipeline.train import reconstruction_loss
 
     xf = x.float()
     read = xf if src is None else src.float()
     xp = sae.preprocess(read)
+    if calibrate:
+        sae.calibrate(xp.detach())
     o = sae.train_forward(xp, TrainView())
     if sae.transcoder:
         y = o.x_hat + sae.skip(xp)
@@ -140,7 +152,7 @@ class Plan:
 
 def fingerprint(cfg: Config, fc: FinetuneConfig, base_sha: str, store: ActivationStore) -> dict:
     """What a fine-tuned SAE depends on: the base's weights, the settings, the model, the store."""
-    keep = ("n_tokens", "batch_size", "lr", "warmup", "lr_schedule", "recon_coefficient", "seed")
+    keep = ("n_tokens", "batch_size", "lr", "warmup", "lr_schedule", "recon_coefficient", "calibrate", "seed")
     return {"format": FORMAT, "base_sha256": base_sha, "model.name": model_key(cfg.model.name),
             "model.revision": cfg.model.revision, "model.dtype": cfg.model.dtype,
             "store": store.attrs.get("fingerprint"), **{f"finetune.{k}": getattr(fc, k) for k in keep}}
@@ -309,17 +321,19 @@ def below(t: Target) -> int:
 
 
 def spliced_loss(model, t: Target, ids: torch.Tensor, logp_clean: torch.Tensor, before: dict,
-                 recon_coefficient: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 recon_coefficient: float, calibrate: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, KL, FVU) of t's SAE spliced into the model on windows ids [B, T], with a graph to the
     SAE's parameters. logp_clean [B, T, V]: the clean run's log-probabilities; before: the clean
-    run's block outputs (record_block_outputs), where the forward starts (below(t))."""
+    run's block outputs (record_block_outputs), where the forward starts (below(t)). `calibrate`:
+    reconstruct's, on the spliced positions of the batch."""
     first = 1 if t.pass_bos else 0
     recon = []
 
     def replace(x, src=None):
         body = x[:, first:]
         y, fvu = reconstruct(t.sae, body.reshape(-1, body.shape[-1]),
-                             None if src is None else src[:, first:].reshape(-1, src.shape[-1]))
+                             None if src is None else src[:, first:].reshape(-1, src.shape[-1]), calibrate)
         recon.append(fvu)
         new = y.to(x.dtype).reshape(body.shape)
         return torch.cat([x[:, :first], new], dim=1) if first else new
@@ -337,7 +351,7 @@ def spliced_loss(model, t: Target, ids: torch.Tensor, logp_clean: torch.Tensor, 
 def train_step(model, t: Target, ids: torch.Tensor, logp_clean: torch.Tensor, before: dict, lr: float,
                fc: FinetuneConfig) -> dict:
     """One Adam step of t's SAE on this batch; the loss terms for the log."""
-    loss, kl, fvu = spliced_loss(model, t, ids, logp_clean, before, fc.recon_coefficient)
+    loss, kl, fvu = spliced_loss(model, t, ids, logp_clean, before, fc.recon_coefficient, fc.calibrate)
     for group in t.opt.param_groups:
         group["lr"] = lr
     t.opt.zero_grad(set_to_none=True)
@@ -378,10 +392,18 @@ def _resume(t: Target, force: bool):
 def _finish(p: Plan, t: Target, seconds: float):
     """The held-out rows' statistics redone, then the folder saved (marker last) and swapped in."""
     from pipeline import plots
+    from pipeline.train import evaluate
     from pipeline.train_state import publish
 
     base_cfg = dict(t.sae.cfg)
-    ev = held_out_stats(p, t, base_cfg)
+    rows = held_out_rows(p, t, base_cfg)
+    threshold = None
+    if p.fc.calibrate and rows is not None:
+        threshold = t.sae.calibrate(t.sae.preprocess(rows[:, :t.sae.d_in].to(t.sae.W_enc.device)))
+    ev = {}
+    if rows is not None:
+        ev = evaluate(t.sae, rows, 1.0, 4096)
+        ev.pop("density")
     tokens = t.step * p.fc.batch_size * p.windows.shape[1]
     info = {
         "eval": ev,
@@ -390,6 +412,7 @@ def _finish(p: Plan, t: Target, seconds: float):
                      "recon_coefficient": p.fc.recon_coefficient, "batch_size": p.fc.batch_size,
                      "seed": p.fc.seed, "base": t.base.name, "base_sha256": t.fingerprint["base_sha256"],
                      "kl_first": t.log[0]["kl"], "kl_last": t.log[-1]["kl"], "seconds": seconds,
+                     "threshold": threshold,
                      "fingerprint": t.fingerprint},
     }
     t.work.mkdir(parents=True, exist_ok=True)
@@ -402,18 +425,21 @@ def _finish(p: Plan, t: Target, seconds: float):
     (t.work / CHECKPOINT).unlink(missing_ok=True)
     publish(t.work, t.out)
     held_out = f"; {describe(ev, space)}" if ev else ""
+    if threshold:
+        held_out += (f"; threshold re-fit to the held-out rows: {threshold['after']:.4g} (the last batch's "
+                     f"{threshold['before']:.4g})")
     print(f"finetune: {t.name}: done; KL on its batches {t.log[0]['kl']:.4f} -> {t.log[-1]['kl']:.4f}{held_out} "
           f"-> {t.out}")
 
 
-def held_out_stats(p: Plan, t: Target, base_cfg: dict) -> dict:
-    """pipeline.train.evaluate's statistics on the rows train held out (cfg.json's `eval`)."""
+def held_out_rows(p: Plan, t: Target, base_cfg: dict) -> torch.Tensor | None:
+    """The rows train held out ([N, d], a transcoder's [N, 2d]: input and target side by side),
+    or None when it held none out: what cfg.json's `eval` is redone on, and the threshold re-fit to."""
     from pipeline.loader import RowFilter
-    from pipeline.train import evaluate
 
     chunks = base_cfg.get("eval_chunks") or []
     if not chunks:
-        return {}
+        return None
     store = ActivationStore(Location.of(p.cfg))
     rf = RowFilter(store, t.layer, t.hook, bool(base_cfg.get("exclude_bos")), True)
     target = base_cfg.get("target_hook") if t.sae.transcoder else None
@@ -424,7 +450,5 @@ def held_out_stats(p: Plan, t: Target, base_cfg: dict) -> dict:
             y = rf(c, store.read_chunk(t.layer, target, c)).float()
             x = torch.cat([x, y], dim=1)
         parts.append(x)
-    ev = evaluate(t.sae, torch.cat(parts), 1.0, 4096)
-    ev.pop("density")
-    return ev
+    return torch.cat(parts)
 

@@ -227,6 +227,51 @@ def test_inference_keeps_what_exceeds_the_threshold_compacted():
     assert idx.shape == (40, 1) and not vals.any()
 
 
+def test_the_threshold_rule_with_grad_on_trains_the_encoder_too():
+    """What pipeline.finetune differentiates: the evaluation view's x_hat, whose gradient reaches
+    W_enc and b_lat through the kept pre-activations, against dense autograd of z 1[z > theta]."""
+    sae, x = tiny(), batch()
+    with torch.no_grad():
+        sae.threshold.fill_(0.9)
+    o = sae.train_forward(x, TrainView())
+    (o.x_hat.pow(2).sum() + o.x_hat.sum()).backward()
+    got = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    ref = tiny()
+    with torch.no_grad():
+        ref.threshold.fill_(0.9)
+    z = (x - ref.b_pre) @ ref.W_enc.T + ref.b_lat
+    x_hat = (z * (z > 0.9).detach()) @ ref.W_dec + ref.b_pre
+    (x_hat.pow(2).sum() + x_hat.sum()).backward()
+    assert got["W_enc"].abs().sum() > 0
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, msg=n)
+
+
+def test_calibrate_sets_the_threshold_the_rows_keep_k_above():
+    """The re-fit theta against a sort of every positive pre-activation: exactly the k B largest
+    lie above it, so inference on the same rows keeps k a row on average (the loud rows more)."""
+    sae, x = tiny(), batch()
+    with torch.no_grad():
+        sae.threshold.fill_(0.9)
+    got = sae.calibrate(x)
+    z = (x - sae.b_pre) @ sae.W_enc.T + sae.b_lat
+    ranked = z.flatten().sort(descending=True).values
+    K = sae.k * x.shape[0]
+    assert got == {"before": 0.9, "after": ranked[K].item(), "rows": 40} and sae.threshold.item() == ranked[K].item()
+    idx, vals = sae.encode(x)
+    assert int((vals > 0).sum()) == K
+    torch.testing.assert_close(sae.encode_dense(x), z * (z > ranked[K]))
+    # fewer positive pre-activations than k B: every positive one is kept
+    with torch.no_grad():
+        sae.b_lat.sub_(4.0)
+    z = (x - sae.b_pre) @ sae.W_enc.T + sae.b_lat
+    n_pos = int((z > 0).sum())
+    assert 0 < n_pos < K
+    sae.calibrate(x)
+    assert 0 < sae.threshold.item() < z[z > 0].min().item()
+    assert int((sae.encode(x)[1] > 0).sum()) == n_pos
+
+
 def test_before_any_training_step_inference_falls_back_to_the_batch_rule():
     sae, x = tiny(), batch()
     _, keep = dense_batch_topk(sae, x)

@@ -218,6 +218,39 @@ def test_the_fine_tuned_sae_is_evaluated_beside_its_base(trained):
     assert res.exit_code == 0 and "skipping" not in res.output
 
 
+def test_a_threshold_sae_gets_its_threshold_re_fit_on_the_held_out_rows(trained, tmp_path):
+    """A BatchTopK SAE's encoder moves in the fine-tune; its threshold follows each batch, and the
+    last re-fit puts the held-out rows at k latents a row (exactly: the k N largest lie above
+    theta). finetune.calibrate false keeps the base's, and the L0 drifts."""
+    import shutil
+
+    root, raw = trained
+    shutil.copytree(root / "run" / "activations.zarr", tmp_path / "run" / "activations.zarr")
+    btk = {**raw, "run_dir": str(tmp_path / "run"),
+           "train": {**raw["train"], "sweep": [{"name": "b", "sae": {"architecture": "batchtopk", "k": 4}}]}}
+    assert run_cli(tmp_path, btk, "train").exit_code == 0
+    res = run_cli(tmp_path, btk, "finetune")
+    assert res.exit_code == 0, res.output
+    base = load_sae(sae_dir(tmp_path / "run", LAYER, "resid_post", "b"))
+    out = sae_dir(tmp_path / "run", LAYER, "resid_post", "b-kl")
+    cfg = json.loads((out / "cfg.json").read_text())
+    th = cfg["finetune"]["threshold"]
+    # each batch re-fit it (the last one's is `before`), then the held-out rows did
+    assert base.threshold.item() not in (th["before"], th["after"]) and th["after"] != th["before"]
+    assert "threshold re-fit" in res.output
+    sae = load_sae(out)
+    assert sae.threshold.item() == th["after"]
+    assert th["rows"] == cfg["eval"]["eval_tokens"] and cfg["eval"]["l0"] == pytest.approx(4.0, abs=1e-9)
+    x = torch.randn(40, D, generator=torch.Generator().manual_seed(3))  # one batch's rule: its rows keep k
+    ft.reconstruct(sae, x, calibrate=True)
+    assert int((sae.encode(x)[1] > 0).sum()) == 4 * 40 and sae.threshold.item() != th["after"]
+    res = run_cli(tmp_path, {**btk, "finetune": {**btk["finetune"], "calibrate": False}}, "finetune")
+    assert res.exit_code == 0 and "threshold re-fit" not in res.output, res.output
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["finetune"]["threshold"] is None and load_sae(out).threshold.item() == base.threshold.item()
+    assert cfg["eval"]["l0"] != pytest.approx(4.0, abs=1e-9)
+
+
 def _one_line(res, *needles):
     assert res.exit_code == 2, res.output
     lines = [line for line in res.output.splitlines() if line.startswith("saepipe: error:")]

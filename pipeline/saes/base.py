@@ -165,6 +165,14 @@ class Dictionary(nn.Module):
         """Called after every optimizer step: keeps the decoder rows at unit norm by default."""
         self.normalize_decoder()
 
+    def calibrate(self, x: torch.Tensor) -> dict | None:
+        """Re-fit the inference rule's one free scalar to rows x [N, d] in training space (already
+        preprocessed), so that they keep the L0 the SAE was asked for on average, and return
+        {"before": ..., "after": ...}; None (the default) when the rule has nothing to re-fit (a
+        fixed k, or thresholds the training loss owns). pipeline.finetune calls it after moving the
+        encoder, whose pre-activations no longer sit where the old threshold was estimated."""
+        return None
+
     def latent_groups(self) -> tuple[str, torch.Tensor] | None:
         """(what one group is called, [n] int64 each latent's group) when the architecture splits
         its latents into groups, numbered from 0 in latent order, each a contiguous run of latents

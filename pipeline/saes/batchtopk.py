@@ -178,12 +178,33 @@ class BatchTopKSAE(TopKSAE):
         vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend)) * (on > 0)
         return self.decode(idx, vals), idx, vals, z
 
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> dict:
+        """theta re-fit to rows x [N, d] (preprocessed): the (k N + 1)-th largest positive pre-activation,
+        so that exactly the k N largest lie above it and the rows keep k latents on average (fewer
+        when fewer than k N are positive: then theta sits below the smallest positive one). The
+        batch rule of training over one batch of N rows, with the final weights."""
+        before = self.threshold.item()
+        K = self.k * x.shape[0]
+        vals = self.batch_top(self.center(x.to(self.W_enc.dtype)), K + 1)[2]
+        theta = vals.min() if vals.numel() > K else (vals.min() / 2 if vals.numel() else self.threshold)
+        self.threshold.copy_(theta.double() if torch.is_tensor(theta) else theta)
+        self.threshold_weight.fill_(1.0)
+        return {"before": before, "after": self.threshold.item(), "rows": x.shape[0]}
+
     # ---- training
     def train_forward(self, x: torch.Tensor, view: TrainView) -> TrainOutput:
         """The batch's top k * B with AuxK (TopK's rule for the latents silent for dormant_tokens),
-        updating the threshold estimate; without settings (evaluation) the threshold rule."""
+        updating the threshold estimate; without settings (evaluation, pipeline.finetune) the
+        threshold rule, whose kept values have a graph to the encoder when grad is on (a KL
+        fine-tune trains W_enc and b_lat too, not only the decoder)."""
         if view.settings is None:
             idx, vals = self.encode_threshold(x)
+            if torch.is_grad_enabled():
+                from pipeline.kernels import encode_gather
+
+                pre = encode_gather(self.center(x), self.W_enc, self.b_lat, idx, backend=self.backend)
+                vals = pre * (vals > 0)  # the kept ones (z > theta > 0): relu is the identity there
             return TrainOutput(self.decode(idx, vals), idx, vals, None)
         return self.train_parts(x, view)[0]
 
