@@ -36,6 +36,21 @@ def trained(tmp_path_factory):
     return root, raw
 
 
+@pytest.fixture(scope="module")
+def trained_btk(trained, tmp_path_factory):
+    """The same store with a BatchTopK SAE (train.sweep member "b", k 4) trained on it (root, raw config)."""
+    import shutil
+
+    root, raw = trained
+    mine = tmp_path_factory.mktemp("ft-btk")
+    shutil.copytree(root / "run" / "activations.zarr", mine / "run" / "activations.zarr")
+    btk = {**raw, "run_dir": str(mine / "run"),
+           "train": {**raw["train"], "sweep": [{"name": "b", "sae": {"architecture": "batchtopk", "k": 4}}]}}
+    res = run_cli(mine, btk, "train")
+    assert res.exit_code == 0, res.output
+    return mine, btk
+
+
 def ours(model, sae, ids, pass_bos=True, recon=0.0):
     """pipeline.finetune's loss terms for sae at (LAYER, resid_post) on windows ids, as its loop computes them."""
     t = ft.Target(LAYER, "resid_post", None, Path("."), Path("."), {}, sae=sae, pass_bos=pass_bos)
@@ -155,12 +170,15 @@ class Killed(Exception):
     pass
 
 
-def test_a_killed_finetune_resumes_to_identical_weights(trained, tmp_path, monkeypatch):
+@pytest.mark.parametrize("member", [None, "b"], ids=["topk", "batchtopk"])
+def test_a_killed_finetune_resumes_to_identical_weights(request, tmp_path, monkeypatch, member):
+    """BatchTopK's too: its threshold, re-fit on every batch, is a checkpointed buffer."""
     import shutil
 
-    root, raw = trained
-    for name in ("ref", "killed"):  # copies of the trained run: each fine-tunes its own
-        shutil.copytree(root / "run", tmp_path / name / "run")
+    root, raw = request.getfixturevalue("trained" if member is None else "trained_btk")
+    for name in ("ref", "killed"):  # copies of the trained run (no fine-tune yet): each fine-tunes its own
+        shutil.copytree(root / "run", tmp_path / name / "run",
+                        ignore=lambda _d, names: [n for n in names if "@" in n and "kl" in n.split("@")[-1]])
     cfgs = {name: config_from_dict({**raw, "run_dir": str(tmp_path / name / "run")}) for name in ("ref", "killed")}
     real = ft.write_atomic
     writes = []
@@ -175,18 +193,20 @@ def test_a_killed_finetune_resumes_to_identical_weights(trained, tmp_path, monke
     with pytest.raises(Killed):
         ft.run(cfgs["killed"], progress=False)
     monkeypatch.setattr(ft, "write_atomic", real)
-    out = sae_dir(tmp_path / "killed" / "run", LAYER, "resid_post", "kl")
+    kl = "kl" if member is None else f"{member}-kl"
+    out = sae_dir(tmp_path / "killed" / "run", LAYER, "resid_post", kl)
     assert not out.exists() and (out.with_name(out.name + ".partial") / ft.CHECKPOINT).exists()
     ft.run(cfgs["killed"], progress=False)
     ft.run(cfgs["ref"], progress=False)
     a = load_sae(out)
-    b = load_sae(sae_dir(tmp_path / "ref" / "run", LAYER, "resid_post", "kl"))
-    base = load_sae(sae_dir(tmp_path / "ref" / "run", LAYER, "resid_post"))
+    b = load_sae(sae_dir(tmp_path / "ref" / "run", LAYER, "resid_post", kl))
+    base = load_sae(sae_dir(tmp_path / "ref" / "run", LAYER, "resid_post", member))
+    assert a.state_dict().keys() == b.state_dict().keys()
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert not torch.equal(a.W_enc, base.W_enc)  # it did train
+    assert not torch.equal(a.W_enc, base.W_enc)  # it did train (the encoder too)
     assert a.cfg["finetune"]["steps"] == 3
     rows, rows_ref = ([json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-                      for folder in (out, sae_dir(tmp_path / "ref" / "run", LAYER, "resid_post", "kl")))
+                      for folder in (out, sae_dir(tmp_path / "ref" / "run", LAYER, "resid_post", kl)))
     assert [r["step"] for r in rows] == [1, 2, 3] and rows == rows_ref
 
 
@@ -218,17 +238,11 @@ def test_the_fine_tuned_sae_is_evaluated_beside_its_base(trained):
     assert res.exit_code == 0 and "skipping" not in res.output
 
 
-def test_a_threshold_sae_gets_its_threshold_re_fit_on_the_held_out_rows(trained, tmp_path):
+def test_a_threshold_sae_gets_its_threshold_re_fit_on_the_held_out_rows(trained_btk):
     """A BatchTopK SAE's encoder moves in the fine-tune; its threshold follows each batch, and the
     last re-fit puts the held-out rows at k latents a row (exactly: the k N largest lie above
     theta). finetune.calibrate false keeps the base's, and the L0 drifts."""
-    import shutil
-
-    root, raw = trained
-    shutil.copytree(root / "run" / "activations.zarr", tmp_path / "run" / "activations.zarr")
-    btk = {**raw, "run_dir": str(tmp_path / "run"),
-           "train": {**raw["train"], "sweep": [{"name": "b", "sae": {"architecture": "batchtopk", "k": 4}}]}}
-    assert run_cli(tmp_path, btk, "train").exit_code == 0
+    tmp_path, btk = trained_btk
     res = run_cli(tmp_path, btk, "finetune")
     assert res.exit_code == 0, res.output
     base = load_sae(sae_dir(tmp_path / "run", LAYER, "resid_post", "b"))
