@@ -42,7 +42,7 @@ steps while the KL pushes its encoder's pre-activations up: on SmolLM2 block 15 
 let L0 climb ~13% over 120 steps. With finetune.calibrate (default) each batch first re-fits
 theta to its own spliced positions so that they keep k latents a token on average (the batch
 rule BatchTopK trains with), and at the end theta is re-fit to the rows train held out;
-cfg.json's `finetune.threshold` gives it before and after. Those rows' L0 in `eval` is then k by
+cfg.json's `finetune.threshold` gives the last batch's and the held-out one. Those rows' L0 in `eval` is then k by
 construction; `saepipe eval`'s, on windows past the store, is the check. (KL on block 15, seed
 0, 61k tokens: 0.2467 this way, 0.2505 with theta fixed and re-fit only at the end.)
 """

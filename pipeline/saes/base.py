@@ -169,8 +169,9 @@ class Dictionary(nn.Module):
         """Re-fit the inference rule's one free scalar to rows x [N, d] in training space (already
         preprocessed), so that they keep the L0 the SAE was asked for on average, and return
         {"before": ..., "after": ...}; None (the default) when the rule has nothing to re-fit (a
-        fixed k, or thresholds the training loss owns). pipeline.finetune calls it after moving the
-        encoder, whose pre-activations no longer sit where the old threshold was estimated."""
+        fixed k, or thresholds the training loss owns). pipeline.finetune calls it on each batch and
+        at the end, since the encoder it moves no longer puts the pre-activations where the trained
+        threshold was estimated."""
         return None
 
     def latent_groups(self) -> tuple[str, torch.Tensor] | None:

@@ -187,9 +187,9 @@ class BatchTopKSAE(TopKSAE):
         before = self.threshold.item()
         K = self.k * x.shape[0]
         vals = self.batch_top(self.center(x.to(self.W_enc.dtype)), K + 1)[2]
-        theta = vals.min() if vals.numel() > K else (vals.min() / 2 if vals.numel() else self.threshold)
-        self.threshold.copy_(theta.double() if torch.is_tensor(theta) else theta)
-        self.threshold_weight.fill_(1.0)
+        if vals.numel():  # none positive: nothing to place theta by, it stays
+            self.threshold.copy_(vals.min() if vals.numel() > K else vals.min() / 2)
+            self.threshold_weight.fill_(1.0)
         return {"before": before, "after": self.threshold.item(), "rows": x.shape[0]}
 
     # ---- training
