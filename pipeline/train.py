@@ -621,12 +621,17 @@ def evaluate(sae: Dictionary, x_raw: torch.Tensor, scale: float, batch: int,
 def _finish(p: Plan, state: TrainState, x_eval: torch.Tensor) -> dict:
     """Evaluate, draw, save (the `done` marker last), then swap the finished SAE into place."""
     final, B, work = state.weights(), p.tc.batch_size, p.work
+    # A threshold SAE (BatchTopK's one theta) re-fits its inference rule to the held-out rows with
+    # the final weights: a running average of the batches' thresholds lags the weights it was read from.
+    fit = final.calibrate(final.preprocess(x_eval[:, :final.d_in].to(final.W_enc.device)) * state.scale)
     ev = evaluate(final, x_eval, state.scale, B, p.matmul_dtype, state.out_scale)
     density = ev.pop("density")
     with open(work / "metrics.jsonl", "a") as f:
         _append(f, {"split": "eval", "step": state.step, "tokens": state.step * B, **ev})
     saved = final.folded(state.scale, state.out_scale) if (state.scale, state.out_scale) != (1.0, 1.0) else final
     info = _saved_cfg(p, state, ev)
+    if fit:
+        info["threshold_fit"] = fit
     # Pictures first, then the SAE with its marker last: a folder marked done holds everything.
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines() if line.strip()]
     space = fvu_space(final)
@@ -634,7 +639,8 @@ def _finish(p: Plan, state: TrainState, x_eval: torch.Tensor) -> dict:
     plots.density_figure(work, density, x_eval.shape[0], f"{p.name}: feature density on held-out tokens")
     saved.save(work, info)
     publish(work, p.out)
-    print(f"train: {p.name}: done; {describe(ev, space)} -> {p.out}")
+    refit = f"; threshold re-fit to the held-out rows {fit['after']:.4g} (running average {fit['before']:.4g})" if fit else ""
+    print(f"train: {p.name}: done; {describe(ev, space)}{refit} -> {p.out}")
     return saved.cfg
 
 

@@ -16,8 +16,10 @@ import pipeline.saes.batchtopk as bt
 import pipeline.saes.topk as topk_module
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.errors import UserError
+from pipeline.loader import RowFilter
 from pipeline.saes import TrainView, load_sae
 from pipeline.saes.batchtopk import BatchTopKSAE, BatchTopKSettings
+from pipeline.store import ActivationStore, Location
 from pipeline.train import reconstruction_loss
 from stages import train as stage
 from test_train import cli, config, random_store, sae_folder, work_folder, write_config
@@ -337,10 +339,22 @@ def test_saepipe_train_gives_a_held_out_l0_near_k(tmp_path):
     folder = sae_folder(tmp_path / "run")
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["architecture"] == "batchtopk" and cfg["eval"]["fvu"] < 0.6
-    # the eval rows are held-out chunks, encoded with the learnt threshold
+    # the eval rows are held-out chunks, encoded with the threshold re-fit to them at the end
     assert 0.9 * 4 <= cfg["eval"]["l0"] <= 1.1 * 4, cfg["eval"]
     sae = load_sae(folder)
-    assert sae.threshold.item() > 0
+    fit = cfg["threshold_fit"]
+    assert sae.threshold.item() == fit["after"] > 0 and fit["before"] > 0 and fit["after"] != fit["before"]
+    # theta is the (k N + 1)-th largest pre-activation of the held-out rows under the saved weights
+    # (the input scale folded in), so exactly k N of them lie above it
+    store = ActivationStore(Location.of(config_from_dict(raw)))
+    rf = RowFilter(store, 1, "resid_post", cfg["exclude_bos"], True)
+    x = torch.cat([rf(c, store.read_chunk(1, "resid_post", c)).float() for c in cfg["eval_chunks"]])
+    assert fit["rows"] == x.shape[0] > 0
+    with torch.no_grad():
+        z = (sae.preprocess(x) - sae.b_pre) @ sae.W_enc.T + sae.b_lat
+    ranked = z.flatten().sort(descending=True).values
+    assert fit["after"] == pytest.approx(ranked[4 * x.shape[0]].item(), rel=1e-5)
+    assert (z > sae.threshold.float()).sum(1).float().mean().item() == pytest.approx(4, abs=0.01)
 
 
 def test_a_run_stopped_after_a_checkpoint_resumes_to_identical_weights_and_threshold(tmp_path, monkeypatch):
