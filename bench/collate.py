@@ -193,7 +193,8 @@ def records_bench(args):
     print("| --- | --- | --- |")
     print(f"| plain: a dict per latent, json.dumps, one file each ({n_plain} latents a round) | {p_:,.0f} | "
           f"{size['plain'] / 2**20:.1f} MiB (extrapolated), and again in the viewer's shards before |")
-    print(f"| collate (pipeline.collate.records.write_records): records once, in the viewer's shards | {o:,.0f} | "
+    print(f"| collate (pipeline.collate.records.write_records): records once, compact, in the viewer's shards and "
+          f"windows files | {o:,.0f} | "
           f"{size['ours'] / 2**20:.1f} MiB (whole folder) |")
     print(f"| ratio | {o / p_:.1f}x | |")
 

@@ -8,17 +8,47 @@ function the page defines:
 
     viewer.html                    the page (a copy of pipeline/viewer.html)
     viewer_data/index.js           saeViewer.index({index, summary, shard_size})
-    viewer_data/features_<j>.js    saeViewer.shard(j, [FeatureInfo, ...])
+    viewer_data/features_<j>.js    saeViewer.shard(j, [FeatureInfo, ...]), records compact (below)
+    viewer_data/windows_<k>.js     saeViewer.windows(k, {strings, windows}): the records' token windows
     viewer_data/search.js          saeViewer.search({words, latents})
     viewer_data/explanations.js    saeViewer.explanations({summary, latents}), written by
                                    saepipe explain (write_explanations); absent before it
 
 Features are sharded (SHARD_SIZE latents per file) and loaded on demand, so
 opening the page for a large SAE reads only the latent list, and one click
-reads one small file. The shards are where the records live, once: the line
-after `saeViewer.shard(j, [` holds latent j * SHARD_SIZE's FeatureInfo as one
-line of strict JSON (ended by a comma but the last), and so on; read_feature
-and read_features give them back to Python.
+reads one small shard and the windows files its records show. The shards are
+where the records live, once: the line after `saeViewer.shard(j, [` holds latent
+j * SHARD_SIZE's FeatureInfo as one line of strict JSON (ended by a comma but the
+last), and so on; read_feature and read_features give them back to Python.
+
+The records on disk (summary.json `records_format` 2; RECORDS_FORMAT). A FeatureInfo's
+`top`, `random` and each quantile's `examples` hold compact records, each an array
+
+    [w, idx, at, values]          at: the window positions where the latent's act is not 0
+    [w, idx, at, values, act]     (values: its acts there, 6 decimals); act: the record's act,
+                                  present only where it is not the value at idx
+
+which the page (expandFeature) and read_feature make whole, into OpenAI sae-viewer's
+SequenceInfo: doc_id, window_start, tokens and token_ints are window w's; acts holds the
+values at `at` and 0.0 everywhere else; act is as stored, else acts[idx]. Most of a
+window's acts are 0, and many records show the same window (a sequence holds the top
+acts of many latents), so each window's tokens are stored once, for all of them.
+
+Window w (numbered over the layer in (doc_id, window_start, length) order) is entry
+w % P of windows_<w // P>.js, P = summary.json `windows_per_file` (a file holds at most
+WINDOW_FILE_TOKENS tokens, so a click loads little whatever the window length):
+
+    {"strings": {"<token id>": "<its string>", ...},     the file's tokens, each once
+     "windows": [[doc_id, window_start, [token ids]],
+                 [doc_id, window_start, [token ids], [strings]], ...]}
+
+A window carries strings of its own where its text reads differently from its tokens'
+strings one by one: one whose UTF-8 characters span tokens (pipeline.collate.windows.
+TokenText puts each character on the token that completes it).
+
+Records written before this format (summary.json without `records_format`) hold whole
+SequenceInfo objects; read_feature returns those as they are, and collate rewrites such
+folders (their done marker lacks `records.format`).
 
 search.js, loaded on the first search by text, lets a search find a latent by
 the words of its top records: the word at each picked position, joined across
@@ -51,11 +81,19 @@ from typing import Iterator
 from urllib.parse import quote
 
 from pipeline import fsio
+from pipeline.errors import UserError
 from pipeline.paths import DONE, EVAL_FILE, frontier_stem, leaf, records_dir, records_root, sae_dir, split_leaf
 from pipeline.saes import saved_cfg, saved_marker
 
 SHARD_SIZE = 64
 DATA_DIR = "viewer_data"
+RECORDS_FORMAT = 2  # compact records and windows files (above); 1, unnamed: whole SequenceInfo objects
+WINDOW_FILE_TOKENS = 1 << 14  # tokens a windows file holds at most (one window more, where one is wider)
+
+
+def windows_per_file(width: int) -> int:
+    """Windows a windows file holds, for windows at most `width` tokens long."""
+    return max(1, WINDOW_FILE_TOKENS // max(width, 1))
 
 
 def template(name: str = "viewer.html") -> str:
@@ -107,6 +145,10 @@ class ViewerWriter:
         self.shard += 1
         self.buf = []
 
+    def add_windows(self, k: int, payload_json: str):
+        """windows_<k>.js, its payload ({strings, windows}) already JSON."""
+        self.write(self.data / f"windows_{k}.js", _js_call("windows", str(k), payload_json))
+
     def finish(self, index: dict, summary: dict) -> Path:
         """Write the last shard, the search data, the index and the page; returns the page's path."""
         if self.buf:
@@ -154,14 +196,92 @@ def _shard_lines(path: Path) -> list[str]:
     return [line.removesuffix(",") for line in lines[1:-2]]
 
 
+def _rerun(folder) -> str:
+    return f"(rerun saepipe collate --force on the config that wrote {folder})"
+
+
+class _Records:
+    """Makes a records folder's compact records whole (the module docstring's format), reading
+    each windows file on first need and keeping the last KEPT_FILES of them: read_features over a
+    large SAE visits every file many times, but never holds the whole table."""
+
+    KEPT_FILES = 256
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.per_file: int | None = None
+        self.files: dict[int, list[tuple[int, int, list[int], list[str]]]] = {}
+
+    def feature(self, f: dict) -> dict:
+        """FeatureInfo `f` with every record a whole SequenceInfo (format-1 records stay as they are)."""
+        for key in ("top", "random"):
+            f[key] = [self.record(r) for r in f.get(key, [])]
+        for q in f.get("quantiles") or []:
+            q["examples"] = [self.record(r) for r in q["examples"]]
+        return f
+
+    def record(self, r) -> dict:
+        if isinstance(r, dict):
+            return r
+        w, idx, at, values = r[:4]
+        doc, start, ids, strings = self.window(w)
+        n = len(ids)
+        if len(at) != len(values) or not all(0 <= p < n for p in at) or not 0 <= idx < n:
+            raise UserError(f"{self.folder}: a record of window {w} does not fit it (positions {at}, {len(values)} "
+                            f"values, idx {idx}; {n} tokens) {_rerun(self.folder)}")
+        acts = [0.0] * n
+        for p, v in zip(at, values):
+            acts[p] = v
+        return {"doc_id": doc, "idx": idx, "act": r[4] if len(r) > 4 else acts[idx], "acts": acts,
+                "tokens": list(strings), "token_ints": list(ids), "window_start": start}
+
+    def window(self, w: int) -> tuple[int, int, list[int], list[str]]:
+        if self.per_file is None:
+            per = fsio.read_json(self.folder / "summary.json").get("windows_per_file")
+            if not isinstance(per, int) or per < 1:
+                raise UserError(f"{self.folder}: its records name token windows, but its summary.json gives no "
+                                f"windows_per_file {_rerun(self.folder)}")
+            self.per_file = per
+        k, at = divmod(w, self.per_file)
+        got = self.files.get(k)
+        if got is None:
+            got = self.files[k] = self._read(k)
+            if len(self.files) > self.KEPT_FILES:
+                del self.files[next(iter(self.files))]
+        if not 0 <= at < len(got):
+            raise UserError(f"{self.folder}: a record shows window {w}, which {DATA_DIR}/windows_{k}.js does not "
+                            f"hold {_rerun(self.folder)}")
+        return got[at]
+
+    def _read(self, k: int) -> list[tuple[int, int, list[int], list[str]]]:
+        path = self.folder / DATA_DIR / f"windows_{k}.js"
+        head, tail = f"saeViewer.windows({k}, ", ");\n"
+        try:
+            text = path.read_text(encoding="utf-8")
+            if not (text.startswith(head) and text.endswith(tail)):
+                raise ValueError("not a windows file")
+            data = _strict_json(text[len(head): -len(tail)])
+            table = {int(t): s for t, s in data["strings"].items()}
+            return [(doc, start, ids, own[0] if own else [table[t] for t in ids])
+                    for doc, start, ids, *own in data["windows"]]
+        except FileNotFoundError:
+            raise UserError(f"{self.folder}: {DATA_DIR}/windows_{k}.js is missing: the records were only partly "
+                            f"copied {_rerun(self.folder)}") from None
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{self.folder}: {DATA_DIR}/windows_{k}.js is unreadable ({type(e).__name__}: {e}) "
+                            f"{_rerun(self.folder)}") from None
+
+
 def read_features(folder) -> Iterator[dict]:
     """Every latent's FeatureInfo in a records folder, in latent order."""
     data = Path(folder) / DATA_DIR
+    whole = _Records(folder)
     for j in count():
         path = data / f"features_{j}.js"
         if not path.is_file():
             return
-        yield from map(_strict_json, _shard_lines(path))
+        for line in _shard_lines(path):
+            yield whole.feature(_strict_json(line))
 
 
 def read_feature(folder, i: int) -> dict:
@@ -172,7 +292,7 @@ def read_feature(folder, i: int) -> dict:
     lines = _shard_lines(path) if i >= 0 and path.is_file() else []
     if i % size >= len(lines):
         raise IndexError(f"latent {i} is not in {folder}")
-    return _strict_json(lines[i % size])
+    return _Records(folder).feature(_strict_json(lines[i % size]))
 
 
 # ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pipeline.collate import records
 from pipeline.collate import scan as S
 from pipeline.errors import UserError
 from pipeline.paths import records_dir
-from pipeline.collate.windows import TokenText
+from pipeline.collate.windows import TokenText, cut_windows, pick
 from pipeline.config import CollateConfig, config_from_dict
 from pipeline.saes import load_sae
 from pipeline.saes.topk import TopKSAE
@@ -308,6 +308,131 @@ def test_files_match_schema_and_brute_force(tmp_path, tokenizer_dir, tokenizer, 
             assert any(text[at - a: at - a + len(w)] == w for w, a, b in mine)
 
 
+EMOJI = "\N{GRINNING FACE}"
+
+
+def _made_records(root: Path, tokenizer_dir: Path, tokenizer, window):
+    """Collate's records of a store whose every third sequence holds an emoji (its bytes span
+    tokens), computed in memory and written to root / "out": (the folder, the Collator, the
+    Records, the config)."""
+    emoji = tokenizer.encode(" " + EMOJI, add_special_tokens=False)
+    assert any("\ufffd" in tokenizer.decode([t]) for t in emoji)  # a token holding part of a character
+    ids = tokenizer.encode(" ".join(CORPUS * 8), add_special_tokens=False)[: N_SEQ * CTX]
+    tokens = np.array(ids, dtype=np.int32).reshape(N_SEQ, CTX)
+    tokens[::3, 5: 5 + len(emoji)] = emoji
+    tokens[:, 0] = tokenizer.bos_token_id
+    acts = torch.randn(N_SEQ * CTX, D, generator=torch.Generator().manual_seed(0))
+    store = write_synthetic(root, acts, tokens, layer=0, chunk_rows=3 * CTX,
+                            attrs={"tokenizer": str(tokenizer_dir), "prepend_bos": True})
+    sae = make_sae()
+    cfg = CollateConfig(**make_cfg(root, window=window, n_quantiles=3, n_per_quantile=2)["collate"])
+    col = S.scan(store, 0, "resid_post", sae, cfg, "cpu")
+    recs = pick(col, cfg, CTX, root / "scratch")
+    cut_windows(store, 0, "resid_post", sae, recs, cfg, "cpu")
+    out = root / "out"
+    out.mkdir()
+    records.write_records(out, col, recs, TokenText(tokenizer), cfg, {"layer": 0, "hook": "resid_post"})
+    return out, col, recs, cfg
+
+
+def _dense_records(recs, col, tokenizer, latent: int) -> dict:
+    """Latent's records as collate holds them, each a whole SequenceInfo (acts and act at 6
+    decimals), built one by one: {"top", "random", "quantiles": [each present interval's]}."""
+    text = TokenText(tokenizer)
+    of_kind: dict[int, list[dict]] = {}
+    for r in range(int(recs.offsets[latent]), int(recs.offsets[latent + 1])):
+        slot, start, length = int(recs.slot[r]), int(recs.start[r]), int(recs.length[r])
+        ids = recs.tokens[slot, :length]
+        of_kind.setdefault(int(recs.kind[r]), []).append({
+            "doc_id": int(recs.row[r]) // CTX, "idx": int(recs.row[r]) % CTX - start,
+            "act": round(float(recs.act[r]), 6), "acts": [round(float(a), 6) for a in recs.acts[slot, :length]],
+            "tokens": text.strings(ids), "token_ints": ids.tolist(), "window_start": start})
+    present = np.flatnonzero(col.quantiles.present[latent].cpu().numpy()).tolist()
+    return {"top": of_kind.get(0, []), "random": of_kind.get(1, []),
+            "quantiles": [of_kind.get(2 + q, []) for q in present]}
+
+
+def _windows_files(out: Path) -> list[dict]:
+    files = []
+    for k in range(len(list((out / "viewer_data").glob("windows_*.js")))):
+        js = (out / f"viewer_data/windows_{k}.js").read_text()
+        head = f"saeViewer.windows({k}, "
+        assert js.startswith(head) and js.endswith(");\n")
+        files.append(_strict(js[len(head): -len(");\n")]))
+    return files
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_records_read_back_exactly_as_collate_made_them(tmp_path, tokenizer_dir, tokenizer, window):
+    """The files hold records compact (each window's tokens once, only the acts that are not 0),
+    yet read_feature and read_features give back every record exactly as collate computed it."""
+    out, col, recs, cfg = _made_records(tmp_path, tokenizer_dir, tokenizer, window)
+    features = list(viewer.read_features(out))
+    assert len(features) == N_LAT
+    n_records = 0
+    for latent, f in enumerate(features):
+        want = _dense_records(recs, col, tokenizer, latent)
+        assert f["top"] == want["top"] and f["random"] == want["random"], latent
+        assert [q["examples"] for q in f["quantiles"]] == want["quantiles"], latent
+        assert viewer.read_feature(out, latent) == f
+        n_records += len(f["top"]) + len(f["random"]) + sum(len(q["examples"]) for q in f["quantiles"])
+    assert n_records == len(recs.row) and any(f["quantiles"] for f in features)
+
+    # Each window the records show is stored once, in (doc_id, window_start) order, with its file's
+    # strings; those where the emoji spans tokens carry their own, which hold it whole.
+    shown = {(s["doc_id"], s["window_start"], len(s["tokens"]))
+             for f in features for s in f["top"] + f["random"] + [e for q in f["quantiles"] for e in q["examples"]]}
+    files = _windows_files(out)
+    stored = [(doc, start, len(ids)) for data in files for doc, start, ids, *_ in data["windows"]]
+    assert stored == sorted(shown)
+    per = json.loads((out / "summary.json").read_text())["windows_per_file"]
+    assert per == viewer.windows_per_file(CTX if window is None else 2 * window + 1)
+    assert [len(data["windows"]) for data in files[:-1]] == [per] * (len(files) - 1)
+    own = [w for data in files for w in data["windows"] if len(w) == 4]
+    assert own and any(EMOJI in w[3] for w in own)  # whole, on the token that completes it
+    assert all("".join(w[3]) == tokenizer.decode(w[2], clean_up_tokenization_spaces=False) for w in own)
+
+
+def test_records_on_disk_are_a_fraction_of_the_whole_records(tmp_path, tokenizer_dir, tokenizer):
+    """Whole-sequence windows: the shards and windows files take under a third of the bytes of the
+    same features with whole records (the format before), and an old folder of those still reads."""
+    out, col, recs, cfg = _made_records(tmp_path, tokenizer_dir, tokenizer, None)
+    data = out / "viewer_data"
+    compact = sum(p.stat().st_size for p in [*data.glob("features_*.js"), *data.glob("windows_*.js")])
+    features = list(viewer.read_features(out))
+    whole = sum(len(records._dumps(f)) + 2 for f in features)
+    assert compact < whole / 3, (compact, whole)
+
+    # The format before: whole records in the shards, no windows files, no records_format.
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    for p in (old / "viewer_data").glob("*_*.js"):
+        p.unlink()
+    for j in range(0, N_LAT, viewer.SHARD_SIZE):
+        body = ",\n".join(records._dumps(f) for f in features[j: j + viewer.SHARD_SIZE])
+        (old / f"viewer_data/features_{j // viewer.SHARD_SIZE}.js").write_text(
+            f"saeViewer.shard({j // viewer.SHARD_SIZE}, [\n{body}\n]);\n")
+    summary = json.loads((old / "summary.json").read_text())
+    del summary["records_format"], summary["windows_per_file"]
+    (old / "summary.json").write_text(json.dumps(summary))
+    assert list(viewer.read_features(old)) == features
+    assert viewer.read_feature(old, LOUD) == features[LOUD]
+
+
+def test_records_missing_their_windows_are_refused_in_one_line(tmp_path, tokenizer_dir, tokenizer):
+    out, *_ = _made_records(tmp_path, tokenizer_dir, tokenizer, None)
+    assert viewer.read_feature(out, ALWAYS)["top"]
+    (out / "viewer_data/windows_0.js").unlink()
+    with pytest.raises(UserError, match=r"windows_0\.js is missing.*\(rerun saepipe collate --force") as e:
+        viewer.read_feature(out, ALWAYS)
+    assert "\n" not in str(e.value)
+    summary = json.loads((out / "summary.json").read_text())
+    del summary["windows_per_file"]
+    (out / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError, match=r"gives no windows_per_file \(rerun saepipe collate --force"):
+        list(viewer.read_features(out))
+
+
 def test_picked_word_joins_a_word_across_tokens():
     toks = ["import", " Dep", "rec", "ated", "(", "x", ") ", "\n", " a", "b", "c", "d", "e", "f", "g"]
     assert records.picked_word(toks, 2) == (" Deprecated(x) ", 4, 7)  # no whitespace until ") "
@@ -417,6 +542,14 @@ def test_changed_settings_or_sae_redo_stale_records(tmp_path, tokenizer_dir, cap
     stage.run(config_from_dict(make_cfg(tmp_path, n_top=3)))
     assert "predate" in capsys.readouterr().out
     assert "fingerprint" in json.loads((out / "done").read_text())
+
+    # Records in an older format (their fingerprint names none) are redone in this one.
+    done = json.loads((out / "done").read_text())
+    del done["fingerprint"]["records.format"]
+    (out / "done").write_text(json.dumps(done))
+    stage.run(config_from_dict(make_cfg(tmp_path, n_top=3)))
+    assert f"records.format (not recorded; now {viewer.RECORDS_FORMAT})" in capsys.readouterr().out
+    assert json.loads((out / "done").read_text())["fingerprint"]["records.format"] == viewer.RECORDS_FORMAT
 
 
 def test_collate_holds_a_lock_per_layer_and_hook(tmp_path, tokenizer_dir, monkeypatch):

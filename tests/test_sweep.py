@@ -337,7 +337,8 @@ def test_collate_of_a_sweep_reads_the_store_once_for_all_members(tmp_path, monke
                                       "train": {**raw["train"], "sweep": None}}))
         apart += sum(reads.values())
         mine, theirs = records_dir(tmp_path / "run", 1, "resid_post", m), records_dir(alone, 1, "resid_post")
-        files = sorted(p.relative_to(theirs) for p in theirs.rglob("features_*.js"))  # (the others name the member)
+        # The records (the other files name the member).
+        files = sorted(p.relative_to(theirs) for name in ("features_*.js", "windows_*.js") for p in theirs.rglob(name))
         assert files and all((mine / f).read_bytes() == (theirs / f).read_bytes() for f in files), m
     assert apart - together == n_chunks
 

@@ -400,13 +400,18 @@ def test_excluded_bos_is_unshaded_and_left_out_of_the_colour_scale(bos_records, 
     assert first["window_start"] == 0 and first["acts"][0] == 0.0 and first["acts"][first["idx"]] == first["act"]
 
     # Even a record that carries a value there (records from an older saepipe) must not
-    # shade BOS or scale the other tokens by it: plant a huge one in the shard file.
+    # shade BOS or scale the other tokens by it: plant a huge one in the shard file, where a
+    # record keeps its acts as [w, idx, positions, values] (pipeline.viewer).
     shard = folder / "viewer_data/features_0.js"
     prefix = "saeViewer.shard(0, ["
     text = shard.read_text()
     body = json.loads("[" + text[len(prefix): text.rindex("]")] + "]")
-    body[0]["top"][0]["acts"][0] = 1000.0
+    stored = body[0]["top"][0]
+    assert 0 not in stored[2]
+    stored[2].insert(0, 0)
+    stored[3].insert(0, 1000.0)
     shard.write_text(prefix + "\n" + ",\n".join(json.dumps(f) for f in body) + "\n]);\n")
+    assert read_feature(folder, 0)["top"][0]["acts"] == [1000.0] + first["acts"][1:]
 
     _open(browser, bos_records, "#0", "0")
     spans = browser.find_element(By.ID, "top").find_element(By.CLASS_NAME, "record").find_elements(By.CLASS_NAME, "tok")
@@ -417,6 +422,50 @@ def test_excluded_bos_is_unshaded_and_left_out_of_the_colour_scale(bos_records, 
     assert "excluded" in bos.get_attribute("title")
     # The picked token holds the latent's largest act shown: full colour, not scaled by 1000.
     assert browser.execute_script(colour, spans[first["idx"]]) == "rgb(234, 88, 12)"
+
+
+EMOJI = "\N{GRINNING FACE}"
+
+
+@pytest.fixture(scope="module")
+def emoji_records(tmp_path_factory):
+    """A collated run whose every third sequence holds an emoji, its bytes spread over tokens, so
+    those windows read in context (their own strings in the windows files), beside plain ones."""
+    root = tmp_path_factory.mktemp("emoji")
+    tok = make_tokenizer(root / "tok")
+    emoji = tok.encode(" " + EMOJI, add_special_tokens=False)
+    ids = tok.encode(" ".join(CORPUS * 4), add_special_tokens=False)[: N_SEQ * CTX]
+    tokens = np.array(ids, dtype=np.int32).reshape(N_SEQ, CTX)
+    tokens[::3, 4: 4 + len(emoji)] = emoji
+    acts = torch.randn(N_SEQ * CTX, D, generator=torch.Generator().manual_seed(0))
+    write_synthetic(root, acts, tokens, attrs={"tokenizer": str(root / "tok")})
+    torch.manual_seed(0)
+    TopKSAE(D, 32, 4).save(root / "saes/0/resid_post")
+    return collate(root)
+
+
+def test_every_record_is_drawn_as_read_feature_gives_it(emoji_records, browser):
+    """The page makes the stored compact records whole as read_feature does: each record of a
+    latent (top, every interval's, random) shows its window's tokens, each with its act and id."""
+    from selenium.webdriver.common.by import By
+
+    folder = emoji_records.parent
+    index = json.loads((folder / "index.json").read_text())
+    latent = max(index["latents"], key=lambda r: r["density"])["id"]
+    f = read_feature(folder, latent)
+    shown = f["top"] + [s for q in reversed(f["quantiles"]) for s in q["examples"]] + f["random"]
+    assert any(EMOJI in s["tokens"] for s in shown) and any(EMOJI not in "".join(s["tokens"]) for s in shown)
+
+    _open(browser, emoji_records, f"#{latent}", str(latent))
+    drawn = browser.execute_script("""
+        return ["top", "quantiles", "random"].flatMap((id) =>
+          [...document.getElementById(id).querySelectorAll(".record")].map((rec) =>
+            [...rec.querySelectorAll(".tok")].map((s) => [s.textContent, +s.dataset.act, s.title])));""")
+    assert len(drawn) == len(shown)
+    for s, spans in zip(shown, drawn):
+        assert [t for t, _, _ in spans] == [t.replace("\n", "\u21b5\n") for t in s["tokens"]]
+        assert [a for _, a, _ in spans] == s["acts"]
+        assert all(title.endswith(f"(token {i})") for (_, _, title), i in zip(spans, s["token_ints"]))
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,20 @@
 it was made from the inputs at hand.
 
     viewer_data/        the records, stored once: shards of 64 latents' FeatureInfo
-                        (OpenAI sae-viewer's schema, plus stats), one JSON line each,
-                        which the viewer loads and viewer.read_feature(s) reads
+                        (OpenAI sae-viewer's schema, plus stats), one JSON line each, each
+                        record compact (a window number, its act's nonzero positions and
+                        values) and each token window once, in windows files; the viewer
+                        and viewer.read_feature(s) make them whole (pipeline.viewer has the
+                        format)
     index.json          the latent list: id, density, max_act, common top tokens
     summary.json        counts over the whole store: n_tokens, dead, ultra-rare, ...;
+                        `records_format` and `windows_per_file`, how the records lie;
                         `lens_quality`, `decoder_neighbors`, `cooccurrence` (below);
                         for an SAE that groups its latents (Dictionary.latent_groups),
                         `latent_groups`: each group's range and live/dead counts
     viewer.html         the static viewer (pipeline.viewer)
     done                written last: the fingerprint of what the records were made
-                        from (SAE weights, output-deciding settings)
+                        from (SAE weights, output-deciding settings, the records' format)
 
 The logit lens: each latent's decoder row W_dec[i] through the model's final norm
 and unembedding, logits = W_U norm(W_dec[i]) (the norm's gain folded in, its bias
@@ -357,60 +361,99 @@ def picked_word(strings: list[str], idx: int) -> tuple[str, int, int]:
     return "".join(strings[lo: hi + 1]), start, start + len(strings[idx])
 
 
+@dataclasses.dataclass
+class Windows:
+    """The distinct windows the records show, numbered in (doc, start, length) order, the order of
+    the viewer's windows files: record r shows window of_record[r] [R]; window w [n_windows each]
+    is tokens start[w]:start[w] + length[w] of sequence doc[w], found in row slot[w] of
+    Records.tokens."""
+    of_record: np.ndarray
+    doc: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+    slot: np.ndarray
+
+
+def number_windows(recs: Records, ctx: int) -> Windows:
+    """The windows of `recs`, each once (Windows)."""
+    doc = recs.row // ctx
+    # One integer per (doc, start, length) that sorts as the triple does: start < ctx, length <= ctx.
+    key = (doc * (ctx + 1) + recs.start) * (ctx + 1) + recs.length
+    _, first, of_record = np.unique(key, return_index=True, return_inverse=True)
+    return Windows(of_record.reshape(-1), doc[first], recs.start[first], recs.length[first], recs.slot[first])
+
+
+def write_windows(view: viewer.ViewerWriter, wins: Windows, recs: Records, text: TokenText,
+                  ctx: int) -> tuple[list[tuple[str, int, int] | None], int]:
+    """The viewer's windows files (pipeline.viewer's format): each window's token ids once, with
+    its file's table of their strings. Returns (each record's picked word, picked_word's, None but
+    for top records, the only ones the search reads; the windows a file holds). The words are made
+    here, where each window's strings are at hand once however many records show it."""
+    picked: list[tuple[str, int, int] | None] = [None] * len(recs.row)
+    idx = (recs.row % ctx - recs.start).tolist()
+    top = np.flatnonzero(recs.kind == 0)
+    top = top[np.argsort(wins.of_record[top], kind="stable")]
+    # Window w's top records: top[top_of[w]:top_of[w + 1]].
+    top_of = np.searchsorted(wins.of_record[top], np.arange(len(wins.doc) + 1)).tolist()
+    top = top.tolist()
+    docs, starts, lengths, slots = (a.tolist() for a in (wins.doc, wins.start, wins.length, wins.slot))
+    per_file = viewer.windows_per_file(recs.tokens.shape[1])
+    for k, lo in enumerate(range(0, len(docs), per_file)):
+        table: dict[int, str] = {}
+        rows = []
+        for w in range(lo, min(lo + per_file, len(docs))):
+            ids = np.asarray(recs.tokens[slots[w], : lengths[w]], dtype=np.int64)
+            strings, pieces, id_list = text.strings(ids), text.pieces(ids), ids.tolist()
+            if strings == pieces:
+                table.update(zip(id_list, pieces))
+                own = ""
+            else:  # a character spans tokens: the window reads in context
+                own = "," + _dumps(strings)
+            rows.append(f"[{docs[w]},{starts[w]},[{','.join(map(str, id_list))}]{own}]")
+            words: dict[int, tuple[str, int, int]] = {}  # the latents firing on one token share its word
+            for r in top[top_of[w]: top_of[w + 1]]:
+                if idx[r] not in words:
+                    words[idx[r]] = picked_word(strings, idx[r])
+                picked[r] = words[idx[r]]
+        strings_json = _dumps({str(t): table[t] for t in sorted(table)})
+        view.add_windows(k, f'{{"strings":{strings_json},"windows":[\n' + ",\n".join(rows) + "\n]}")
+    return picked, per_file
+
+
 class _RecordText:
-    """The JSON of records (OpenAI sae-viewer's SequenceInfo), a block of records at a time.
+    """The JSON of compact records (pipeline.viewer's format: [w, idx, at, values(, act)]), a
+    block of records at a time, every block's numbers formatted at once (json_number_arrays)."""
 
-    Many records share a window (a sequence holds the top acts of several latents), so its
-    tokens' JSON is made once and kept, up to WINDOWS_KEPT windows."""
+    def __init__(self, recs: Records, window_of: np.ndarray, ctx: int):
+        self.recs, self.window_of, self.ctx = recs, window_of, ctx
 
-    WINDOWS_KEPT = 1 << 16
-
-    def __init__(self, recs: Records, text: TokenText, ctx: int):
-        self.recs, self.text, self.ctx = recs, text, ctx
-        self.windows: dict[tuple[int, int, int], tuple[list[str], str, str]] = {}
-        # Likewise a picked word: the latents firing on one token share it.
-        self.words: dict[tuple[int, int, int, int], tuple[str, int, int]] = {}
-
-    def _window(self, doc: int, start: int, length: int, slot: int) -> tuple[list[str], str, str]:
-        """(token strings, their JSON, the ids' JSON) of a record's window."""
-        key = (doc, start, length)
-        got = self.windows.get(key)
-        if got is None:
-            ids = self.recs.tokens[slot, :length]
-            strings = self.text.strings(ids)
-            got = (strings, _dumps(strings), "[" + ",".join(map(str, ids.tolist())) + "]")
-            if len(self.windows) >= self.WINDOWS_KEPT:
-                self.windows.clear()
-                self.words.clear()
-            self.windows[key] = got
-        return got
-
-    def block(self, lo: int, hi: int) -> tuple[list[str], list[tuple[str, int, int] | None], list[float], list[int]]:
-        """For records lo:hi: (each one's JSON, the word at its picked position (picked_word) for a
-        top record (None for the others: the search reads top records only), its act as written,
-        its kind). The acts of all of them are formatted at once (json_number_arrays)."""
-        recs, ctx = self.recs, self.ctx
+    def block(self, lo: int, hi: int) -> tuple[list[str], list[float], list[int]]:
+        """For records lo:hi: (each one's JSON, its act as written, its kind)."""
+        recs = self.recs
         slots, lengths = recs.slot[lo:hi], recs.length[lo:hi]
-        acts = json_number_arrays(np.asarray(recs.acts[slots]).reshape(len(slots), recs.acts.shape[1]), lengths)
-        act = recs.act[lo:hi, None]
-        act_text = json_number_arrays(act, np.ones(len(act), np.int64))
-        rows, starts = recs.row[lo:hi], recs.start[lo:hi]
-        docs, idxs = (rows // ctx).tolist(), (rows % ctx - starts).tolist()
-        kinds = recs.kind[lo:hi].tolist()
-        blobs, picked = [], []
-        for j, (doc, idx, start, length, slot) in enumerate(zip(docs, idxs, starts.tolist(), lengths.tolist(),
-                                                                slots.tolist())):
-            strings, tokens, ints = self._window(doc, start, length, slot)
-            blobs.append(f'{{"doc_id":{doc},"idx":{idx},"act":{act_text[j][1:-1]},"acts":{acts[j]},'
-                         f'"tokens":{tokens},"token_ints":{ints},"window_start":{start}}}')
-            word = None
-            if kinds[j] == 0:
-                key = (doc, start, length, idx)
-                word = self.words.get(key)
-                if word is None:
-                    word = self.words[key] = picked_word(strings, idx)
-            picked.append(word)
-        return blobs, picked, np.round(act[:, 0].astype(np.float64), 6).tolist(), kinds
+        n = len(slots)
+        values = np.asarray(recs.acts[slots]).reshape(n, recs.acts.shape[1])
+        # The acts that are not 0 as written (in millionths, as json_number_arrays rounds them):
+        # every other one reads back as 0.0.
+        m = np.rint(values.astype(np.float64) * 1e6)
+        kept = (m != 0) & (np.arange(values.shape[1])[None, :] < lengths[:, None])
+        count = kept.sum(1)
+        rec, at = np.nonzero(kept)  # each record's positions, in order
+        ends = np.cumsum(count)
+        packed = np.zeros((n, int(count.max(initial=0))), values.dtype)
+        packed[rec, np.arange(len(rec)) - np.repeat(ends - count, count)] = values[rec, at]
+        value_text = json_number_arrays(packed, count)
+        act = recs.act[lo:hi]
+        act_text = json_number_arrays(act[:, None], np.ones(n, np.int64))
+        idx = recs.row[lo:hi] % self.ctx - recs.start[lo:hi]
+        own_act = (np.rint(act.astype(np.float64) * 1e6) != m[np.arange(n), idx]).tolist()
+        at, ends = at.tolist(), ends.tolist()
+        blobs = []
+        for j, (w, i) in enumerate(zip(self.window_of[lo:hi].tolist(), idx.tolist())):
+            positions = ",".join(map(str, at[ends[j] - int(count[j]): ends[j]]))
+            tail = f",{act_text[j][1:-1]}]" if own_act[j] else "]"
+            blobs.append(f"[{w},{i},[{positions}],{value_text[j]}{tail}")
+        return blobs, np.round(act.astype(np.float64), 6).tolist(), recs.kind[lo:hi].tolist()
 
 
 def _top_tokens(picked: list[str], n: int = 3, limit: int = 48) -> str:
@@ -490,19 +533,21 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
         partners = _related(p_ids, p_jac, "jaccard", p_count)
 
     view = viewer.ViewerWriter(out, write_atomic)
-    rec_text = _RecordText(recs, text, ctx)
+    wins = number_windows(recs, ctx)
+    picked_words, per_file = write_windows(view, wins, recs, text, ctx)
+    rec_text = _RecordText(recs, wins.of_record, ctx)
     latents = []
     block = 256  # latents whose records are made at once
     for i in tqdm(range(n), unit="latent", desc=f"write {meta['layer']}/{meta['hook']}", mininterval=1.0):
         if i % block == 0:
             lo = int(recs.offsets[i])
-            blobs, tokens, acts, kinds = rec_text.block(lo, int(recs.offsets[min(n, i + block)]))
+            blobs, acts, kinds = rec_text.block(lo, int(recs.offsets[min(n, i + block)]))
         mine = range(int(recs.offsets[i]) - lo, int(recs.offsets[i + 1]) - lo)
         of_kind: dict[int, list[int]] = {}  # Records.kind -> this latent's records, best or smallest key first
         for j in mine:
             of_kind.setdefault(kinds[j], []).append(j)
         top, random = of_kind.get(0, []), of_kind.get(1, [])
-        words = [tokens[j] for j in top]
+        words = [picked_words[lo + j] for j in top]
         picked = [word[a:b] for word, a, b in words]
         max_act = acts[top[0]] if top else 0.0
         m1, m2, m3, m4 = (float(s) for s in sums[:, i])
@@ -552,6 +597,8 @@ def write_records(out: Path, col: Collator, recs: Records, text: TokenText, cfg:
         "n_per_quantile": cfg.n_per_quantile,
         "seed": cfg.seed,
         "window": cfg.window,
+        "records_format": viewer.RECORDS_FORMAT,  # how the records lie on disk (pipeline.viewer)
+        "windows_per_file": per_file,
         "logit_lens": lens_note,
         "decoder_neighbors": {"k": N_RELATED, "measure": "cosine of the decoder rows"} if near is not None else None,
         "cooccurrence": ({"k": N_RELATED, "measure": "jaccard: tokens both fire on / tokens either fires on"}
@@ -588,7 +635,7 @@ def fingerprint(cfg: CollateConfig, sae_folder: Path) -> dict:
     """What the records were made from, as flat `key: value` pairs named like the config."""
     marker = saved_marker(sae_folder) or {}
     return {**{f"collate.{k}": getattr(cfg, k) for k in OUTPUT_KEYS}, "logit_lens.k": LENS_K,
-            "sae.sha256": marker.get("sha256")}
+            "records.format": viewer.RECORDS_FORMAT, "sae.sha256": marker.get("sha256")}
 
 
 def changed_settings(out: Path, want: dict) -> list[str] | None:
