@@ -45,8 +45,9 @@ from pathlib import Path
 
 import torch
 
-# Run as a script, bench/ leads sys.path, and bench/kernels.py would shadow the `kernels` package
-# transformers imports: the repository instead.
+# Run as a script, bench/ leads sys.path, where a script named like a package (bench/kernels.py
+# once shadowed the `kernels` transformers imports; tests/test_bench_names.py)
+# would win: the repository instead.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))

@@ -28,8 +28,9 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 REPO = _HERE.parent
-# Run as a script, bench/ leads sys.path, and bench/kernels.py would shadow the `kernels` package
-# transformers imports (in the spawned children too, which import this file first).
+# Run as a script, bench/ leads sys.path, where a script named like a package (bench/kernels.py
+# once shadowed the `kernels` transformers imports; tests/test_bench_names.py)
+# would win (in the spawned children too, which import this file first).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(REPO))
 

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-# python puts this script's folder first on sys.path, and bench/ holds modules (kernels.py, eval.py, ...)
+# python puts this script's folder first on sys.path, and bench/ holds modules (kernel_speed.py, eval.py, ...)
 # named like packages transformers imports (hub `kernels`): drop it, so every import is the peer venv's.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]

@@ -43,8 +43,9 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-# Run as a script, bench/ leads sys.path, and bench/kernels.py would shadow the `kernels` package
-# transformers imports: take bench/ off, and load peers.py from its file.
+# Run as a script, bench/ leads sys.path, where a script named like a package (bench/kernels.py
+# once shadowed the `kernels` transformers imports; tests/test_bench_names.py) would win:
+# take bench/ off, and load peers.py from its file.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 _spec = importlib.util.spec_from_file_location("bench_peers", HERE / "peers.py")

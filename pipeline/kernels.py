@@ -388,7 +388,7 @@ def _scatter_outer_kernel(
 # uses ~80-100 registers per thread and no spills -- decode 16x128 tiles with
 # 8 warps, gather_dot and scatter_outer 16x128 with 4 warps (32x128 with 4
 # warps needed 128-250 registers).  Every *_triton function takes the block
-# sizes and num_warps as keywords for benchmarks (bench/kernels.py) and tests.
+# sizes and num_warps as keywords for benchmarks (bench/kernel_speed.py) and tests.
 # --------------------------------------------------------------------------
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Benchmark the sparse kernels (pipeline/kernels.py) against their torch references.
 
-    python bench/kernels.py [--B 4096] [--d 768] [--n 32768] [--k 32] [--dtype bf16]
+    python bench/kernel_speed.py [--B 4096] [--d 768] [--n 32768] [--k 32] [--dtype bf16]
 
 On CUDA: times each Triton kernel and its torch reference and reports the
 achieved GB/s against a simple bytes-moved estimate (each gathered row read
