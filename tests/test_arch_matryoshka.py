@@ -20,7 +20,8 @@ from pipeline.train import reconstruction_loss
 from test_arch_batchtopk import batch, dense_aux, dense_batch_topk, kept_pairs, tiny, train_config
 from test_train import cli, random_store, sae_folder, write_config
 
-SIZES = [2, 6, 14, 30, 64]  # the default prefixes 1/32, 3/32, 7/32, 15/32, 1 of 64 latents
+DEFAULT = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0]
+SIZES = [2, 4, 8, 16, 32, 48, 64]  # DEFAULT of 64 latents
 
 
 def dense_matryoshka(sae, x, dormant, k_aux, aux_alpha, weights):
@@ -34,7 +35,7 @@ def dense_matryoshka(sae, x, dormant, k_aux, aux_alpha, weights):
     return loss + aux_alpha * dense_aux(sae, x, z, hats[-1], dormant, k_aux), hats, keep
 
 
-@pytest.mark.parametrize("weights", [None, [0.5, 0.0, 2.0, 1.0, 3.0]], ids=["equal", "weighted"])
+@pytest.mark.parametrize("weights", [None, [0.5, 0.0, 2.0, 1.0, 3.0, 0.0, 1.5]], ids=["equal", "weighted"])
 @pytest.mark.parametrize("candidates", [1, 4], ids=["c=k", "c=4k"])
 def test_nested_prefix_loss_and_gradients_match_dense_autograd(monkeypatch, weights, candidates):
     monkeypatch.setattr(bt, "CANDIDATES", candidates)
@@ -50,7 +51,7 @@ def test_nested_prefix_loss_and_gradients_match_dense_autograd(monkeypatch, weig
     ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
 
-    ref, hats, keep = dense_matryoshka(sae, x, dormant, 8, 0.25, weights or [1.0] * 5)
+    ref, hats, keep = dense_matryoshka(sae, x, dormant, 8, 0.25, weights or [1.0] * len(SIZES))
     assert kept_pairs(o.idx, o.vals) == {tuple(p) for p in keep.nonzero().tolist()}
     for i, h in enumerate(hats):
         torch.testing.assert_close(o.prefix_hats[:, i], h, msg=f"prefix {i}")
@@ -75,12 +76,12 @@ def test_inference_is_batchtopks_threshold_rule():
 def test_each_latents_group_is_saved_and_loaded(tmp_path):
     sae = tiny(MatryoshkaSAE).float()
     groups = sae.groups()
-    assert torch.bincount(groups).tolist() == [2, 4, 8, 16, 34] and groups[1] == 0 and groups[2] == 1
+    assert torch.bincount(groups).tolist() == [2, 2, 4, 8, 16, 16, 16] and groups[1] == 0 and groups[2] == 1
     sae.forward_train(batch().float(), estimate=True)
     sae.save(tmp_path / "sae")
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "matryoshka" and cfg["prefix_sizes"] == SIZES
-    assert cfg["prefixes"] == [1 / 32, 3 / 32, 7 / 32, 15 / 32, 1.0]
+    assert cfg["prefixes"] == DEFAULT
     back = load_sae(tmp_path / "sae")
     assert type(back) is MatryoshkaSAE and torch.equal(back.groups(), groups)
     assert back.threshold.item() == pytest.approx(sae.threshold.item())
@@ -100,7 +101,7 @@ def _sae(**sae):
 
 def test_prefix_settings():
     st = _sae(k=8)
-    assert st.prefixes == [1 / 32, 3 / 32, 7 / 32, 15 / 32, 1.0] and st.prefix_weights is None
+    assert st.prefixes == DEFAULT and st.prefix_weights is None
     assert st.model_keys() == ("k", "prefixes")
     assert _sae(prefixes=[0.25, 0.5, 1], prefix_weights=[1, 0, 2]).prefix_weights == [1.0, 0.0, 2.0]
 
@@ -111,9 +112,9 @@ def test_prefix_settings():
     ({"prefixes": [0.25, 0.5]}, "the last 1"),
     ({"prefixes": [0, 1]}, "must be increasing fractions"),
     ({"prefixes": []}, "must be increasing fractions"),
-    ({"prefix_weights": [1, 1]}, "train.sae.prefix_weights = [1.0, 1.0] must be 5 weights >= 0"),
-    ({"prefix_weights": [1, 1, -1, 1, 1]}, "must be 5 weights >= 0"),
-    ({"prefix_weights": [0, 0, 0, 0, 0]}, "not all 0"),
+    ({"prefix_weights": [1, 1]}, "train.sae.prefix_weights = [1.0, 1.0] must be 7 weights >= 0"),
+    ({"prefix_weights": [1, 1, -1, 1, 1, 1, 1]}, "must be 7 weights >= 0"),
+    ({"prefix_weights": [0] * 7}, "not all 0"),
 ])
 def test_bad_prefixes_are_one_line(sae, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as e:
@@ -122,8 +123,8 @@ def test_bad_prefixes_are_one_line(sae, message):
 
 
 def test_prefixes_too_fine_for_the_width_are_refused_when_it_is_known():
-    with pytest.raises(UserError, match=re.escape("train.sae.prefixes = [0.03125, 0.09375, 0.21875, 0.46875, 1.0] "
-                                                  "of n_latents = 16 give prefix sizes [0, 2, 4, 8, 16]")):
+    with pytest.raises(UserError, match=re.escape("train.sae.prefixes = [0.03125, 0.0625, 0.125, 0.25, 0.5, 0.75, 1.0] "
+                                                  "of n_latents = 16 give prefix sizes [0, 1, 2, 4, 8, 12, 16]")):
         MatryoshkaSettings().resolve(8, 16, 256, "", "n_latents = 16")
     assert MatryoshkaSettings(k=4).resolve(8, 64, 256, "", "w").prefixes[0] == 1 / 32
 
@@ -133,14 +134,14 @@ def test_saepipe_train_end_to_end(tmp_path):
     raw = train_config(tmp_path / "run", arch="matryoshka", n_tokens=256 * 100, eval_every=50, log_every=20)
     code, out = cli("train", write_config(tmp_path / "c.yaml", raw))
     assert code == 0, out
-    assert "matryoshka: k 4, prefixes [0.03125, 0.09375, 0.21875, 0.46875, 1.0]" in out
+    assert "matryoshka: k 4, prefixes [0.03125, 0.0625, 0.125, 0.25, 0.5, 0.75, 1.0]" in out
     folder = sae_folder(tmp_path / "run")
     cfg = json.loads((folder / "cfg.json").read_text())
-    assert cfg["prefix_sizes"] == [8, 24, 56, 120, 256] and cfg["eval"]["fvu"] < 0.7
+    assert cfg["prefix_sizes"] == [8, 16, 32, 64, 128, 192, 256] and cfg["eval"]["fvu"] < 0.7
     assert 0.8 * 4 <= cfg["eval"]["l0"] <= 1.2 * 4, cfg["eval"]
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").open()]
     train = [r for r in rows if r["split"] == "train"]
-    # the loss adds the four smaller prefixes' FVUs (each >= the whole dictionary's) to the logged fvu
+    # the loss adds the six smaller prefixes' FVUs (each >= the whole dictionary's) to the logged fvu
     assert all(r["loss"] > 2 * r["fvu"] for r in train)
     assert type(load_sae(folder)) is MatryoshkaSAE
 
