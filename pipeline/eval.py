@@ -11,8 +11,17 @@ token the SAE was trained on) go through the causal LM three times per batch:
 Positions the SAE was not trained on (BOS, when the SAE's exclude_bos and the
 store prepended it) pass through unchanged in both the spliced and the zero run,
 so the two runs differ from the clean one at the same positions. The clean run
-is shared by every SAE and its log-softmax serves both CE and KL, so N SAEs
-cost 1 + 2N forwards per batch.
+is shared by every SAE. The zero run uses nothing of the SAE: one serves every SAE
+of its (layer, hook, BOS rule), and its CE is kept in the run (ZeroCache) for every
+later eval of that layer and hook on the same model and windows. So N SAEs of one
+(layer, hook) cost 1 + N forwards per batch, and one more the first time. The
+spliced and zero runs start from the clean run's output of the block before the
+hooked one (of the hooked block itself for resid_post), and every run's LM head
+covers only the positions scored.
+
+CE and KL come from each row's logsumexp and the logits themselves, a few rows at
+a time (no [N, vocab] log-softmax is written): CE = logsumexp - logit of the
+target, and log p - log q = (clean - spliced logits) - (their logsumexps' difference).
 
 Reported per SAE, into saes/<L>/<hook>/eval.json (strict JSON, atomic), with the
 standard next-token shift (window position t predicts token t + 1):
@@ -27,6 +36,12 @@ standard next-token shift (window position t predicts token t + 1):
     n_tokens                        tokens forwarded (windows x context_size)
     sae_sha256                      the SAE weights these numbers belong to
     fingerprint                     everything the numbers depend on (fingerprint())
+
+The zero-ablated CE is cached in saes/<L>/ce_zero-<hook>-<key>.json (ZeroCache, atomic,
+checksummed), keyed by everything it depends on: eval's fingerprint less the SAE, plus a
+digest of the loaded weights, a sha256 of the very windows, the device type and the batch
+size. A file of another key, or one that fails its checksum, is never used; force
+recomputes and rewrites it.
 
 A finished eval is skipped unless force, while its fingerprint still holds: the
 SAE's weights, layer, hook and whether BOS passes through; the model's name
@@ -48,6 +63,7 @@ the input hook's activation in the same forward, and zero-ablated there; fvu is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -57,7 +73,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import fsio, plots, viewer
@@ -67,9 +82,9 @@ from pipeline.errors import UserError
 from pipeline.fsio import target_locks, write_atomic
 from pipeline.harvest import diffs, run_fingerprint
 from pipeline.metrics import ReconStats
-from pipeline.model import (ActivationCapture, check_context_size, load_causal_lm, record_block_outputs,
-                            resume_after_block, splice)
-from pipeline.paths import EVAL_FILE, frontier_stem, leaf, model_key, sae_dir, split_leaf
+from pipeline.model import (ActivationCapture, check_context_size, load_causal_lm, model_digest, record_block_outputs,
+                            replace_hidden, resume_after_block, scored_logits, splice)
+from pipeline.paths import EVAL_FILE, frontier_stem, leaf, model_key, sae_dir, split_leaf, zero_ablation_file
 from pipeline.saes import DEFAULT, Dictionary, load_sae, saved_cfg, saved_marker, trained
 from pipeline.store import ActivationStore, Location
 
@@ -107,6 +122,7 @@ class Plan:
     windows: np.ndarray | None  # int32 [n, context_size]: the held-out windows
     saes: dict  # Target.key -> Dictionary on the device, taking raw activations
     pass_through: dict  # Target.key -> whether position 0 (BOS) passes through unchanged
+    zero: ZeroCache | None = None  # where zero-ablated CEs are reused from and kept; None: computed every time
 
 
 @dataclass
@@ -162,6 +178,102 @@ def read_done(folder: Path, fp: dict) -> tuple[dict | None, list[str]]:
     return (row, []) if not changed else (None, changed)
 
 
+def zero_key(cfg: Config, w: Windows, corpus: dict, model, windows: np.ndarray) -> dict:
+    """What a zero-ablated CE depends on besides (layer, hook, BOS rule), for ZeroCache: eval's
+    fingerprint less the SAE, and what that fingerprint takes on trust, since one cache file
+    serves many SAEs and runs: a digest of the weights loaded (a model folder replaced under
+    the same name) and a sha256 of the windows int [n, context_size] themselves (a hub dataset
+    or tokenizer that changed). Device type and batch size change only rounding, but they are
+    in the key too, so a reused CE is the one this eval would compute."""
+    ids = np.ascontiguousarray(windows, dtype=np.int64)
+    return {
+        "format": FORMAT, "model.name": model_key(cfg.model.name), "model.revision": cfg.model.revision,
+        "model.dtype": cfg.model.dtype, "model.digest": model_digest(model), **corpus,
+        "context_size": w.context_size, "prepend_bos": w.prepend_bos, "held_out_after": w.skip,
+        "eval.n_tokens": cfg.eval.n_tokens,
+        "windows.sha256": hashlib.sha256(repr(ids.shape).encode() + ids.tobytes()).hexdigest(),
+        "device": next(model.parameters()).device.type, "eval.batch_size": cfg.eval.batch_size,
+    }
+
+
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+@dataclass
+class ZeroCache:
+    """The zero-ablated CE of each (layer, hook, BOS rule) on one run's held-out windows, kept in
+    the run (pipeline.paths.zero_ablation_file) for every SAE spliced there, in this eval and later
+    ones: zeroing the activation uses nothing of the SAE.
+
+    An entry's key is `key` (zero_key) with the layer, the hook zeroed and whether BOS passes
+    through; the file is named by a digest of it and holds the key, the CE and a sha256 of both.
+    It is used only when all three agree: a file of another key, a torn or edited one, is
+    recomputed and rewritten (written atomically, so a kill leaves the old file or the new)."""
+    run_dir: Path
+    key: dict
+    force: bool = False  # recompute every entry this eval needs (and rewrite it)
+
+    def entry(self, layer: int, hook: str, pass_bos: bool) -> dict:
+        """The entry's whole key, as JSON gives it back (a tuple in it reads back as a list)."""
+        return json.loads(_canonical({**self.key, "layer": layer, "hook": hook, "pass_bos": pass_bos}))
+
+    def path(self, layer: int, hook: str, pass_bos: bool) -> Path:
+        digest = hashlib.sha256(_canonical(self.entry(layer, hook, pass_bos))).hexdigest()[:16]
+        return zero_ablation_file(self.run_dir, layer, hook, digest)
+
+    def read(self, layer: int, hook: str, pass_bos: bool) -> float | None:
+        """The CE kept for this entry; None when there is none to trust (a file there that is not
+        trusted is named, with why, in one line)."""
+        if self.force:
+            return None
+        path = self.path(layer, hook, pass_bos)
+        try:
+            row = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            row, why = None, f"unreadable: {type(e).__name__}"
+        else:
+            why = _untrusted(row, self.entry(layer, hook, pass_bos))
+        if why:
+            print(f"eval: layer {layer} hook {hook}: not using {path} ({why}); computing the zero-ablated CE again")
+            return None
+        return row["ce_zero"]
+
+    def write(self, layer: int, hook: str, pass_bos: bool, ce_zero: float) -> None:
+        """Keep ce_zero (finite) for this entry. A failed write costs only a recomputation later, so
+        it is one line, not an error."""
+        row = {"ce_zero": ce_zero, "key": self.entry(layer, hook, pass_bos)}
+        row["sha256"] = hashlib.sha256(_canonical(row)).hexdigest()
+        path = self.path(layer, hook, pass_bos)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(row, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        except OSError as e:
+            print(f"eval: could not keep the zero-ablated CE in {path} ({e.strerror or type(e).__name__}); "
+                  "the next eval computes it again")
+
+
+def _untrusted(row, key: dict) -> str | None:
+    """Why a zero-ablation cache file's content may not be used for `key`; None when it may."""
+    if not isinstance(row, dict) or set(row) != {"ce_zero", "key", "sha256"}:
+        return "not a zero-ablation cache file"
+    try:
+        digest = hashlib.sha256(_canonical({"ce_zero": row["ce_zero"], "key": row["key"]})).hexdigest()
+    except (TypeError, ValueError):
+        digest = None
+    if digest != row["sha256"]:
+        return "its checksum does not match its content"
+    value = row["ce_zero"]
+    if not isinstance(value, float) or not math.isfinite(value):
+        return "its ce_zero is not a finite number"
+    if row["key"] != key:
+        changed = diffs(row["key"], key) if isinstance(row["key"], dict) else []
+        return f"made for other settings: {'; '.join(changed) or 'other keys'}"
+    return None
+
+
 @contextmanager
 def plan(cfg: Config, layers: list[int] | None = None, force: bool = False,
          progress: bool = True) -> Iterator[Plan]:
@@ -202,7 +314,8 @@ def plan(cfg: Config, layers: list[int] | None = None, force: bool = False,
         check_context_size(model, w.context_size)
         todo = _splicable(model, todo, saes, w.context_size)
         windows = held_out_windows(cfg, tokenizer, w, progress)
-        yield Plan(c, targets, todo, model, windows, saes, pass_through)
+        zero = ZeroCache(run_dir, zero_key(cfg, w, corpus, model, windows), force)
+        yield Plan(c, targets, todo, model, windows, saes, pass_through, zero)
 
 
 def _windows(cfg: Config, sae_cfg: dict) -> Windows:
@@ -307,9 +420,10 @@ def _splicable(model, todo: list[Target], saes: dict, context_size: int) -> list
 # What each SAE did to the activations it replaced
 
 
-def _replacer(sae: Dictionary, pass_bos: bool, stats: ReconStats | None):
+def _replacer(sae: Dictionary | None, pass_bos: bool, stats: ReconStats | None):
     """fn(x [B, T, d], src) for splice: the SAE's reconstruction of x (a transcoder's prediction of x
-    from src, the input hook's activation; stats given) or zeros, BOS kept when passed."""
+    from src, the input hook's activation; stats given) or zeros (stats None; the SAE unused), BOS
+    kept when passed."""
 
     def fn(x: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
         start = 1 if pass_bos else 0
@@ -336,30 +450,85 @@ class _Sums:
 
     def __init__(self, device):
         self.ce_spliced = torch.zeros((), dtype=torch.float64, device=device)
-        self.ce_zero = torch.zeros((), dtype=torch.float64, device=device)
         self.kl = torch.zeros((), dtype=torch.float64, device=device)
 
 
-def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token CE of logits [B, T, V] (positions 0..T-2) against targets [B, T-1]."""
-    # Fused log-softmax and pick; summed in float64 like the other sums.
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none").double().sum()
+# Bytes of logits reduced at a time. On a CPU, about one core's L2 cache: each row is read from
+# memory once and the temporaries of its reductions never leave the cache (a whole [N, vocab]
+# temporary would go through memory, several times); elsewhere, a bound on those temporaries.
+_CHUNK_BYTES = {"cpu": 2 << 20}
+_CHUNK_BYTES_ELSEWHERE = 1 << 28
 
 
-def _dot(p: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """sum_v p[..., v] * logq[..., v] for p, logq [B, T, V]: [B, T], one read of each (a batched
-    matrix product; elementwise product then sum writes and reads a third [B, T, V] tensor)."""
-    V = p.shape[-1]
-    return torch.bmm(p.reshape(-1, 1, V), logq.reshape(-1, V, 1)).reshape(p.shape[:-1])
+def _chunks(logits: torch.Tensor) -> Iterator[slice]:
+    """Slices of the rows of logits [N, V], each a chunk of _CHUNK_BYTES (in float32)."""
+    N, V = logits.shape
+    rows = max(1, _CHUNK_BYTES.get(logits.device.type, _CHUNK_BYTES_ELSEWHERE) // (4 * V))
+    for i in range(0, N, rows):
+        yield slice(i, min(i + rows, N))
+
+
+def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the vocabulary of each row of logits [N, V]: float32 [N]."""
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for rows in _chunks(logits):
+        out[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
+    return out
+
+
+def _ce_sum(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token CE, float64 []: logits [N, V] with their rows' logsumexp lse [N], against
+    targets [N]. CE = logsumexp - the target's logit, two float32 numbers subtracted in float64."""
+    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1).float()
+    return (lse.double() - picked.double()).sum()
+
+
+def _against_clean(clean: torch.Tensor, lse_clean: torch.Tensor,
+                   spliced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp of each row of spliced [N, V]: float32 [N]; KL(clean || spliced) of each row: float32 [N]),
+    for clean [N, V] with its rows' logsumexp lse_clean [N]."""
+    lse = torch.empty(spliced.shape[0], dtype=torch.float32, device=spliced.device)
+    kl = torch.empty_like(lse)
+    for rows in _chunks(spliced):
+        c, s = clean[rows].float(), spliced[rows].float()
+        lse_c, lse_s = lse_clean[rows].unsqueeze(1), torch.logsumexp(s, dim=-1, keepdim=True)
+        p = (c - lse_c).exp_()
+        # log p - log q = (c - s) - (lse_c - lse_s): differences of logits and of logsumexps, both
+        # small where the SAE is good, so float32 keeps their digits. Two log-probabilities near
+        # -log V, each rounded, then subtracted or dotted with p, lose them: on the SmolLM2 demo's
+        # eval that way gave KL 4e-5 nats under float64's, this way 2e-9.
+        kl[rows] = p.mul_((c - s).sub_(lse_c - lse_s)).sum(dim=-1)
+        lse[rows] = lse_s.squeeze(1)
+    return lse, kl
+
+
+def _resumes_after(layer: int, where: str, source: str | None) -> int:
+    """The block whose output (recorded by the clean forward) a forward spliced at (layer, where)
+    starts from: the hooked block itself when what it replaces is that block's output, resid_post
+    (and no transcoder's source must be read inside it); else the block before; -1: none."""
+    return layer if where == "resid_post" and source is None else layer - 1
 
 
 @torch.no_grad()
 def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
-    """The numbers of every SAE in p.todo, all from one pass over the held-out windows."""
+    """The numbers of every SAE in p.saes, all from one pass over the held-out windows. Per batch:
+    one clean forward; one zero-ablated forward per (layer, hook zeroed, BOS rule) whose CE p.zero
+    does not hold (kept there afterwards), shared by the SAEs spliced there; one spliced forward
+    per SAE."""
     model, windows = p.model, p.windows
     device = next(model.parameters()).device
     stats = {key: ReconStats(sae.d_in, sae.n_latents, device) for key, sae in p.saes.items()}
     sums = {key: _Sums(device) for key in p.saes}
+    where = {key: splice_point(key[1], sae) for key, sae in p.saes.items()}  # (hook replaced, transcoder's source)
+    zero_of = {key: (key[0], where[key][0], p.pass_through[key]) for key in p.saes}
+    ce_zero = {z: p.zero.read(*z) if p.zero is not None else None for z in dict.fromkeys(zero_of.values())}
+    for (layer, hook, pass_bos), value in ce_zero.items():
+        if value is not None:
+            print(f"eval: layer {layer} hook {hook}: zero-ablated CE from {p.zero.path(layer, hook, pass_bos)} "
+                  "(same model, windows and positions; --force computes it again)")
+    zero_sums = {z: torch.zeros((), dtype=torch.float64, device=device) for z, v in ce_zero.items() if v is None}
+    starts = {_resumes_after(layer, hook, None) for layer, hook, _ in zero_sums}
+    starts |= {_resumes_after(key[0], *where[key]) for key in p.saes}
     ce_clean = torch.zeros((), dtype=torch.float64, device=device)
     B, (n, T) = p.cfg.batch_size, windows.shape
     bar = tqdm(total=n * T, desc="eval", unit="tok", unit_scale=True, disable=not progress)
@@ -367,43 +536,46 @@ def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
         for i in range(0, n, B):
             ids = torch.from_numpy(windows[i:i + B]).long().to(device)
             mask = torch.ones_like(ids)
-            targets = ids[:, 1:]
-            # The clean pass also records the output of the block before each hooked one, so the
-            # spliced and zero-ablated passes start there instead of recomputing the same prefix.
+            targets = ids[:, 1:].reshape(-1)
             before = {}
-            with record_block_outputs(model, sorted({key[0] - 1 for key in p.saes if key[0] > 0}), before):
-                logits = model(input_ids=ids, attention_mask=mask).logits
-            logp_clean = F.log_softmax(logits[:, :-1].float(), dim=-1)
-            del logits
-            ce_clean -= logp_clean.gather(-1, targets.unsqueeze(-1)).double().sum()
-            p_clean = logp_clean.exp()
-            # KL(clean || spliced) = sum_v p log p - sum_v p log q: the first sum once per batch, the
-            # second one dot product per position (_dot), not two [B, T, V] temporaries per SAE.
-            neg_entropy = _dot(p_clean, logp_clean)
-            del logp_clean
+            with record_block_outputs(model, sorted(b for b in starts if b >= 0), before):
+                clean = scored_logits(model, ids, mask).flatten(0, 1)
+            lse_clean = _logsumexp(clean)
+            ce_clean += _ce_sum(clean, lse_clean, targets)
 
-            def forward(layer, hook, sae, fn):
-                where, source = splice_point(hook, sae)
-                with splice(model, layer, where, fn, source), \
-                        (resume_after_block(model, layer - 1, before[layer - 1]) if layer > 0 else nullcontext()):
-                    return model(input_ids=ids, attention_mask=mask).logits
+            def forward(layer, hook, source, fn):
+                after = _resumes_after(layer, hook, source)
+                if after == layer:
+                    with resume_after_block(model, layer, replace_hidden(before[layer], fn)):
+                        return scored_logits(model, ids, mask).flatten(0, 1)
+                with splice(model, layer, hook, fn, source), \
+                        (resume_after_block(model, after, before[after]) if after >= 0 else nullcontext()):
+                    return scored_logits(model, ids, mask).flatten(0, 1)
 
+            for (layer, hook, pass_bos), total in zero_sums.items():
+                logits = forward(layer, hook, None, _replacer(None, pass_bos, None))
+                total += _ce_sum(logits, _logsumexp(logits), targets)
+                del logits
             for key, sae in p.saes.items():
-                (layer, hook, _), s, pass_bos = key, sums[key], p.pass_through[key]
-                logits = forward(layer, hook, sae, _replacer(sae, pass_bos, stats[key]))
-                logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-                s.ce_spliced -= logp.gather(-1, targets.unsqueeze(-1)).double().sum()
-                s.kl += (neg_entropy - _dot(p_clean, logp)).double().sum()
-                del logits, logp
-                s.ce_zero += _ce(forward(layer, hook, sae, _replacer(sae, pass_bos, None)), targets)
+                s = sums[key]
+                logits = forward(key[0], *where[key], _replacer(sae, p.pass_through[key], stats[key]))
+                lse, kl = _against_clean(clean, lse_clean, logits)
+                s.ce_spliced += _ce_sum(logits, lse, targets)
+                s.kl += kl.double().sum()
+                del logits
+            del clean
             bar.update(ids.numel())
     finally:
         bar.close()
     n_pred = n * (T - 1)
+    for z, total in zero_sums.items():
+        ce_zero[z] = total.item() / n_pred
+        if p.zero is not None and math.isfinite(ce_zero[z]):
+            p.zero.write(*z, ce_zero[z])
     out = {}
     for key in p.saes:
         s = sums[key]
-        clean, spliced, zero = ce_clean.item() / n_pred, s.ce_spliced.item() / n_pred, s.ce_zero.item() / n_pred
+        clean, spliced, zero = ce_clean.item() / n_pred, s.ce_spliced.item() / n_pred, ce_zero[zero_of[key]]
         gap = zero - clean
         out[key] = {"ce_clean": clean, "ce_spliced": spliced, "ce_zero": zero, "delta_ce": spliced - clean,
                     "ce_recovered": (zero - spliced) / gap if gap != 0 else None,

@@ -27,6 +27,8 @@ import ctypes
 import ctypes.util
 import hashlib
 import importlib.util
+import inspect
+import json
 import os
 import shutil
 import socket
@@ -366,8 +368,7 @@ def splice(model: nn.Module, layer: int, hook: str, fn, source: str | None = Non
         return (fn(x3) if source is None else fn(x3, seen.pop("source"))).reshape(x.shape)
 
     def replace(_mod, _inp, output):
-        x = output[0] if isinstance(output, tuple) else output
-        return (new(x), *output[1:]) if isinstance(output, tuple) else new(x)
+        return replace_hidden(output, new)
 
     def replace_input(_mod, args, kwargs):
         if args and torch.is_tensor(args[0]):
@@ -393,6 +394,14 @@ def splice(model: nn.Module, layer: int, hook: str, fn, source: str | None = Non
     finally:
         for h in handles:
             h.remove()
+
+
+def replace_hidden(output, fn):
+    """A module's output (a tensor, or a tuple led by one, as blocks return) with that tensor x
+    replaced by fn(x); the tuple's other members are kept."""
+    if isinstance(output, tuple):
+        return (fn(output[0]), *output[1:])
+    return fn(output)
 
 
 @contextmanager
@@ -429,6 +438,43 @@ def resume_after_block(model: nn.Module, layer: int, output):
     finally:
         for block in stubs:
             del block.forward
+
+
+def scored_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The logits [B, T-1, V] that predict tokens 1..T-1 of ids [B, T], contiguous.
+
+    The LM head runs on those positions only where the model takes `logits_to_keep` (a 1-D
+    tensor of positions: transformers >= 4.50): the last position predicts no token of the
+    window, and over a large vocabulary the head is a fifth of a small model's forward. Other
+    models compute every position and the last is dropped. No KV cache is built: nothing
+    generates after this forward."""
+    T = ids.shape[1]
+    takes = inspect.signature(model.forward).parameters
+    kwargs = {"use_cache": False} if "use_cache" in takes else {}
+    if "logits_to_keep" in takes:
+        kwargs["logits_to_keep"] = torch.arange(T - 1, device=ids.device)
+    logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
+    if logits.shape[1] != T - 1:  # a model that took no logits_to_keep, or ignored it
+        logits = logits[:, : T - 1]
+    return logits.contiguous()
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 of what a loaded model computes with, for caches of its outputs: its config (less
+    the name it was loaded by and the library version that saved it) and, for every parameter
+    and buffer, its name, shape, dtype and up to 256 values evenly spaced through it. Hashing
+    every weight would cost seconds per load; a retrained, re-converted or requantised model
+    moves the sampled values as well."""
+    h = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        flat = t.detach().reshape(-1)
+        n = min(flat.numel(), 256)
+        picks = torch.arange(n, device=flat.device) * max(flat.numel() - 1, 0) // max(n - 1, 1)
+        h.update(f"\0{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
+        h.update(flat[picks].float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def unembed(model: nn.Module) -> tuple[nn.Module | None, torch.Tensor]:

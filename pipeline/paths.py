@@ -4,6 +4,7 @@
     <run_dir>/saes/<layer>/<hook>/              train: one SAE, `done` marker last
     <run_dir>/saes/<layer>/<hook>@<member>/     train: a named member of train.sweep, the same files
     <run_dir>/saes/<layer>/frontier-<hook>.png  eval: L0 against delta CE and FVU of every SAE there
+    <run_dir>/saes/<layer>/ce_zero-<hook>-<key>.json  eval: the zero-ablated CE there, shared by its SAEs
     <run_dir>/records/<layer>/<hook>/           collate: records and viewer, `done` marker last
     <run_dir>/records/<layer>/<hook>@<member>/  collate: a sweep member's records
     <run_dir>/records/index.html                collate: links every layer's (and member's) viewer
@@ -52,6 +53,12 @@ def frontier_stem(run_dir, layer: int, hook: str) -> tuple[Path, str]:
     """(folder, stem) of saepipe eval's frontier picture of every SAE of (layer, hook):
     <run_dir>/saes/<layer>/frontier-<hook>.png and .svg (files beside the SAE folders)."""
     return Path(run_dir) / "saes" / str(layer), f"frontier-{hook}"
+
+
+def zero_ablation_file(run_dir, layer: int, hook: str, key: str) -> Path:
+    """saepipe eval's cached zero-ablated CE of (layer, hook) for one cache key (pipeline.eval.ZeroCache):
+    <run_dir>/saes/<layer>/ce_zero-<hook>-<key>.json, a file beside the SAE folders, as the frontier is."""
+    return Path(run_dir) / "saes" / str(layer) / f"ce_zero-{hook}-{key}.json"
 
 
 def records_dir(run_dir, layer: int, hook: str, member: str | None = None) -> Path:
