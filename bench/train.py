@@ -6,6 +6,7 @@
     python bench/train.py --memory                        # CPU: a step's peak memory at n 131072, batch 4096
     python bench/train.py --peers                         # CPU: floor, saepipe, sparsify and SAELens, ms/step
     python bench/train.py --peers --n 4096,65536 --d 256,1024 --k 16,128 --rounds 1   # ... over a grid
+    python bench/train.py --peers --shapes demo,anchor    # named shapes (SHAPES) or N:D:K:BATCH, each its own batch
 
 A step = forward, loss, backward, Adam (the pipeline's, fused), decoder constraint. Ours: dense encoder
 matmul without a graph, top-k, then the sparse kernels (Triton on CUDA, the
@@ -270,19 +271,19 @@ def peers_table(n: int, d: int, k: int, batch: int, rounds: int, steps: int = 3)
     return {name: sorted(v)[len(v) // 2] for name, v in ms.items() if v}, missing
 
 
-def print_peers(shapes: list[tuple[int, int, int]], batch: int, rounds: int, steps: int = 3):
-    print(f"cpu ({torch.get_num_threads()} threads), batch {batch}, fp32; ms/step, medians of {rounds} rounds of "
+def print_peers(shapes: list[tuple[int, int, int, int]], rounds: int, steps: int = 3):
+    print(f"cpu ({torch.get_num_threads()} threads), fp32; ms/step, medians of {rounds} rounds of "
           f"{steps} steps, the workers (saepipe with the floor, then each peer in its venv) taking turns")
-    print("| n | d | k | floor | saepipe | sparsify 1.3.3 | SAELens 6 | saepipe / floor | sparsify / saepipe "
+    print("| n | d | k | batch | floor | saepipe | sparsify 1.3.3 | SAELens 6 | saepipe / floor | sparsify / saepipe "
           "| SAELens / saepipe |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     notes = {}
-    for n, d, k in shapes:
+    for n, d, k, batch in shapes:
         med, missing = peers_table(n, d, k, batch, rounds, steps)
         notes.update(missing)
         cell = {name: f"{med[name]:.1f}" if name in med else "-" for name in ("floor", "saepipe", "sparsify", "saelens")}
         ratio = {name: f"{med[name] / med['saepipe']:.2f}x" if name in med else "-" for name in ("sparsify", "saelens")}
-        print(f"| {n} | {d} | {k} | {cell['floor']} | {cell['saepipe']} | {cell['sparsify']} | {cell['saelens']} | "
+        print(f"| {n} | {d} | {k} | {batch} | {cell['floor']} | {cell['saepipe']} | {cell['sparsify']} | {cell['saelens']} | "
               f"{med['saepipe'] / med['floor']:.2f}x | {ratio['sparsify']} | {ratio['saelens']} |", flush=True)
     for peer, why in notes.items():
         print(f"{peer}: not measured: {why}")
@@ -290,6 +291,23 @@ def print_peers(shapes: list[tuple[int, int, int]], batch: int, rounds: int, ste
 
 def ints(text: str) -> list[int]:
     return [int(float(t)) for t in text.split(",") if t]
+
+
+# Shapes by name (n, d, k, batch): the demo's own SAE (configs/smollm2.yaml) and the anchor of the tables.
+SHAPES = {"demo": (4608, 576, 32, 2048), "anchor": (16384, 768, 32, 1024)}
+
+
+def shapes(text: str) -> list[tuple[int, int, int, int]]:
+    """--shapes: names of SHAPES or N:D:K:BATCH, comma-separated."""
+    out = []
+    for item in filter(None, text.split(",")):
+        if item in SHAPES:
+            out.append(SHAPES[item])
+        elif len(item.split(":")) == 4:
+            out.append(tuple(ints(item.replace(":", ","))))
+        else:
+            raise SystemExit(f"train.py: error: --shapes {item!r} is neither {' nor '.join(SHAPES)} nor N:D:K:BATCH")
+    return out
 
 
 def main():
@@ -311,6 +329,9 @@ def main():
                     "ms/step of the two interleaved at the anchor shape (z in 4 blocks there)")
     ap.add_argument("--peers", action="store_true", help="CPU: ms/step of the floor, saepipe, sparsify and SAELens "
                     "(each peer in its venv of bench/peers.py; default shape d 768, n 16384, k 32, batch 1024)")
+    ap.add_argument("--shapes", help="--peers and --vs-floor: these shapes instead of the --n/--d/--k grid, each "
+                    "with its own batch: " + ", ".join(f"{k} (n {v[0]}, d {v[1]}, k {v[2]}, batch {v[3]})"
+                                                   for k, v in SHAPES.items()) + ", or N:D:K:BATCH")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     ap.add_argument("--vs-floor-worker", help=argparse.SUPPRESS)
@@ -319,10 +340,11 @@ def main():
         n, d, k, batch, steps = json.loads(args.vs_floor_worker)
         print(json.dumps(versus_floor(n, d, k, batch, steps)))
         return
+    grid = shapes(args.shapes) if args.shapes else [
+        (n, d, k, args.batch or 1024) for d in ints(args.d or "768") for n in ints(args.n or "16384")
+        for k in ints(args.k or "32") if k <= n]
     if args.peers:
-        shapes = [(n, d, k) for d in ints(args.d or "768") for n in ints(args.n or "16384") for k in ints(args.k or "32")
-                  if k <= n]
-        print_peers(shapes, args.batch or 1024, args.rounds or 3)
+        print_peers(grid, args.rounds or 3)
         return
     if args.memory_worker:
         print(json.dumps(step_memory(*json.loads(args.memory_worker))))
@@ -340,12 +362,9 @@ def main():
         args.rounds = args.rounds or 9
         print(f"cpu ({torch.get_num_threads()} threads), medians of {args.rounds} interleaved rounds")
         print(f"{'n':>7} {'d':>5} {'k':>4} {'batch':>6} | {'floor ms':>8} {'step ms':>8} {'step/floor':>10}")
-        for d in ints(args.d or "768"):
-            for n in ints(args.n or "16384"):
-                for k in ints(args.k or "32"):
-                    r = versus_floor(n, d, k, args.batch or 1024, args.rounds)
-                    print(f"{n:>7} {d:>5} {k:>4} {args.batch or 1024:>6} | {r['floor']:>8.1f} {r['step']:>8.1f} "
-                          f"{r['step'] / r['floor']:>9.2f}x")
+        for n, d, k, batch in grid:
+            r = versus_floor(n, d, k, batch, args.rounds)
+            print(f"{n:>7} {d:>5} {k:>4} {batch:>6} | {r['floor']:>8.1f} {r['step']:>8.1f} {r['step'] / r['floor']:>9.2f}x")
         return
     if args.worker:
         path, n, d, k, batch, steps, warmup = json.loads(args.worker)
