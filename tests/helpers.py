@@ -222,3 +222,14 @@ def interpreted(script: str, timeout: float = 300):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     return subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def with_setting(raw: dict, dotted: str, value) -> dict:
+    """A deep copy of the config dict raw with the dotted key (e.g. "eval.n_tokens") set to value."""
+    out = json.loads(json.dumps(raw))
+    node = out
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return out

@@ -15,7 +15,7 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
-from helpers import harvest_config, make_model, write_corpus
+from helpers import harvest_config, make_model, with_setting, write_corpus
 from pipeline.paths import sae_dir
 from pipeline.saes.topk import TopKSAE
 from stages.cli import main
@@ -88,16 +88,6 @@ def _one_line_error(res, *needles):
         assert n in lines[0], res.output
 
 
-def _set(raw: dict, dotted: str, value) -> dict:
-    out = json.loads(json.dumps(raw))
-    node = out
-    *parents, last = dotted.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
-    return out
-
-
 def test_unchanged_settings_reuse_the_eval(run):
     root, raw, folder = run
     marked = _mark(folder)
@@ -118,7 +108,7 @@ def test_unchanged_settings_reuse_the_eval(run):
 def test_a_changed_setting_redoes_the_eval(run, key, value, changed):
     root, raw, folder = run
     _mark(folder)
-    res = _cli(root, _set(raw, key, value), "eval", "--layers", str(LAYER))
+    res = _cli(root, with_setting(raw, key, value), "eval", "--layers", str(LAYER))
     assert res.exit_code == 0, res.output
     assert f"eval.json was made with other settings ({changed}:" in res.output and "redoing" in res.output
     row = json.loads((folder / "eval.json").read_text())
@@ -145,7 +135,7 @@ def test_another_model_is_refused_not_skipped(run, tmp_path_factory):
     marked = _mark(folder)
     other = tmp_path_factory.mktemp("other") / "model"
     make_model("llama", other, n_layers=3, d_model=D)
-    res = _cli(root, _set(raw, "model.name", str(other)), "eval", "--layers", str(LAYER))
+    res = _cli(root, with_setting(raw, "model.name", str(other)), "eval", "--layers", str(LAYER))
     _one_line_error(res, "was trained on model", str(other))
     assert json.loads((folder / "eval.json").read_text()) == marked
 
@@ -162,7 +152,7 @@ def test_an_sae_moved_to_another_layer_or_run_is_redone(run, harvested, tmp_path
 
     # Another run harvested further: its held-out windows start later.
     model, corpus, _, _ = harvested
-    other = _set({**raw, "run_dir": str(tmp_path / "other")}, "harvest.n_tokens", 30 * CTX)
+    other = with_setting({**raw, "run_dir": str(tmp_path / "other")}, "harvest.n_tokens", 30 * CTX)
     other["harvest"]["layers"] = [LAYER]
     assert _cli(tmp_path, other, "harvest").exit_code == 0
     copied = sae_dir(tmp_path / "other", LAYER, "resid_post")
@@ -173,7 +163,7 @@ def test_an_sae_moved_to_another_layer_or_run_is_redone(run, harvested, tmp_path
     assert row["ce_clean"] != 123.0 and row["fingerprint"]["held_out_after"] == 30
 
     # And a run cut into longer windows, without BOS.
-    longer = _set({**other, "run_dir": str(tmp_path / "longer")}, "harvest.context_size", 2 * CTX)
+    longer = with_setting({**other, "run_dir": str(tmp_path / "longer")}, "harvest.context_size", 2 * CTX)
     longer["harvest"]["prepend_bos"] = False
     assert _cli(tmp_path, longer, "harvest").exit_code == 0
     copied = sae_dir(tmp_path / "longer", LAYER, "resid_post")
@@ -193,7 +183,7 @@ def test_a_reordered_corpus_is_refused(run):
     shuffled = root / "shuffled.jsonl"
     shuffled.write_text("".join(lines[1::2] + lines[::2]))
     shutil.copy(shuffled, root / "corpus.jsonl")
-    moved = _set(raw, "data.path", str(root / "corpus.jsonl"))
+    moved = with_setting(raw, "data.path", str(root / "corpus.jsonl"))
     res = _cli(root, moved, "eval", "--layers", str(LAYER), "--force")
     _one_line_error(res, "the corpus differs from the one", "data.sha256")
     assert json.loads((folder / "eval.json").read_text()) == marked
@@ -226,12 +216,12 @@ def test_the_model_named_as_another_path_is_the_same_model(run, monkeypatch):
     model = Path(raw["model"]["name"])
     for name in (f"{model}/", str(Path("..") / model.parent.name / model.name)):
         monkeypatch.chdir(model.parent)
-        res = _cli(root, _set(raw, "model.name", name), "eval", "--layers", str(LAYER))
+        res = _cli(root, with_setting(raw, "model.name", name), "eval", "--layers", str(LAYER))
         assert res.exit_code == 0 and "skipping" in res.output, res.output
         assert json.loads((folder / "eval.json").read_text()) == marked
-        res = _cli(root, _set(raw, "model.name", name), "harvest")  # harvest's fingerprint agrees
+        res = _cli(root, with_setting(raw, "model.name", name), "harvest")  # harvest's fingerprint agrees
         assert res.exit_code == 0, res.output
-        res = _cli(root, _set(raw, "model.name", name), "eval", "--layers", str(LAYER), "--force")
+        res = _cli(root, with_setting(raw, "model.name", name), "eval", "--layers", str(LAYER), "--force")
         assert res.exit_code == 0 and json.loads((folder / "eval.json").read_text())["ce_clean"] != 123.0
         marked = _mark(folder)
 
@@ -239,7 +229,7 @@ def test_the_model_named_as_another_path_is_the_same_model(run, monkeypatch):
 def test_more_eval_tokens_than_the_corpus_holds_says_so(run):
     """Issue 23.10: eval used what the corpus held without saying so."""
     root, raw, folder = run
-    res = _cli(root, _set(raw, "eval.n_tokens", 10_000 * CTX), "eval", "--layers", str(LAYER))
+    res = _cli(root, with_setting(raw, "eval.n_tokens", 10_000 * CTX), "eval", "--layers", str(LAYER))
     assert res.exit_code == 0, res.output
     n = json.loads((folder / "eval.json").read_text())["n_tokens"] // CTX
     assert 0 < n < 10_000
@@ -249,7 +239,7 @@ def test_more_eval_tokens_than_the_corpus_holds_says_so(run):
 def test_a_hook_eval_cannot_splice_is_skipped_and_the_rest_evaluated(run):
     """Issue 23.9: one non-residual hook stopped eval for the config's other hooks too."""
     root, raw, folder = run
-    raw = _set(raw, "harvest.hooks", ["resid_post", "mlp.act_fn"])
+    raw = with_setting(raw, "harvest.hooks", ["resid_post", "mlp.act_fn"])
     odd = sae_dir(root / "run", LAYER, "mlp.act_fn")
     TopKSAE(2 * D, 4 * D, 4, backend="torch").save(odd, {"layer": LAYER, "hook": "mlp.act_fn", "context_size": CTX,
                                                           "prepend_bos": True, "model": raw["model"]["name"]})
@@ -265,7 +255,7 @@ def test_without_the_store_the_sae_vouches_for_the_corpus(run):
     """A store deleted after training: the SAE's cfg.json records what it was harvested from,
     so a changed corpus is still refused; an SAE that records nothing gets a notice."""
     root, raw, _ = run
-    raw = _set(raw, "train", {"n_tokens": 1024, "batch_size": 128, "expansion_factor": 2, "k": 4,
+    raw = with_setting(raw, "train", {"n_tokens": 1024, "batch_size": 128, "expansion_factor": 2, "k": 4,
                               "eval_every": 4, "checkpoint_every": 4, "device": "cpu"})
     assert _cli(root, raw, "train", "--layers", "2").exit_code == 0
     folder = sae_dir(root / "run", 2, "resid_post")
@@ -305,7 +295,7 @@ def test_the_frontier_shows_every_evaluated_sae_of_the_layer(run):
     (root / "run/records/1/resid_post").mkdir(parents=True)
     (root / "run/records/1/resid_post/done").write_text("{}")  # a finished records folder stands in
     viewer.write_index_page(root / "run")
-    swept = _set(raw, "train.sweep", [{}, {"k": 4}])
+    swept = with_setting(raw, "train.sweep", [{}, {"k": 4}])
     res = _cli(root, swept, "eval", "--layers", str(LAYER))
     assert res.exit_code == 0, res.output
     table = [line.split() for line in res.output.splitlines() if line.split()[:1] == [str(LAYER)]]

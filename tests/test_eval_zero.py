@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import yaml
 from click.testing import CliRunner
 
-from helpers import harvest_config, make_model, write_corpus
+from helpers import harvest_config, make_model, with_setting, write_corpus
 from pipeline import eval as ev
 from pipeline.config import EvalConfig
 from pipeline.model import find_blocks, hook_module, load_causal_lm
@@ -130,16 +130,6 @@ def _cli(root: Path, raw: dict, *args):
     return CliRunner().invoke(main, ["eval", str(path), *args])
 
 
-def _set(raw: dict, dotted: str, value) -> dict:
-    out = json.loads(json.dumps(raw))
-    node = out
-    *parents, last = dotted.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
-    return out
-
-
 def _save(run: Path, model, seed=1, layer=LAYER, member=None, exclude_bos=True) -> Path:
     folder = sae_dir(run, layer, "resid_post", member)
     _sae(seed).save(folder, {"layer": layer, "hook": "resid_post", "context_size": CTX, "prepend_bos": True,
@@ -234,7 +224,7 @@ def test_a_sweep_computes_it_once_per_bos_rule(run, forwards):
     _save(root / "run", model)
     _save(root / "run", model, seed=2, member="b")
     _save(root / "run", model, seed=3, member="c", exclude_bos=False)
-    swept = _set(raw, "train.sweep", [{}, {"name": "b", "k": 6}, {"name": "c", "k": 6}])
+    swept = with_setting(raw, "train.sweep", [{}, {"name": "b", "k": 6}, {"name": "c", "k": 6}])
     res = _cli(root, swept)
     assert res.exit_code == 0, res.output
     assert len(forwards) == BATCHES * (1 + 2 + 3)
@@ -254,11 +244,11 @@ def test_a_changed_input_computes_it_again(run, forwards, change):
     forwards.clear()
     layer, n = LAYER, COLD
     if change == "eval.n_tokens":
-        raw, n = _set(raw, "eval.n_tokens", 3 * CTX), 3  # one batch
+        raw, n = with_setting(raw, "eval.n_tokens", 3 * CTX), 3  # one batch
     elif change == "layer":
         layer = 2
         _save(root / "run", model, layer=2)
-        raw = _set(raw, "eval.layers", [2])
+        raw = with_setting(raw, "eval.layers", [2])
     elif change == "model weights":  # the same folder, other weights: only the weights' digest tells
         make_model("llama", Path(model), n_layers=3, d_model=D, random_norms=True)
         _save(root / "run", model, seed=2)
@@ -291,7 +281,7 @@ def test_the_key_holds_the_windows_themselves(run):
     windows[-1, -1] += 1
     other = key(raw, windows)[0]
     assert [k for k in first if first[k] != other[k]] == ["windows.sha256"]
-    assert key(_set(raw, "eval.batch_size", 2))[0]["eval.batch_size"] == 2
+    assert key(with_setting(raw, "eval.batch_size", 2))[0]["eval.batch_size"] == 2
     assert first["device"] == "cpu" and first["model.dtype"] == "float32" and len(first["model.digest"]) == 64
 
 
