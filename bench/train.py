@@ -7,6 +7,7 @@
     python bench/train.py --peers                         # CPU: floor, saepipe, sparsify and SAELens, ms/step
     python bench/train.py --peers --n 4096,65536 --d 256,1024 --k 16,128 --rounds 1   # ... over a grid
     python bench/train.py --peers --shapes demo,anchor    # named shapes (SHAPES) or N:D:K:BATCH, each its own batch
+    python bench/train.py --phases --shapes small,demo    # CPU: where a step's time goes, phase by phase
 
 A step = forward, loss, backward, Adam (the pipeline's, fused), decoder constraint. Ours: dense encoder
 matmul without a graph, top-k, then the sparse kernels (Triton on CUDA, the
@@ -175,6 +176,79 @@ def versus_floor(n: int, d: int, k: int, batch: int, rounds: int) -> dict:
     return {name: 1e3 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
+PHASES = ("encoder GEMM + top-k", "gathers + decode", "loss", "backward", "optimizer", "decoder constraint",
+          "bookkeeping")
+
+
+def phases(n: int, d: int, k: int, batch: int, rounds: int) -> dict:
+    """ms per phase of a training step (medians of `rounds`, after two warm-up steps), the floor, the
+    encoder GEMM alone and the whole train_step, timed interleaved in one process. The phases are
+    pipeline.train.train_step's TopK path (no AuxK) written out call by call, so each can be timed:
+    "backward" holds Adam's steps of W_enc and W_dec when TrainState takes them inside the backward
+    (from train_state.STEP_IN_BACKWARD_BYTES); "optimizer" is what opt.step() has left."""
+    from pipeline.kernels import decode, encode_gather
+    from pipeline.model import resolve_device
+    from pipeline.train import reconstruction_loss, train_step
+
+    state, tc, x = step_state(n, d, k, batch, resolve_device("cpu"))
+    sae, opt = state.sae, state.opt
+    W, b = sae.W_enc.detach().clone(), torch.zeros(n)
+
+    def step_by_phase(t):
+        x_c = sae.center(x)
+        pre, idx, *_ = sae.topk_candidates(x_c, k, None, 0, None)
+        t = tick("encoder GEMM + top-k", t)
+        vals = torch.relu(encode_gather(x_c, sae.W_enc, sae.b_lat, idx, backend=sae.backend, pre=pre))
+        x_hat = decode(idx, vals, sae.W_dec, backend=sae.backend) + sae.b_pre
+        t = tick("gathers + decode", t)
+        fvu, nmse = reconstruction_loss(x, x_hat)
+        opt.zero_grad(set_to_none=True)
+        t = tick("loss", t)
+        fvu.backward()
+        t = tick("backward", t)
+        sae.remove_parallel_grad()
+        opt.step()
+        t = tick("optimizer", t)
+        sae.normalize_decoder()
+        t = tick("decoder constraint", t)
+        with torch.no_grad():
+            fires = torch.zeros_like(state.since_fired).scatter_add_(0, idx.reshape(-1), (vals > 0).long().reshape(-1))
+            state.log_sums += torch.stack([fvu, fvu, nmse, fvu]).detach()
+            state.since_fired = (state.since_fired + batch) * (fires == 0)
+        tick("bookkeeping", t)
+
+    times: dict[str, list[float]] = {}
+
+    def tick(name, t0):
+        t = time.perf_counter()
+        times.setdefault(name, []).append(t - t0)
+        return t
+
+    for i in range(rounds + 2):
+        if i == 2:
+            times.clear()
+        t = time.perf_counter()
+        torch.addmm(b, x, W.T).topk(k, dim=1, sorted=False)
+        t = tick("floor", t)
+        x @ W.T
+        t = tick("encoder GEMM alone", t)
+        train_step(state, x, 1e-4, tc)
+        t = tick("train_step", t)
+        step_by_phase(t)
+    return {name: 1e3 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def print_phases(shapes: list[tuple[int, int, int, int]], rounds: int):
+    print(f"cpu ({torch.get_num_threads()} threads), ms, medians of {rounds} interleaved rounds")
+    cols = ("floor", "encoder GEMM alone", "train_step") + PHASES
+    print("| n | d | k | batch | " + " | ".join(cols) + " | sum of phases |")
+    print("| --- " * (5 + len(cols)) + "|")
+    for n, d, k, batch in shapes:
+        r = phases(n, d, k, batch, rounds)
+        print(f"| {n} | {d} | {k} | {batch} | " + " | ".join(f"{r[c]:.1f}" for c in cols)
+              + f" | {sum(r[c] for c in PHASES):.1f} |", flush=True)
+
+
 def _hwm_bytes() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -293,8 +367,9 @@ def ints(text: str) -> list[int]:
     return [int(float(t)) for t in text.split(",") if t]
 
 
-# Shapes by name (n, d, k, batch): the demo's own SAE (configs/smollm2.yaml) and the anchor of the tables.
-SHAPES = {"demo": (4608, 576, 32, 2048), "anchor": (16384, 768, 32, 1024)}
+# Shapes by name (n, d, k, batch): the demo's own SAE (configs/smollm2.yaml), the anchor of the tables and
+# the smallest corner of the --peers grid.
+SHAPES = {"demo": (4608, 576, 32, 2048), "anchor": (16384, 768, 32, 1024), "small": (4096, 256, 16, 1024)}
 
 
 def shapes(text: str) -> list[tuple[int, int, int, int]]:
@@ -329,7 +404,9 @@ def main():
                     "ms/step of the two interleaved at the anchor shape (z in 4 blocks there)")
     ap.add_argument("--peers", action="store_true", help="CPU: ms/step of the floor, saepipe, sparsify and SAELens "
                     "(each peer in its venv of bench/peers.py; default shape d 768, n 16384, k 32, batch 1024)")
-    ap.add_argument("--shapes", help="--peers and --vs-floor: these shapes instead of the --n/--d/--k grid, each "
+    ap.add_argument("--phases", action="store_true", help="CPU: ms per phase of a step (encoder, gathers + decode, "
+                    "loss, backward, optimizer, constraint, bookkeeping) beside the floor and the whole train_step")
+    ap.add_argument("--shapes", help="--peers, --phases and --vs-floor: these shapes instead of the --n/--d/--k grid, each "
                     "with its own batch: " + ", ".join(f"{k} (n {v[0]}, d {v[1]}, k {v[2]}, batch {v[3]})"
                                                    for k, v in SHAPES.items()) + ", or N:D:K:BATCH")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -345,6 +422,9 @@ def main():
         for k in ints(args.k or "32") if k <= n]
     if args.peers:
         print_peers(grid, args.rounds or 3)
+        return
+    if args.phases:
+        print_phases(grid, args.rounds or 7)
         return
     if args.memory_worker:
         print(json.dumps(step_memory(*json.loads(args.memory_worker))))

@@ -442,6 +442,52 @@ def _replacer(sae: Dictionary | None, pass_bos: bool, stats: ReconStats | None):
 
 
 # ---------------------------------------------------------------------------
+# One window's zero-ablated logits for all
+
+# Windows the zero-ablated forward runs on first, to learn whether one window's logits stand for all
+SHARED_PROBE = 4
+# ... and how close (in logits, relative to their largest magnitude) the probe's windows must agree
+SHARED_RTOL = 1e-5
+
+
+@dataclass
+class _SharedZero:
+    """The zero-ablated logits of one window, when they are every window's.
+
+    Zeroing a hook's activation (all but BOS when it passes through) leaves the forward nothing of a
+    window's tokens past the hook when the blocks after it read only the residual stream: every
+    window gets the same logits, and its CE differs only by its targets. Then one window's forward
+    stands for all (the cold eval's third forward per batch, gone). Whether the model is such is
+    not assumed: the first batch's first SHARED_PROBE windows are run and must agree, and a batch
+    whose first token differs from the probe's, where BOS passes through, is run in full."""
+    logits: torch.Tensor  # [T - 1, V]
+    lse: torch.Tensor  # [T - 1]
+    first: int | None  # the token every window must start with (BOS passed through); None: any
+
+    @classmethod
+    def find(cls, logits: torch.Tensor, ids: torch.Tensor, z: tuple) -> "_SharedZero | None":
+        """From the zero-ablated logits [m * (T - 1), V] of the first m windows of ids: the shared
+        logits, or None when there are fewer than two windows, their first tokens differ where BOS
+        passes through, or their logits differ."""
+        m = min(SHARED_PROBE, ids.shape[0])
+        per = logits.view(m, -1, logits.shape[-1])
+        if m < 2 or (z[2] and not (ids[:m, 0] == ids[0, 0]).all()):
+            return None
+        spread = (per[1:] - per[:1]).abs().amax()
+        if not spread <= SHARED_RTOL * per[0].abs().amax().clamp_min(1):
+            return None
+        return cls(per[0].clone(), _logsumexp(per[0]), int(ids[0, 0]) if z[2] else None)
+
+    def covers(self, ids: torch.Tensor) -> bool:
+        return self.first is None or bool((ids[:, 0] == self.first).all())
+
+    def ce_sum(self, targets: torch.Tensor) -> torch.Tensor:
+        """_ce_sum over windows whose targets are targets [B, T - 1], each with these logits."""
+        picked = self.logits.gather(1, targets.T).float()  # [T - 1, B]
+        return (self.lse.double().unsqueeze(1) - picked.double()).sum()
+
+
+# ---------------------------------------------------------------------------
 # Run
 
 
@@ -529,6 +575,7 @@ def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
     zero_sums = {z: torch.zeros((), dtype=torch.float64, device=device) for z, v in ce_zero.items() if v is None}
     starts = {_resumes_after(layer, hook, None) for layer, hook, _ in zero_sums}
     starts |= {_resumes_after(key[0], *where[key]) for key in p.saes}
+    shared: dict[tuple, _SharedZero | None] = {}
     ce_clean = torch.zeros((), dtype=torch.float64, device=device)
     B, (n, T) = p.cfg.batch_size, windows.shape
     bar = tqdm(total=n * T, desc="eval", unit="tok", unit_scale=True, disable=not progress)
@@ -543,17 +590,23 @@ def evaluate(p: Plan, progress: bool = True) -> dict[tuple[int, str], dict]:
             lse_clean = _logsumexp(clean)
             ce_clean += _ce_sum(clean, lse_clean, targets)
 
-            def forward(layer, hook, source, fn):
+            def forward(layer, hook, source, fn, rows=slice(None)):
                 after = _resumes_after(layer, hook, source)
                 if after == layer:
-                    with resume_after_block(model, layer, replace_hidden(before[layer], fn)):
-                        return scored_logits(model, ids, mask).flatten(0, 1)
+                    with resume_after_block(model, layer, replace_hidden(before[layer][rows], fn)):
+                        return scored_logits(model, ids[rows], mask[rows]).flatten(0, 1)
                 with splice(model, layer, hook, fn, source), \
-                        (resume_after_block(model, after, before[after]) if after >= 0 else nullcontext()):
-                    return scored_logits(model, ids, mask).flatten(0, 1)
+                        (resume_after_block(model, after, before[after][rows]) if after >= 0 else nullcontext()):
+                    return scored_logits(model, ids[rows], mask[rows]).flatten(0, 1)
 
-            for (layer, hook, pass_bos), total in zero_sums.items():
-                logits = forward(layer, hook, None, _replacer(None, pass_bos, None))
+            for z, total in zero_sums.items():
+                zero_fn = _replacer(None, z[2], None)
+                if z not in shared:  # looked for once, on the first batch
+                    shared[z] = _SharedZero.find(forward(*z[:2], None, zero_fn, slice(SHARED_PROBE)), ids, z)
+                if shared[z] is not None and shared[z].covers(ids):
+                    total += shared[z].ce_sum(targets.view(ids.shape[0], -1))
+                    continue
+                logits = forward(*z[:2], None, zero_fn)
                 total += _ce_sum(logits, _logsumexp(logits), targets)
                 del logits
             for key, sae in p.saes.items():

@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from pipeline.train import Plan
 
 CHECKPOINT = "checkpoint.pt"
+# Adam steps a weight matrix inside the backward from this gradient size up (bytes): it keeps one
+# [n, d] gradient alive instead of two, but below it the step after the backward is 3-6% faster
+# (bench/RESULTS.md, "Train step fixed costs").
+STEP_IN_BACKWARD_BYTES = 256 << 20
 
 
 class TrainState:
@@ -65,13 +69,15 @@ class TrainState:
         self.log_sums = torch.zeros(4, device=device)  # loss, fvu, nmse, aux since the last train row
         self.log_from = 0  # the step of the last train row
         self._elapsed, self._since = 0.0, time.time()
-        # Adam steps each weight matrix inside the backward, as soon as its gradient is whole, and
-        # frees that gradient: only one [n, d] gradient is alive at a time (at n 131072, d 768 the
-        # two together were most of a step's memory). Adam's update is per parameter, so this is
-        # the same arithmetic as one step after the backward. Not for schedule-free (one shared
-        # step count) nor with grad_clip (it needs every gradient first).
+        # From STEP_IN_BACKWARD_BYTES a gradient up, Adam steps each weight matrix inside the
+        # backward, as soon as its gradient is whole, and frees that gradient: only one [n, d]
+        # gradient is alive at a time (at n 131072, d 768 the two together were most of a step's
+        # memory). Adam's update is per parameter, so this is the same arithmetic as one step after
+        # the backward. Not for schedule-free (one shared step count) nor with grad_clip (it needs
+        # every gradient first).
         self.hooks = []
-        if tc.optimizer == "adam" and not tc.grad_clip:
+        w = self.sae.W_dec
+        if tc.optimizer == "adam" and not tc.grad_clip and w.numel() * w.element_size() >= STEP_IN_BACKWARD_BYTES:
             self.hooks = [w.register_post_accumulate_grad_hook(self._step_in_backward)
                           for w in (self.sae.W_dec, self.sae.W_enc)]
 

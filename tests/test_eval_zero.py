@@ -103,15 +103,38 @@ def llama(tmp_path_factory):
     return model, windows
 
 
-@pytest.mark.parametrize("layer, hook, pass_bos", [(0, "resid_post", True), (2, "resid_post", False),
-                                                    (1, "attn_out", True), (2, "mlp_out", False)])
-def test_the_numbers_match_full_forwards(llama, layer, hook, pass_bos):
+@pytest.fixture
+def shared(monkeypatch) -> list:
+    """What each search for one window's zero-ablated logits found: True (shared by every window) or False."""
+    found = []
+    find = ev._SharedZero.find.__func__
+
+    def spy(cls, *args):
+        out = find(cls, *args)
+        found.append(out is not None)
+        return out
+
+    monkeypatch.setattr(ev._SharedZero, "find", classmethod(spy))
+    return found
+
+
+@pytest.mark.parametrize("layer, hook, pass_bos, other_first", [
+    (0, "resid_post", True, False), (2, "resid_post", False, False), (1, "resid_post", True, True),
+    (1, "attn_out", True, False), (2, "mlp_out", False, False)])
+def test_the_numbers_match_full_forwards(llama, shared, layer, hook, pass_bos, other_first):
     """resid_post resumes after the hooked block itself (its output recorded by the clean run), the
-    other hooks after the block before; 7 windows in batches of 3."""
+    other hooks after the block before; 7 windows in batches of 3. Zeroing resid_post leaves every
+    window the same logits (one window's forward stands for all); zeroing attn_out or mlp_out leaves
+    the residual stream its tokens, and the probe sees it. other_first: window 5 starts with another
+    token than BOS, which passes through, so its batch is run in full."""
     model, windows = llama
+    if other_first:
+        windows = windows.copy()
+        windows[5, 0] = windows[5, 3]
     key = (layer, hook, None)
     p = ev.Plan(EvalConfig(batch_size=3), [], [], model, windows, {key: _sae()}, {key: pass_bos})
     row = ev.evaluate(p, progress=False)[key]
+    assert shared == [hook == "resid_post"]
     ref = _reference(model, torch.from_numpy(windows).long(), layer, hook, _sae(), pass_bos)
     # Not vacuous: each run moves the numbers far more than the 1e-5 they are compared to.
     assert row["kl"] > 1e-3 and abs(row["ce_zero"] - row["ce_clean"]) > 1e-4
@@ -187,7 +210,10 @@ def _cached(run_dir: Path, layer=LAYER) -> list[Path]:
 
 
 BATCHES = 2  # N_EVAL windows in batches of 4
-COLD, WARM = 3 * BATCHES, 2 * BATCHES  # one SAE's forwards: clean, zero-ablated, spliced; without the zero-ablated
+# One SAE's forwards: per batch the clean one and the spliced one, and, unless the zero-ablated CE is
+# kept, one zero-ablated forward of the first batch's first windows, whose logits every window shares
+WARM = 2 * BATCHES
+COLD = WARM + 1
 
 
 def test_a_second_sae_reuses_the_zero_ablated_ce(run, forwards):
@@ -217,8 +243,8 @@ def test_a_second_sae_reuses_the_zero_ablated_ce(run, forwards):
 
 
 def test_a_sweep_computes_it_once_per_bos_rule(run, forwards):
-    """Three SAEs of one layer and hook in one eval: one zero-ablated run per batch for the two that
-    pass BOS through, one more for the one that splices BOS too (other positions, another CE)."""
+    """Three SAEs of one layer and hook in one eval: one zero-ablated run for the two that pass BOS
+    through, one more for the one that splices BOS too (other positions, another CE)."""
     root, raw = run
     model = raw["model"]["name"]
     _save(root / "run", model)
@@ -227,7 +253,7 @@ def test_a_sweep_computes_it_once_per_bos_rule(run, forwards):
     swept = with_setting(raw, "train.sweep", [{}, {"name": "b", "k": 6}, {"name": "c", "k": 6}])
     res = _cli(root, swept)
     assert res.exit_code == 0, res.output
-    assert len(forwards) == BATCHES * (1 + 2 + 3)
+    assert len(forwards) == BATCHES * (1 + 3) + 2
     rows = {m: _row(sae_dir(root / "run", LAYER, "resid_post", m)) for m in (None, "b", "c")}
     assert rows[None]["ce_zero"] == rows["b"]["ce_zero"] != rows["c"]["ce_zero"]
     assert len(_cached(root / "run")) == 2

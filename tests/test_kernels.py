@@ -249,12 +249,16 @@ def test_encode_topk_blocked_vs_dense(block):
 
 
 def test_encode_topk_one_block_is_the_unblocked_path():
-    # The default block holds the anchor shape's z whole: bit for bit the old addmm + topk.
+    # The default block holds the anchor shape's z whole: bit for bit the old addmm + topk's latents
+    # and values (in another order: neither sorts them), twice (the second z reuses the first's memory).
     B, k, n, d = 64, 8, 300, 24
     x_c, W, b = randn(B, d), randn(n, d, seed=1), randn(n, seed=2)
-    vals, idx, _, _ = K.encode_topk_blocked(x_c, W, b, k)
     ref_vals, ref_idx = K.encode_topk_reference(x_c, W, b, k)
-    assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx)
+    ref_idx, order = ref_idx.sort(1)
+    for _ in range(2):
+        vals, idx, _, _ = K.encode_topk_blocked(x_c, W, b, k)
+        idx, j = idx.sort(1)
+        assert torch.equal(idx, ref_idx) and torch.equal(vals.gather(1, j), ref_vals.gather(1, order))
 
 
 @needs_triton
@@ -422,3 +426,69 @@ def test_bad_idx_rejected():
         K.decode(torch.zeros(2, 2), torch.zeros(2, 2), W, backend="torch")
     with pytest.raises(ValueError):
         K.decode(torch.zeros(2, dtype=torch.int64), torch.zeros(2), W, backend="torch")
+
+
+# --------------------------------------------------------------------------
+# the CPU step's helpers: grouped top-k, the radix order by latent and its cache
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("B,m,k", [(7, 4096, 16), (5, 4096, 128), (3, 4608, 32), (4, 1000, 3), (6, 96, 40), (2, 37, 5),
+                                   (3, 65536, 16)])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_topk_rows_is_topk(B, m, k, ties):
+    # The grouped top-k against torch.topk: the same values (the k largest, as a multiset, exactly),
+    # each at the column it names, no column twice; ties from few distinct integer values. Where it
+    # groups (m >= 16 k), largest first, as torch.topk leaves a small k on CPU (a decode sums in that order).
+    g = torch.Generator().manual_seed(B * m + k)
+    z = torch.randint(-4, 5, (B, m), generator=g).float() if ties else torch.randn(B, m, generator=g)
+    z[0, : m // 3] = float("-inf")
+    vals, idx = K.topk_rows(z, k)
+    want = z.topk(k, dim=1).values
+    assert vals.shape == idx.shape == (B, k) and idx.dtype == torch.int64
+    assert torch.equal(vals.sort(1, descending=True).values, want)
+    if m >= 16 * k and m % 4 == 0:
+        assert torch.equal(vals, want)
+    assert torch.equal(z.gather(1, idx), vals)
+    assert all(len(set(row.tolist())) == k for row in idx)
+
+
+@pytest.mark.parametrize("n", [11, 4096, 70_000, 300_000])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=str)
+def test_latent_order_is_a_stable_sort(n, dtype):
+    flat = torch.randint(0, n, (5000,), generator=torch.Generator().manual_seed(n), dtype=torch.int64).to(dtype)
+    flat[::7] = n - 1  # many equal keys: stability shows
+    order = K.latent_order(flat)
+    assert order.dtype == torch.int64
+    assert torch.equal(order, torch.sort(flat.long(), stable=True).indices)
+
+
+def test_by_latent_is_cached_for_the_same_idx_only():
+    n = 13
+    idx = make_idx(9, 4, n).cpu()
+    crow, rows, order = K.by_latent(idx, n)
+    # latent m's pairs: their flat positions in row order, their rows, counted by crow
+    for m in range(n):
+        pos = order[crow[m]: crow[m + 1]]
+        assert torch.equal(pos, (idx.reshape(-1) == m).nonzero().squeeze(1))
+        assert torch.equal(rows[crow[m]: crow[m + 1]], pos // 4)
+    assert K.by_latent(idx, n)[2] is order                      # the same tensor: built once
+    same_values = idx.clone()
+    assert K.by_latent(same_values, n)[2] is not order          # another tensor: built again
+    idx[0] = idx[1]  # in place: its version moves on
+    assert K.by_latent(idx, n)[2] is not order
+    assert torch.equal(K.by_latent(idx, n)[0][-1], torch.tensor(idx.numel()))
+
+
+def test_scatter_outer_cpu_writes_every_row(monkeypatch):
+    # Its output starts as uninitialised memory (torch.empty, then addmm_ with beta = 0): rows no pair
+    # touches must still come out as zeros, not what the memory held. NaN-filled "empty" memory shows it.
+    B, k, n, d = 6, 2, 20, 5
+    idx = make_idx(B, k, n, hot=False).cpu()
+    vals, dense = randn(B, k).cpu(), randn(B, d, seed=1).cpu()
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    got = K.scatter_outer_cpu(idx, vals, dense, n)
+    monkeypatch.undo()
+    want = dense_S(idx, vals, n).T @ dense.double()
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -133,8 +133,9 @@ def test_sparse_training_step_matches_dense_autograd(monkeypatch, aux_dense_rati
 
 @pytest.mark.parametrize("aux_dense_ratio", [0, 1000], ids=["auxk-sparse", "auxk-dense"])
 def test_adam_inside_the_backward_is_the_step_after_it(monkeypatch, aux_dense_ratio):
-    # TrainState steps W_dec and W_enc from hooks as their gradients complete (and frees them);
-    # bit for bit the weights of one optimizer step after the whole backward, AuxK on.
+    # From STEP_IN_BACKWARD_BYTES up TrainState steps W_dec and W_enc from hooks as their gradients
+    # complete (and frees them); bit for bit the weights of one optimizer step after the whole backward, AuxK on.
+    from pipeline import train_state
     from pipeline.config import TrainConfig
     from pipeline.saes.topk import TopKSettings
     from pipeline.train import train_step
@@ -143,6 +144,8 @@ def test_adam_inside_the_backward_is_the_step_after_it(monkeypatch, aux_dense_ra
     monkeypatch.setattr(sae_module, "AUX_DENSE_RATIO", aux_dense_ratio)
     tc = TrainConfig(n_latents=64, sae=TopKSettings(k=4, k_aux=8, dormant_tokens=40), batch_size=40, lr=1e-2,
                      backend="torch")
+    assert TrainState(tc, 16, torch.device("cpu")).hooks == []  # 4 KiB gradients: the step after the backward
+    monkeypatch.setattr(train_state, "STEP_IN_BACKWARD_BYTES", 64 * 16 * 4)
     states = [TrainState(tc, 16, torch.device("cpu")) for _ in range(2)]
     assert len(states[0].hooks) == 2
     states[1].sae.load_state_dict(states[0].sae.state_dict())
