@@ -497,7 +497,8 @@ def train_step(state: TrainState, x: torch.Tensor, lr: float, tc: TrainConfig,
     target = x if y is None else y - sae.skip(x)
     fvu, nmse = reconstruction_loss(target, o.x_hat, rows, whole_batch=shard is not None, of=y)
     loss, aux = sae.train_loss(target, o, fvu, view)
-    opt.zero_grad(set_to_none=True)
+    for prm in sae.parameters():  # opt.zero_grad(set_to_none=True) without its profiler scope: 0.6 ms a step
+        prm.grad = None
     loss.backward()
     if dist.rank_world()[1] > 1 and shard is None:
         # Each rank's loss is its rows' share of the batch's (global denominators, reconstruction_loss):
