@@ -77,14 +77,14 @@ inspect: setup $(MINILM)
 eval: setup $(MINILM)
 	$(BIN)/saepipe eval $(CONFIG) $(LAYER_FLAG) $(ARGS)
 
-# SmolLM2 end to end, offline: the eval table, then collate's viewer path.
+# SmolLM2 end to end, offline: collate's viewer paths, then the eval table. Eval runs last, once:
+# its table ends the output, and it adds its numbers to collate's index page.
 demo: setup $(DEMO_DATA) $(MINILM)
 	$(BIN)/saepipe harvest $(CONFIG) $(LAYER_FLAG)
 	$(BIN)/saepipe train $(CONFIG) $(LAYER_FLAG)
-	$(BIN)/saepipe eval $(CONFIG) $(LAYER_FLAG)
 	$(BIN)/saepipe collate $(CONFIG) $(LAYER_FLAG)
 	@echo; echo "Eval of each SAE (nats/token; see docs/guides/eval.md):"
-	@$(BIN)/saepipe eval $(CONFIG) $(LAYER_FLAG) | grep -v "^eval: .*skipping"
+	$(BIN)/saepipe eval $(CONFIG) $(LAYER_FLAG)
 
 # The viewer test drives Debian's Chromium; install it when missing: only the two
 # packages it needs, no recommends, apt's output in a log. The package lists are

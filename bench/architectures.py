@@ -7,7 +7,8 @@
 
 --step: pipeline.train.train_step of each architecture at d 768, n 16384, B 1024 (k 32, or a
 target L0 of 32, each latent's bias set so it fires on 32/n of the batch, where training
-settles), CPU, timed interleaved with TopK's in one process, medians of --rounds;
+settles; --shapes N:D:B,... for other shapes, such as the corners of bench/train.py's --peers
+grid), CPU, timed interleaved with TopK's in one process, medians of --rounds;
 printed as ratios to TopK's step (the issue's targets: topk/batchtopk/matryoshka/jumprelu
 <= 1.5x, relu/gated <= 2.5x).
 
@@ -250,6 +251,8 @@ def seeds(a, run, ratios: bool):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--step", action="store_true")
+    ap.add_argument("--shapes", default="16384:768:1024", help="--step: N:D:BATCH shapes, comma-separated "
+                    "(L0 32 at each; the default is the anchor)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quality", metavar="CONFIG")
     ap.add_argument("--layer", type=int, default=6)
@@ -261,11 +264,13 @@ def main():
     ap.add_argument("--peer-trainers", nargs="+", default=None, help="only these dictionary_learning trainers")
     a = ap.parse_args()
     if a.step:
-        ms = step_times(a.rounds)
-        print(f"{'architecture':<12} {'step ms':>9} {'/ topk':>8}   (d 768, n 16384, B 1024, L0 32, CPU, "
-              f"median of {a.rounds}, interleaved)")
-        for name, t in ms.items():
-            print(f"{name:<12} {t:>9.1f} {t / ms['topk']:>7.2f}x")
+        for shape in filter(None, a.shapes.split(",")):
+            n, d, batch = (int(v) for v in shape.split(":"))
+            ms = step_times(a.rounds, d, n, batch)
+            print(f"{'architecture':<12} {'step ms':>9} {'/ topk':>8}   (d {d}, n {n}, B {batch}, L0 32, CPU, "
+                  f"median of {a.rounds}, interleaved)", flush=True)
+            for name, t in ms.items():
+                print(f"{name:<12} {t:>9.1f} {t / ms['topk']:>7.2f}x", flush=True)
     for run, config in ((quality, a.quality), (transcoder, a.transcoder)):
         if config:
             seeds(a, lambda seed, where: run(config, a.layer, where, seed, tuple(a.set)), ratios=run is quality)

@@ -311,7 +311,8 @@ def blocked_vs_whole(n: int, d: int, k: int, batch: int, rounds: int, block_byte
     return {name: 1e3 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
-def peers_table(n: int, d: int, k: int, batch: int, rounds: int, steps: int = 3):
+def peers_table(n: int, d: int, k: int, batch: int, rounds: int, steps: int = 3,
+                names: tuple[str, ...] = ("sparsify", "saelens")):
     """({name: median ms/step}, {peer: why it has none}): the floor and saepipe's real step (one worker,
     interleaved) and each peer's step in its own venv (bench/peer_step.py), the workers taking turns
     over `rounds`."""
@@ -322,7 +323,7 @@ def peers_table(n: int, d: int, k: int, batch: int, rounds: int, steps: int = 3)
     ms: dict[str, list[float]] = {"floor": [], "saepipe": [], "sparsify": [], "saelens": []}
     missing = {}
     pythons = {}
-    for peer in ("sparsify", "saelens"):
+    for peer in names:
         try:
             pythons[peer] = peers.python(peer)
         except subprocess.CalledProcessError as e:
@@ -345,7 +346,8 @@ def peers_table(n: int, d: int, k: int, batch: int, rounds: int, steps: int = 3)
     return {name: sorted(v)[len(v) // 2] for name, v in ms.items() if v}, missing
 
 
-def print_peers(shapes: list[tuple[int, int, int, int]], rounds: int, steps: int = 3):
+def print_peers(shapes: list[tuple[int, int, int, int]], rounds: int, steps: int = 3,
+                names: tuple[str, ...] = ("sparsify", "saelens")):
     print(f"cpu ({torch.get_num_threads()} threads), fp32; ms/step, medians of {rounds} rounds of "
           f"{steps} steps, the workers (saepipe with the floor, then each peer in its venv) taking turns")
     print("| n | d | k | batch | floor | saepipe | sparsify 1.3.3 | SAELens 6 | saepipe / floor | sparsify / saepipe "
@@ -353,7 +355,7 @@ def print_peers(shapes: list[tuple[int, int, int, int]], rounds: int, steps: int
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     notes = {}
     for n, d, k, batch in shapes:
-        med, missing = peers_table(n, d, k, batch, rounds, steps)
+        med, missing = peers_table(n, d, k, batch, rounds, steps, names)
         notes.update(missing)
         cell = {name: f"{med[name]:.1f}" if name in med else "-" for name in ("floor", "saepipe", "sparsify", "saelens")}
         ratio = {name: f"{med[name] / med['saepipe']:.2f}x" if name in med else "-" for name in ("sparsify", "saelens")}
@@ -404,6 +406,7 @@ def main():
                     "ms/step of the two interleaved at the anchor shape (z in 4 blocks there)")
     ap.add_argument("--peers", action="store_true", help="CPU: ms/step of the floor, saepipe, sparsify and SAELens "
                     "(each peer in its venv of bench/peers.py; default shape d 768, n 16384, k 32, batch 1024)")
+    ap.add_argument("--peer-names", default="sparsify,saelens", help="--peers: which peers (comma-separated)")
     ap.add_argument("--phases", action="store_true", help="CPU: ms per phase of a step (encoder, gathers + decode, "
                     "loss, backward, optimizer, constraint, bookkeeping) beside the floor and the whole train_step")
     ap.add_argument("--shapes", help="--peers, --phases and --vs-floor: these shapes instead of the --n/--d/--k grid, each "
@@ -421,7 +424,7 @@ def main():
         (n, d, k, args.batch or 1024) for d in ints(args.d or "768") for n in ints(args.n or "16384")
         for k in ints(args.k or "32") if k <= n]
     if args.peers:
-        print_peers(grid, args.rounds or 3)
+        print_peers(grid, args.rounds or 3, names=tuple(args.peer_names.split(",")))
         return
     if args.phases:
         print_phases(grid, args.rounds or 7)

@@ -14,7 +14,9 @@ so the two runs differ from the clean one at the same positions. The clean run
 is shared by every SAE. The zero run uses nothing of the SAE: one serves every SAE
 of its (layer, hook, BOS rule), and its CE is kept in the run (ZeroCache) for every
 later eval of that layer and hook on the same model and windows. So N SAEs of one
-(layer, hook) cost 1 + N forwards per batch, and one more the first time. The
+(layer, hook) cost 1 + N forwards per batch, and one more the first time: less where
+zeroing leaves every window the same logits (resid_post), which two windows' forward
+shows and then stands for all (_SharedZero). The
 spliced and zero runs start from the clean run's output of the block before the
 hooked one (of the hooked block itself for resid_post), and every run's LM head
 covers only the positions scored.
@@ -445,7 +447,7 @@ def _replacer(sae: Dictionary | None, pass_bos: bool, stats: ReconStats | None):
 # One window's zero-ablated logits for all
 
 # Windows the zero-ablated forward runs on first, to learn whether one window's logits stand for all
-SHARED_PROBE = 4
+SHARED_PROBE = 2
 # ... and how close (in logits, relative to their largest magnitude) the probe's windows must agree
 SHARED_RTOL = 1e-5
 
@@ -468,10 +470,12 @@ class _SharedZero:
     def find(cls, logits: torch.Tensor, ids: torch.Tensor, z: tuple) -> "_SharedZero | None":
         """From the zero-ablated logits [m * (T - 1), V] of the first m windows of ids: the shared
         logits, or None when there are fewer than two windows, their first tokens differ where BOS
-        passes through, or their logits differ."""
+        passes through, a window repeats the first, or their logits differ."""
         m = min(SHARED_PROBE, ids.shape[0])
         per = logits.view(m, -1, logits.shape[-1])
         if m < 2 or (z[2] and not (ids[:m, 0] == ids[0, 0]).all()):
+            return None
+        if not (ids[1:m, 1:] != ids[0, 1:]).any(dim=1).all():  # a window repeated proves nothing
             return None
         spread = (per[1:] - per[:1]).abs().amax()
         if not spread <= SHARED_RTOL * per[0].abs().amax().clamp_min(1):

@@ -169,6 +169,26 @@ def test_scan_matches_brute_force(tmp_path, tokenizer_dir, prepend_bos):
         assert not np.any((top_rows >= 0) & (top_rows % CTX == 0))
 
 
+def test_pass_2_cuts_the_windows_from_the_scans_codes(tmp_path, tokenizer_dir, monkeypatch):
+    """The scan keeps every row's codes (within CODES_BUDGET), and pass 2 cuts the records' windows
+    from them, reading only the tokens: the windows encoding the picked sequences again gives.
+    Over the budget none are kept, and pass 2 encodes."""
+    store, _, _ = make_run(tmp_path, tokenizer_dir)
+    sae = load_sae(tmp_path / "saes/0/resid_post")
+    cfg = CollateConfig(**make_cfg(tmp_path)["collate"])
+    col = S.scan(store, 0, "resid_post", sae, cfg, "cpu")
+    assert col.codes.idx.shape == col.codes.vals.shape == (N_SEQ * CTX, K) and col.codes.idx.dtype == torch.int32
+    again, kept = (pick(col, cfg, CTX, tmp_path / name) for name in ("again", "kept"))
+    cut_windows(store, 0, "resid_post", sae, again, cfg, "cpu")
+    monkeypatch.setattr(store, "read_chunk", lambda *a: pytest.fail("pass 2 read activations"))
+    cut_windows(store, 0, "resid_post", sae, kept, cfg, "cpu", col.codes)
+    assert np.array_equal(kept.tokens, again.tokens) and (again.acts > 0).sum() > N_LAT
+    np.testing.assert_allclose(kept.acts, again.acts, rtol=1e-6, atol=1e-7)
+    monkeypatch.undo()
+    monkeypatch.setattr(S, "CODES_BUDGET", N_SEQ * CTX * K * 8 - 1)
+    assert S.scan(store, 0, "resid_post", sae, cfg, "cpu").codes is None
+
+
 def test_random_sample_is_uniform_over_seeds():
     """Selection counts over many seeds: chi-square against uniform, for two latents
     fed through Collator.update in uneven batches."""

@@ -143,6 +143,34 @@ def test_the_numbers_match_full_forwards(llama, shared, layer, hook, pass_bos, o
     assert row["n_tokens"] == windows.size
 
 
+def test_one_windows_zero_ablated_logits_stand_for_all_only_when_shown():
+    """_SharedZero.find: two windows' logits that agree are shared, and their CE is what each
+    window's own logits give; refused for one window, a repeated window (it proves nothing), first
+    tokens that differ where BOS passes through, and logits that differ."""
+    g = torch.Generator().manual_seed(0)
+    T, V = 5, 11
+    ids = torch.randint(1, V, (3, T), generator=g)
+    ids[:, 0] = 0
+    one = torch.randn(T - 1, V, generator=g)
+    same = one.repeat(2, 1)
+    z = (1, "resid_post", True)
+    shared = ev._SharedZero.find(same, ids, z)
+    assert shared is not None and shared.covers(ids)
+    targets = ids[:, 1:]
+    want = ev._ce_sum(one.repeat(3, 1), ev._logsumexp(one.repeat(3, 1)), targets.reshape(-1))
+    assert shared.ce_sum(targets).item() == pytest.approx(want.item(), rel=1e-12)
+    other_first = ids.clone()
+    other_first[2, 0] = 4
+    assert not shared.covers(other_first)
+    assert ev._SharedZero.find(same[: T - 1], ids[:1], z) is None                  # one window
+    assert ev._SharedZero.find(same, ids[[0, 0, 1]], z) is None                    # the first window again
+    assert ev._SharedZero.find(same, other_first[[0, 2]], z) is None                # BOS passed, first tokens differ
+    assert ev._SharedZero.find(same, other_first[[0, 2]], (1, "resid_post", False)) is not None  # all zeroed
+    moved = same.clone()
+    moved[T - 1 + 2, 3] += 1e-3
+    assert ev._SharedZero.find(moved, ids, z) is None                               # the logits differ
+
+
 # ---------------------------------------------------------------------------
 # The zero-ablated CE, kept in the run
 

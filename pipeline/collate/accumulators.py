@@ -470,6 +470,7 @@ class Collator:
         # None: not counted, the SAE is wider than collate.cooccurrence_max_latents
         self.pairs = CoOccurrence(n_latents, device) if n_latents <= cfg.cooccurrence_max_latents else None
         self.cooccurring: tuple[torch.Tensor, ...] | None = None  # finish(): CoOccurrence.partners, when counted
+        self.codes = None  # scan.Codes: every row's codes, when the scan kept them for pass 2
 
     def update(self, start: int, idx: torch.Tensor, vals: torch.Tensor):
         """One encoded batch: rows [start, start + B), idx/vals [B, k]."""

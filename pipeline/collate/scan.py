@@ -76,13 +76,36 @@ def scan(store: ActivationStore, layer: int, hook: str, sae: Dictionary, cfg: Co
     return scan_all(store, layer, hook, [sae], cfg, device)[0]
 
 
+# The scan keeps every row's codes (idx int32 + vals float32) while they take at most this many bytes
+# for all the SAEs scanned together, so that pass 2 cuts the records' windows from them instead of
+# encoding those sequences again (the demo: 5 of collate's 40 s). Beyond it they are dropped.
+CODES_BUDGET = 512 << 20
+
+
+class Codes:
+    """Every row's (idx, vals) from the scan, in row order, as it encoded them: idx [N, w] int32,
+    vals [N, w] float32, a batch narrower than the widest padded with vals 0 (off)."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        w = max(i.shape[1] for i, _ in batches)
+        self.idx = torch.cat([torch.nn.functional.pad(i, (0, w - i.shape[1])) for i, _ in batches])
+        self.vals = torch.cat([torch.nn.functional.pad(v, (0, w - v.shape[1])) for _, v in batches])
+
+    def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(idx int64, vals float32) of these rows: copies, the caller's to change."""
+        return self.idx[rows].long(), self.vals[rows]
+
+
 def scan_all(store: ActivationStore, layer: int, hook: str, saes: list[Dictionary], cfg: CollateConfig,
              device, desc: str | None = None) -> list[Collator]:
     """Pass 1 for several SAEs of one layer (a train.sweep's members): each batch is read
-    once and goes through every SAE into its own Collator."""
+    once and goes through every SAE into its own Collator. Each Collator's `codes` holds the
+    rows' codes (Codes) when they fit CODES_BUDGET, else None."""
     device = torch.device(device)
     n_rows, ctx = store.n_rows(layer, hook), store.context_size
     cols = [Collator(sae.n_latents, ctx, cfg, device, excludes_bos(store, cfg.exclude_bos)) for sae in saes]
+    kept: list[list] | None = [[] for _ in saes]
+    size = 0
 
     def read(c):
         return store.read_chunk(layer, hook, c)
@@ -92,10 +115,17 @@ def scan_all(store: ActivationStore, layer: int, hook: str, saes: list[Dictionar
               smoothing=0.1) as bar:
         for start, x in _row_batches(chunks, batch_rows_for(cfg, ctx)):
             x = x.to(device)
-            for sae, col in zip(saes, cols):
+            for j, (sae, col) in enumerate(zip(saes, cols)):
                 idx, vals = sae.encode(x)
                 with one_cpu_thread(idx.device):
                     col.update(start, idx, vals)
+                if kept is not None:
+                    kept[j].append((idx.to(torch.int32), vals.float()))
+                    size += idx.numel() * 8
+                    if size > CODES_BUDGET:
+                        kept = None
             bar.update(len(x))
+    for j, col in enumerate(cols):
+        col.codes = Codes(kept[j]) if kept is not None and kept[j] else None
     with one_cpu_thread(device):
         return [col.finish() for col in cols]

@@ -101,9 +101,10 @@ def encode_rows(sae: Dictionary, x: torch.Tensor, step: int, device) -> tuple[to
 
 
 def cut_windows(store: ActivationStore, layer: int, hook: str, sae: Dictionary, recs: Records,
-                cfg: CollateConfig, device):
+                cfg: CollateConfig, device, codes=None):
     """Pass 2: fill recs.acts / recs.tokens. Reads each store chunk holding a picked
-    sequence once and encodes only the picked sequences, each once."""
+    sequence once and encodes only the picked sequences, each once; with the scan's
+    `codes` (scan.Codes), takes theirs and reads only the tokens."""
     if len(recs.row) == 0:
         return
     device = torch.device(device)
@@ -117,16 +118,21 @@ def cut_windows(store: ActivationStore, layer: int, hook: str, sae: Dictionary, 
     def read(seqs):
         c = int(seqs[0]) // seq_per_chunk
         first = c * seq_per_chunk
-        x = store.read_chunk(layer, hook, c)
-        x = x.view(-1, ctx, x.shape[-1])[torch.from_numpy(seqs - first)]
+        x = None
+        if codes is None:
+            x = store.read_chunk(layer, hook, c)
+            x = x.view(-1, ctx, x.shape[-1])[torch.from_numpy(seqs - first)]
         return seqs, x, store.read_tokens(first, first + seq_per_chunk)[seqs - first]
 
     step = batch_rows_for(cfg, ctx)
     lo = 0
     with tqdm(total=len(needed), unit="seq", desc=f"records {layer}/{hook}") as bar:
         for seqs, x, tok in read_ahead(read, by_chunk, cfg.reader_threads):
-            flat = x.reshape(len(seqs) * ctx, -1)
-            idx, vals = encode_rows(sae, flat, step, device)
+            if codes is None:
+                idx, vals = encode_rows(sae, x.reshape(len(seqs) * ctx, -1), step, device)
+            else:
+                rows = (torch.from_numpy(seqs)[:, None] * ctx + torch.arange(ctx)).reshape(-1)
+                idx, vals = (t.to(device) for t in codes.rows(rows))
             if skip_first:
                 # Excluded from the statistics, so excluded from the records too: a BOS
                 # act of 0 is drawn unshaded instead of as the record's brightest token.

@@ -261,10 +261,12 @@ class Dictionary(nn.Module):
         g = self.W_dec.grad
         if g is None:
             return
-        # Row dots as a batched [1, d] x [d, 1] product: vecdot builds the [n, d] product before summing,
-        # a temporary as large as the gradient (the step's peak at large n, its page faults at small n).
-        dots = torch.bmm(g.unsqueeze(1), self.W_dec.detach().unsqueeze(2)).view(-1, 1)
-        g.addcmul_(dots, self.W_dec.detach(), value=-1)
+        # vecdot builds the [rows, d] product before summing: a block of rows at a time keeps that
+        # temporary small (a whole [n, d] one was the step's peak at large n). Rows are independent.
+        rows = max(1, (1 << 22) // g.shape[1])
+        for lo in range(0, g.shape[0], rows):
+            gb, wb = g[lo: lo + rows], self.W_dec[lo: lo + rows]
+            gb.addcmul_(torch.linalg.vecdot(gb, wb).unsqueeze(1), wb, value=-1)
 
     def empty_like(self, n_latents: int | None = None) -> "Dictionary":
         """An SAE of the same architecture and settings (another width when given), on this one's device."""
