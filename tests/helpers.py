@@ -182,6 +182,20 @@ def topk_loss(sae, x, o, aux_alpha: float, rows: int | None = None, whole_batch:
     return loss, fvu, aux, nmse
 
 
+def eval_sae(d: int, seed: int = 1):
+    """A random TopK SAE (4d latents, k 6, torch backend) with a small random b_pre, for the eval tests."""
+    import torch
+
+    from pipeline.saes.topk import TopKSAE
+
+    g = torch.Generator().manual_seed(seed)
+    sae = TopKSAE(d, 4 * d, 6, backend="torch")
+    sae.reset_parameters(g)
+    with torch.no_grad():
+        sae.b_pre.copy_(0.1 * torch.randn(d, generator=g))
+    return sae
+
+
 def run_cli(root, raw: dict, *args):
     """`saepipe <args[0]> <root>/cfg.yaml <args[1:]>` on the config `raw` (written there first)."""
     import yaml

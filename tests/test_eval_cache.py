@@ -15,7 +15,7 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
-from helpers import harvest_config, make_model, with_setting, write_corpus
+from helpers import eval_sae, harvest_config, make_model, with_setting, write_corpus
 from pipeline.paths import sae_dir
 from pipeline.saes.topk import TopKSAE
 from stages.cli import main
@@ -44,12 +44,7 @@ def _cli(root: Path, raw: dict, stage: str, *args):
 
 
 def _sae(seed=1) -> TopKSAE:
-    g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(D, 4 * D, 6, backend="torch")
-    sae.reset_parameters(g)
-    with torch.no_grad():
-        sae.b_pre.copy_(0.1 * torch.randn(D, generator=g))
-    return sae
+    return eval_sae(D, seed)
 
 
 def _save(run: Path, model, layer=LAYER, seed=1, **extra) -> Path:

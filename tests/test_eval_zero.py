@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import yaml
 from click.testing import CliRunner
 
-from helpers import harvest_config, make_model, with_setting, write_corpus
+from helpers import eval_sae, harvest_config, make_model, with_setting, write_corpus
 from pipeline import eval as ev
 from pipeline.config import EvalConfig
 from pipeline.model import find_blocks, hook_module, load_causal_lm
@@ -29,12 +29,7 @@ N_EVAL = 6  # held-out windows: 2 batches of 4, the second ragged
 
 
 def _sae(seed=1) -> TopKSAE:
-    g = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(D, 4 * D, 6, backend="torch")
-    sae.reset_parameters(g)
-    with torch.no_grad():
-        sae.b_pre.copy_(0.1 * torch.randn(D, generator=g))
-    return sae
+    return eval_sae(D, seed)
 
 
 # ---------------------------------------------------------------------------

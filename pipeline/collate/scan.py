@@ -83,8 +83,9 @@ CODES_BUDGET = 512 << 20
 
 
 class Codes:
-    """Every row's (idx, vals) from the scan, in row order, as it encoded them: idx [N, w] int32,
-    vals [N, w] float32, a batch narrower than the widest padded with vals 0 (off)."""
+    """Batches of codes (idx [b, w_i], vals [b, w_i]) as one (idx [N, w], vals [N, w]) in row order,
+    a batch narrower than the widest w padded with vals 0 (off), which every reader skips. The scan
+    keeps every row's this way (idx int32, vals float32)."""
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
         w = max(i.shape[1] for i, _ in batches)

@@ -24,7 +24,7 @@ from pipeline.config import CollateConfig
 from pipeline.errors import UserError
 from pipeline.loader import excludes_bos
 from pipeline.saes import Dictionary
-from pipeline.collate.scan import batch_rows_for, one_cpu_thread, read_ahead
+from pipeline.collate.scan import Codes, batch_rows_for, one_cpu_thread, read_ahead
 from pipeline.store import ActivationStore
 
 
@@ -93,11 +93,9 @@ def encode_rows(sae: Dictionary, x: torch.Tensor, step: int, device) -> tuple[to
     """sae.encode over x [N, d] a `step` of rows at a time, as one (idx [N, w], vals [N, w] float):
     an architecture whose width varies by batch (BatchTopK's threshold) is padded to the widest with
     vals 0 (off), which every reader skips."""
-    enc = [sae.encode(x[i: i + step].to(device)) for i in range(0, len(x), step)]
-    w = max(e[0].shape[1] for e in enc)
-    pad = [(torch.nn.functional.pad(i, (0, w - i.shape[1])), torch.nn.functional.pad(v.float(), (0, w - v.shape[1])))
-           for i, v in enc]
-    return torch.cat([i for i, _ in pad]), torch.cat([v for _, v in pad])
+    batches = (sae.encode(x[j: j + step].to(device)) for j in range(0, len(x), step))
+    codes = Codes([(i, v.float()) for i, v in batches])
+    return codes.idx, codes.vals
 
 
 def cut_windows(store: ActivationStore, layer: int, hook: str, sae: Dictionary, recs: Records,
