@@ -162,6 +162,39 @@ def test_adam_inside_the_backward_is_the_step_after_it(monkeypatch, aux_dense_ra
     assert all(torch.equal(a, b) for a, b in zip(states[0].since_fired, states[1].since_fired))
 
 
+@pytest.mark.parametrize("needs", ["x_hat", "both"])
+def test_reconstruction_loss_gradients_are_autograds(needs):
+    # _SquaredError writes the gradients itself (one pass back); a transcoder's target needs one too.
+    from pipeline.train import reconstruction_loss
+
+    g = torch.Generator().manual_seed(0)
+    x, x_hat = torch.randn(30, 12, generator=g, dtype=torch.float64), torch.randn(30, 12, generator=g, dtype=torch.float64)
+    of = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(needs == "both" or i == 1) for i, t in enumerate((x, x_hat))]
+    fvu, nmse = reconstruction_loss(*leaves, of=of)
+    (3 * fvu).backward()
+    refs = [t.clone().requires_grad_(needs == "both" or i == 1) for i, t in enumerate((x, x_hat))]
+    e = refs[0] - refs[1]
+    ref = e.pow(2).sum() / (of - of.mean(0)).pow(2).sum()
+    (3 * ref).backward()
+    torch.testing.assert_close(fvu, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(nmse, (e.detach().pow(2).sum(1) / of.pow(2).sum(1)).mean(), rtol=1e-12, atol=0)
+    for ours, theirs in zip(leaves, refs):
+        assert (ours.grad is None) == (theirs.grad is None)
+        if theirs.grad is not None:
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-12, atol=0)
+
+
+def test_remove_parallel_grad_across_its_row_blocks():
+    torch.manual_seed(0)
+    sae = TopKSAE(8, 40000, 3, backend="torch")  # 320,000 numbers: three blocks of rows
+    g = torch.randn(40000, 8)
+    sae.W_dec.grad = g.clone()
+    sae.remove_parallel_grad()
+    w = sae.W_dec.detach()
+    torch.testing.assert_close(sae.W_dec.grad, g - (g * w).sum(1, keepdim=True) * w)
+
+
 def test_decoder_constraint_and_scalar_folding():
     torch.manual_seed(0)
     sae = TopKSAE(8, 32, 3, backend="torch")

@@ -262,8 +262,9 @@ class Dictionary(nn.Module):
         if g is None:
             return
         # vecdot builds the [rows, d] product before summing: a block of rows at a time keeps that
-        # temporary small (a whole [n, d] one was the step's peak at large n). Rows are independent.
-        rows = max(1, (1 << 22) // g.shape[1])
+        # temporary small (a whole [n, d] one was the step's peak at large n), and a block of 128K
+        # numbers is still in L2 when addcmul_ reads it again. Rows are independent.
+        rows = max(1, (1 << 17) // g.shape[1])
         for lo in range(0, g.shape[0], rows):
             gb, wb = g[lo: lo + rows], self.W_dec[lo: lo + rows]
             gb.addcmul_(torch.linalg.vecdot(gb, wb).unsqueeze(1), wb, value=-1)
