@@ -741,9 +741,10 @@ def _merge(best, cand, k: int):
     return v, i.gather(1, j)
 
 
-# One slab of z kept per thread (CPU): a fresh [B, block] tensor each step costs its page faults
-# again, ~3 ms for 16 MiB (glibc does not reuse a freed block for PyTorch's 64-byte-aligned
-# requests of these sizes). z never leaves encode_topk_blocked, so reusing it is safe.
+# One slab of z kept per thread (CPU): the same memory each step, already mapped and partly still in
+# cache. (Most of what it saved at first were page faults that pipeline.model.keep_freed_memory now
+# prevents for every tensor; it is still 2-3% of a step at n 4096.) z never leaves
+# encode_topk_blocked, so reusing it is safe.
 _SLABS = threading.local()
 
 

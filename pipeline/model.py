@@ -116,8 +116,10 @@ def keep_freed_memory():
     except (OSError, AttributeError):  # not glibc
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # mallopt takes a C int: a larger value is truncated (1 << 40 became 0, which trimmed the heap's
+    # top at every free and brought back the faults this is here to avoid). 2 GiB - 1 is the most.
     mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    mallopt(M_TRIM_THRESHOLD, 1 << 40)
+    mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
 
 
 _KEPT = False
