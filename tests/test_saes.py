@@ -184,3 +184,14 @@ def test_recon_stats_against_numpy():
     assert got["l0"] == pytest.approx((vals > 0).sum() / 50) and got["explained_variance"] == 1 - got["fvu"]
     assert got["dead_frac"] == pytest.approx(1 - len(fired) / 12)
     assert stats.density()[sorted(fired)[0]] > 0 and stats.density()[11] == 0
+
+
+def test_active_width_is_the_most_true_entries_of_any_row():
+    from pipeline.saes.base import active_width
+
+    g = torch.Generator().manual_seed(0)
+    on = torch.rand(37, 300, generator=g) < torch.rand(37, 1, generator=g)  # rows of very different counts
+    assert active_width(on) == int(on.long().sum(1).max()) > 0
+    assert active_width(on[:, ::3]) == int(on[:, ::3].long().sum(1).max())  # a strided view
+    assert active_width(torch.zeros(4, 10, dtype=torch.bool)) == 1  # nothing fires: one padded slot
+    assert active_width(torch.zeros(0, 10, dtype=torch.bool)) == 1

@@ -71,7 +71,7 @@ import pipeline.saes.topk as _topk
 from pipeline.config import setting
 from pipeline.errors import UserError
 from pipeline.saes import register
-from pipeline.saes.base import Dictionary, Settings, TrainOutput, TrainView
+from pipeline.saes.base import Dictionary, Settings, TrainOutput, TrainView, active_width
 
 SPARSITY = ("target_l0", "l0")
 # A low-precision (bf16) z picks the kept latents only; the margin (a fraction of θ, about |z| near
@@ -281,7 +281,7 @@ class JumpReLUSAE(Dictionary):
         whole."""
         z = self.pre_acts(x)
         above = z - self.threshold  # > 0 exactly where z > θ (a float difference has the comparison's sign)
-        w = max(1, int((above > 0).sum(1).max())) if z.shape[0] else 1
+        w = active_width(above > 0)
         idx = above.topk(min(w, self.n_latents), dim=1).indices
         vals = z.gather(1, idx)
         return idx, vals * (vals > self.threshold[idx])
@@ -312,7 +312,7 @@ class JumpReLUSAE(Dictionary):
             # Kept: z > θ - ε (the window reaches θ - ε/2; the slack absorbs the rounding of its test).
             margin = eps + (LOW_PRECISION_MARGIN * 2 * theta if low else 0)
             above = z - (theta - margin)
-            w = max(1, int((above > 0).sum(1).max())) if z.shape[0] else 1
+            w = active_width(above > 0)
             idx = above.topk(min(w, self.n_latents), dim=1, sorted=False).indices
             del above
             pre = None if low else z.gather(1, idx)  # a low-precision z only picks; the gather recomputes

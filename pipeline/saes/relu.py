@@ -52,7 +52,7 @@ import torch
 from pipeline.config import setting
 from pipeline.errors import UserError
 from pipeline.saes import register
-from pipeline.saes.base import Dictionary, Settings, TrainOutput, TrainView
+from pipeline.saes.base import Dictionary, Settings, TrainOutput, TrainView, active_width
 
 # Above this fraction of the latents firing in some row, train_forward runs dense matmuls. A step at d 768,
 # n 4096, B 1024 on CPU: both paths 0.19 s at w = n / 12; sparse 0.085 s vs dense 0.21 s at w = n / 100.
@@ -123,11 +123,6 @@ def compact(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     active in any row (at least 1); a row with fewer is padded with latents whose value is 0."""
     vals, idx = f.topk(min(active_width(f > 0), f.shape[1]), dim=1, sorted=False)
     return idx, vals
-
-
-def active_width(on: torch.Tensor) -> int:
-    """The most True entries in any row of on [B, n] (at least 1): the width train_forward keeps."""
-    return max(1, int(on.sum(1).max())) if on.shape[0] else 1
 
 
 def batch_stats(x: torch.Tensor, view: TrainView) -> tuple[torch.Tensor, torch.Tensor]:
