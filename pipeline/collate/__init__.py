@@ -161,7 +161,7 @@ def collate_sae(store: ActivationStore, layer: int, hook: str, sae: Dictionary, 
     try:
         col = col if col is not None else scanning.scan(store, layer, hook, sae, cfg, device)
         recs = pick(col, cfg, store.context_size, partial / "_scratch")
-        cut_windows(store, layer, hook, sae, recs, cfg, device, getattr(col, "codes", None))
+        cut_windows(store, layer, hook, sae, recs, cfg, device, col.codes)
         col.codes = None  # pass 2 is done with them
     except UserError:
         # A missing or corrupt store chunk: nothing of this run is worth keeping.
