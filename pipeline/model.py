@@ -104,8 +104,11 @@ def keep_freed_memory():
     step allocates several [n, d] gradients and temporaries, and at n 16384, d 768
     the faults alone cost ~17 ms per 50 MB tensor, as much as the arithmetic.
     Served from the heap and kept after free, the same memory is reused warm.
-    The price: the process keeps its peak RSS until it exits. Linux/glibc only;
-    elsewhere a no-op."""
+    The price: the process keeps its peak RSS until it exits, and that peak is
+    higher, since torch's 64-byte-aligned blocks do not always fit the block just
+    freed and take fresh memory until glibc's small-chunk cache fills (measured over
+    30 training steps: 997 vs 914 MiB at n 16384, d 768; 3080 vs 2347 MiB at n 65536,
+    d 1024; the steps 4-14% faster). Linux/glibc only; elsewhere a no-op."""
     global _KEPT
     if _KEPT:
         return
