@@ -132,7 +132,10 @@ class Shard:
         shapes stay [B, k] on every rank, and the sparse products (k per row) cost little next to the
         encoder's B x n/W x d."""
         B, k = x.shape[0], sae.k
-        x_c = x - _ReduceGrad.apply(sae.b_pre)
+        # b_pre's share of the encoder's gradient comes from this rank's latents alone: summed over the ranks
+        b_pre = _ReduceGrad.apply(sae.b_pre)
+        x_c = x - b_pre
+        b_pre = None if x.requires_grad else b_pre  # (as Dictionary.gather_b_pre)
         pre, idx, aux_pre, aux_idx, _, low = sae.topk_candidates(x_c, min(k, self.n_local), dormant, k_aux,
                                                                  matmul_dtype)
         z_like = pre  # the dtype a rank short of candidates pads in
@@ -140,14 +143,14 @@ class Shard:
             mine, idx, pre = self._pick(pre, idx, k, B, z_like)
         # a low-precision z only picks the latents; the gathers recompute their values
         vals = torch.relu(encode_gather(x_c, sae.W_enc, sae.b_lat, idx, backend=sae.backend,
-                                        pre=None if low else pre)) * mine
+                                        pre=None if low else pre, b_pre=b_pre)) * mine
         x_hat = _SumOverRanks.apply(decode(idx, vals, sae.W_dec, backend=sae.backend)) + sae.b_pre
         aux_hat = None
         if k_aux > 0:  # every rank takes part, dormant latents of its own or not
             with torch.no_grad():
                 a_mine, a_idx, a_pre = self._pick(aux_pre, aux_idx, k_aux, B, z_like)
             a_vals = torch.relu(encode_gather(x_c, sae.W_enc, sae.b_lat, a_idx, backend=sae.backend,
-                                              pre=None if low else a_pre)) * a_mine
+                                              pre=None if low else a_pre, b_pre=b_pre)) * a_mine
             aux_hat = _SumOverRanks.apply(decode(a_idx, a_vals, sae.W_dec, backend=sae.backend))
         return TrainOutput(x_hat, idx, vals, aux_hat)
 

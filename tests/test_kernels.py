@@ -321,7 +321,9 @@ def _params(B, d, n, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_training_step_grads_match_dense(backend, dtype):
+@pytest.mark.parametrize("b_pre_given", [False, True], ids=["grad-via-x_c", "grad-to-b_pre"])
+def test_training_step_grads_match_dense(backend, dtype, b_pre_given):
+    # b_pre_given: encode_gather is told x_c = x - b_pre, and gives b_pre its gradient directly
     B, d, n, k = 37, 24, 70, 5
     x, base = _params(B, d, n, dtype)
     sp = {name: t.clone().requires_grad_() for name, t in base.items()}
@@ -332,7 +334,8 @@ def test_training_step_grads_match_dense(backend, dtype):
     with torch.no_grad():
         z = x_c @ sp["W_enc"].T + sp["b_lat"]
     idx = z.topk(k, dim=1).indices
-    vals = torch.relu(K.encode_gather(x_c, sp["W_enc"], sp["b_lat"], idx, backend=backend))
+    vals = torch.relu(K.encode_gather(x_c, sp["W_enc"], sp["b_lat"], idx, backend=backend,
+                                      b_pre=sp["b_pre"] if b_pre_given else None))
     assert (vals == 0).any() and (vals > 0).any()  # relu mask is exercised
     x_hat = K.decode(idx, vals, sp["W_dec"], backend=backend) + sp["b_pre"]
     loss = ((x - x_hat) ** 2).sum()
@@ -362,6 +365,9 @@ def test_gradcheck(backend):
     b = randn(n, dtype=torch.float64, seed=3).requires_grad_()
     assert torch.autograd.gradcheck(lambda v, w: K.decode(idx, v, w, backend=backend), (vals, W))
     assert torch.autograd.gradcheck(lambda x, w, bb: K.encode_gather(x, w, bb, idx, backend=backend), (x_c, W, b))
+    b_pre = randn(d, dtype=torch.float64, seed=4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda w, bb, bp: K.encode_gather(x_c.detach() - bp, w, bb, idx, backend=backend,
+                                                                      b_pre=bp), (W, b, b_pre))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -212,6 +212,14 @@ class Dictionary(nn.Module):
         transcoder (b_pre is the target's bias, in another space). Every architecture's encoder uses it."""
         return x if self.transcoder else x - self.b_pre
 
+    def gather_b_pre(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What the encoder's sparse gathers pass as kernels.encode_gather's `b_pre` for centred x:
+        b_pre itself when x needs no gradient (training on stored activations, fine-tuning through a
+        frozen model), so b_pre's share of the encoder's gradient is one pass over W_enc rather than
+        a [B, d] gradient of x_c; None for a transcoder (its x is not centred) or an x that needs
+        its own gradient."""
+        return None if self.transcoder or x.requires_grad else self.b_pre
+
     def skip(self, x: torch.Tensor) -> torch.Tensor | float:
         """A transcoder's skip term W_skip x [B, d] for preprocessed x; 0 without one."""
         return 0.0 if self.W_skip is None else x @ self.W_skip.T

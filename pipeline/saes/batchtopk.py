@@ -183,7 +183,8 @@ class BatchTopKSAE(TopKSAE):
         with torch.no_grad():
             z = x_c @ self.W_enc.T + self.b_lat
             idx, on = self.encode_threshold(x)
-        vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend)) * (on > 0)
+        vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend,
+                                        b_pre=self.gather_b_pre(x))) * (on > 0)
         return self.decode(idx, vals), idx, vals, z
 
     @torch.no_grad()
@@ -211,7 +212,8 @@ class BatchTopKSAE(TopKSAE):
             if torch.is_grad_enabled():
                 from pipeline.kernels import encode_gather
 
-                pre = encode_gather(self.center(x), self.W_enc, self.b_lat, idx, backend=self.backend)
+                pre = encode_gather(self.center(x), self.W_enc, self.b_lat, idx, backend=self.backend,
+                                    b_pre=self.gather_b_pre(x))
                 vals = pre * (vals > 0)  # the kept ones (z > theta > 0): relu is the identity there
             return TrainOutput(self.decode(idx, vals), idx, vals, None)
         return self.train_parts(x, view)[0]
@@ -256,19 +258,22 @@ class BatchTopKSAE(TopKSAE):
         # A full-precision z already holds the kept pre-activations (the gather's forward reuses them).
         pre_v = None if low else torch.zeros(R, w, dtype=x.dtype, device=x.device).index_put_((vrow, slot), pre)
         x_v = x_c.index_select(0, owner // G)  # each virtual row's input (its gradient sums back to x_c)
-        vals_v = torch.relu(encode_gather(x_v, self.W_enc, self.b_lat, idx_v, backend=self.backend, pre=pre_v)) * on
+        b_pre = self.gather_b_pre(x)  # (or, x needing none, its sum goes to b_pre directly)
+        vals_v = torch.relu(encode_gather(x_v, self.W_enc, self.b_lat, idx_v, backend=self.backend, pre=pre_v,
+                                          b_pre=b_pre)) * on
         part = decode(idx_v, vals_v, self.W_dec, backend=self.backend)  # [R, d]
         parts = x.new_zeros(B * G, d).index_add(0, owner, part).view(B, G, d)
         vals = vals_v[vrow, slot]  # [E] each kept entry's activation, differentiable
         if estimate:
             self.update_threshold(vals.detach(), split, THRESHOLD_RATE if estimate is True else estimate)
         idx_o, vals_o = compact(rows, cols, vals, B)
-        aux_hat = self.aux_decode(x_c, None if low else aux_pre, aux_idx, ids, k_aux)
+        aux_hat = self.aux_decode(x_c, None if low else aux_pre, aux_idx, ids, k_aux, b_pre)
         return TrainOutput(parts.sum(1) + self.b_pre, idx_o, vals_o, aux_hat), parts
 
-    def aux_decode(self, x_c: torch.Tensor, aux_pre, aux_idx, ids, k_aux: int) -> torch.Tensor | None:
+    def aux_decode(self, x_c: torch.Tensor, aux_pre, aux_idx, ids, k_aux: int,
+                   b_pre: torch.Tensor | None = None) -> torch.Tensor | None:
         """AuxK's reconstruction from the dormant latents each row keeps (TopK's forward_train, same
-        two paths), or None without AuxK."""
+        two paths), or None without AuxK; b_pre as kernels.encode_gather takes it."""
         from pipeline.kernels import decode, encode_gather
 
         if aux_pre is not None and self.backend == "torch" and ids.numel() <= _topk.AUX_DENSE_RATIO * k_aux:
@@ -277,7 +282,8 @@ class BatchTopKSAE(TopKSAE):
             return _DormantDecode.apply(acts, ids, x_c, self.W_enc, self.b_lat, self.W_dec)
         if aux_idx is None:
             return None
-        aux_vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, aux_idx, backend=self.backend, pre=aux_pre))
+        aux_vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, aux_idx, backend=self.backend, pre=aux_pre,
+                                            b_pre=b_pre))
         return decode(aux_idx, aux_vals, self.W_dec, backend=self.backend)
 
     @torch.no_grad()

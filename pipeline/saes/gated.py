@@ -98,8 +98,9 @@ class GatedSAE(ReluSAE):
             idx = torch.arange(self.n_latents, device=x.device).expand(x.shape[0], -1)
             x_hat = vals @ self.W_dec + self.b_pre
         else:
-            pi = encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre)
-            mag = encode_gather(x_c, W_mag, self.b_mag, idx, backend=self.backend)
+            b_pre = self.gather_b_pre(x)
+            pi = encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre, b_pre=b_pre)
+            mag = encode_gather(x_c, W_mag, self.b_mag, idx, backend=self.backend, b_pre=b_pre)
             vals = (pi.detach() > 0).to(x.dtype) * torch.relu(mag)
             x_hat = decode(idx, vals, self.W_dec, backend=self.backend) + self.b_pre
         if not training:

@@ -316,7 +316,8 @@ class JumpReLUSAE(Dictionary):
             idx = above.topk(min(w, self.n_latents), dim=1, sorted=False).indices
             del above
             pre = None if low else z.gather(1, idx)  # a low-precision z only picks; the gather recomputes
-        pre = encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre)
+        b_pre = self.gather_b_pre(x)
+        pre = encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre, b_pre=b_pre)
         theta = self.threshold.index_select(0, idx.reshape(-1)).view_as(idx)
         vals = _JumpReLU.apply(pre, theta, eps) if st is not None else pre * (pre > theta)
         x_hat = decode(idx, vals, self.W_dec, backend=self.backend) + self.b_pre
@@ -328,14 +329,14 @@ class JumpReLUSAE(Dictionary):
         self._dormant = dormant
         view.n_dormant = int(dormant.sum())
         k_aux = min(st.k_aux, view.n_dormant) if st.aux_alpha > 0 else 0
-        aux_hat = self._auxk(x_c, z, dormant, k_aux, low) if k_aux > 0 else None
+        aux_hat = self._auxk(x_c, z, dormant, k_aux, low, b_pre) if k_aux > 0 else None
         return TrainOutput(x_hat, idx, vals, aux_hat)
 
     def _auxk(self, x_c: torch.Tensor, z: torch.Tensor, dormant: torch.Tensor, k_aux: int,
-              low: bool) -> torch.Tensor:
+              low: bool, b_pre: torch.Tensor | None) -> torch.Tensor:
         """TopK's AuxK reconstruction [B, d] (no b_pre) from the k_aux largest relu(z) of the dormant
         latents per row: dense matmuls over their columns when they are few (topk._DormantDecode), else
-        the sparse kernels."""
+        the sparse kernels (b_pre as kernels.encode_gather takes it)."""
         from pipeline.kernels import decode, encode_gather
 
         with torch.no_grad():
@@ -348,7 +349,7 @@ class JumpReLUSAE(Dictionary):
             return _topk._DormantDecode.apply(acts, ids, x_c, self.W_enc, self.b_lat, self.W_dec)
         aux_pre = None if low else top.to(x_c.dtype)
         aux_vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, aux_idx, backend=self.backend,
-                                            pre=aux_pre))
+                                            pre=aux_pre, b_pre=b_pre))
         return decode(aux_idx, aux_vals, self.W_dec, backend=self.backend)
 
     def train_loss(self, x: torch.Tensor, o: TrainOutput, fvu: torch.Tensor,

@@ -320,7 +320,8 @@ class ReluSAE(Dictionary):
             vals = self.dense_acts(x_c)
             idx = torch.arange(self.n_latents, device=x.device).expand(x.shape[0], -1)
             return TrainOutput(vals @ self.W_dec + self.b_pre, idx, vals, None)
-        vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre))
+        vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre,
+                                        b_pre=self.gather_b_pre(x)))
         return TrainOutput(decode(idx, vals, self.W_dec, backend=self.backend) + self.b_pre, idx, vals, None)
 
     def train_loss(self, x: torch.Tensor, o: TrainOutput, fvu: torch.Tensor,

@@ -170,7 +170,8 @@ class TopKSAE(Dictionary):
         with torch.no_grad():
             z = x_c @ self.W_enc.T + self.b_lat
             idx = z.topk(self.k, dim=-1, sorted=False).indices
-        vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend))
+        vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend,
+                                        b_pre=self.gather_b_pre(x)))
         return self.decode(idx, vals), idx, vals, z
 
     def train_forward(self, x: torch.Tensor, view: TrainView) -> TrainOutput:
@@ -212,7 +213,8 @@ class TopKSAE(Dictionary):
         pre, idx, aux_pre, aux_idx, ids, low = self.topk_candidates(x_c, self.k, dormant, k_aux, matmul_dtype)
         if low:  # a low-precision z only picks the latents; the gathers recompute their values
             pre = aux_pre = None
-        vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre))
+        b_pre = self.gather_b_pre(x)
+        vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre, b_pre=b_pre))
         x_hat = decode(idx, vals, self.W_dec, backend=self.backend) + self.b_pre
         aux_hat = None
         if aux_pre is not None and self.backend == "torch" and ids.numel() <= AUX_DENSE_RATIO * k_aux:
@@ -223,7 +225,7 @@ class TopKSAE(Dictionary):
             aux_hat = _DormantDecode.apply(acts, ids, x_c, self.W_enc, self.b_lat, self.W_dec)
         elif aux_idx is not None:
             aux_vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, aux_idx, backend=self.backend,
-                                                pre=aux_pre))
+                                                pre=aux_pre, b_pre=b_pre))
             aux_hat = decode(aux_idx, aux_vals, self.W_dec, backend=self.backend)
         return TrainOutput(x_hat, idx, vals, aux_hat)
 
