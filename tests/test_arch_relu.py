@@ -82,6 +82,44 @@ def test_loss_and_gradients_match_dense_autograd(monkeypatch, dense_above):
         assert o.idx.shape[1] == int((f > 0).sum(1).max())
 
 
+@pytest.mark.parametrize("cls", ["relu", "gated"])
+@pytest.mark.parametrize("low", [False, True], ids=["fp32-z", "bf16-z"])
+def test_uneven_rows_on_virtual_rows_give_the_dense_forward_and_gradients(monkeypatch, cls, low):
+    """One row firing far more than the rest fills several virtual rows (Fired), not a padding for every
+    row; latent 0 fires everywhere, so an empty slot (which points at it) that were not masked would
+    count it again in each row with one, as it would with the values a bf16 z's gather recomputes."""
+    from pipeline.saes.gated import GatedSAE
+
+    monkeypatch.setattr(relu_module, "DENSE_ABOVE", 1.0)  # 24 latents: the sparse path however many fire
+    sae = small(ReluSAE if cls == "relu" else GatedSAE).float()
+    with torch.no_grad():
+        sae.b_lat[1:] = -2.0  # few fire in an ordinary row
+        sae.b_lat[0] = 5.0
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
+    x[3] *= 12  # fires on many more latents than the others
+    view = TrainView(None, torch.zeros(24, dtype=torch.long), torch.bfloat16 if low else None)
+    fired = sae.candidates(sae.center(x), sae.W_enc, sae.b_lat, view.matmul_dtype)
+    E, (R, w) = fired.rows.numel(), fired.idx.shape
+    assert (fired.owner == 3).sum() > 1 and R * w <= E + 16 * w and not fired.on.all()
+    o = sae.train_forward(x, view)
+    x_c = x - sae.b_pre
+    z = x_c @ sae.W_enc.T + sae.b_lat
+    chosen = (x_c.bfloat16() @ sae.W_enc.bfloat16().T + sae.b_lat.bfloat16() > 0) if low else z > 0
+    if cls == "relu":
+        f = torch.relu(z) * chosen
+    else:
+        f = (z > 0) * torch.relu(x_c @ sae.W_mag().T + sae.b_mag) * chosen
+    torch.testing.assert_close(o.x_hat, f @ sae.W_dec + sae.b_pre)
+    torch.testing.assert_close(torch.zeros_like(f).scatter_add(1, o.idx, o.vals), f)
+    o.x_hat.pow(2).sum().backward()
+    got = {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
+    sae.zero_grad()
+    (f @ sae.W_dec + sae.b_pre).pow(2).sum().backward()
+    for name, p in sae.named_parameters():
+        if p.grad is not None or name in got:
+            torch.testing.assert_close(got[name], p.grad, msg=name, rtol=1e-4, atol=1e-4)
+
+
 def test_encode_is_the_firing_latents_compacted():
     sae = small()
     x = torch.randn(9, 6, dtype=torch.float64)

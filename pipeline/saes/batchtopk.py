@@ -378,7 +378,7 @@ def compact(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, B: int) 
     """Kept entries (rows, cols, vals [E]) as the contract's (idx [B, w], vals [B, w]): row b's latents in
     its first count_b slots (in the order given), w = the largest count (at least 1), the rest padded
     with the smallest latent ids the row does not use (distinct, so a row's idx is a set, as TopK's)
-    and vals 0. vals is differentiable (index_put)."""
+    and vals 0. vals is differentiable (index_put); it may carry trailing dims ([E, ...] -> [B, w, ...])."""
     order = rows.argsort(stable=True)
     rows, cols, vals = rows[order], cols[order], vals[order]
     count = torch.bincount(rows, minlength=B)
@@ -391,4 +391,4 @@ def compact(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, B: int) 
     free = used.argsort(dim=1, stable=True)  # a row's unused ids first, in increasing order
     slots = torch.arange(w, device=rows.device)
     idx = free.gather(1, (slots - count[:, None]).clamp_min(0)).index_put_((rows, rank), cols)
-    return idx, vals.new_zeros(B, w).index_put((rows, rank), vals)
+    return idx, vals.new_zeros((B, w) + vals.shape[1:]).index_put((rows, rank), vals)

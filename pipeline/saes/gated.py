@@ -19,7 +19,7 @@ The step 1[pi > 0] passes no gradient: b_gate learns from S and A only, b_mag an
 reconstruction, the shared W_enc from all three. lam's warm-up, the target_l0 controller, dead-latent resampling
 (which also zeroes the latent's b_mag and r_mag) and the unit decoder rows are relu.py's.
 
-Training keeps, per row, the latents whose gate is open (w = the most any row has): S and A
+Training keeps the entries whose gate is open (on relu.py's virtual rows, `Fired`): S and A
 need relu(pi) there and nowhere else, and f is 0 elsewhere, so the sparse products are exact.
 
 Its settings in cfg.json: `l1_coefficient`, `target_l0` (what it was trained with). Export:
@@ -84,32 +84,40 @@ class GatedSAE(ReluSAE):
         """(x_hat, idx [B, w], vals [B, w], aux_hat) for a training-space batch x [B, d]: idx the latents
         whose gate is open in each row (padded with closed ones, whose vals are 0); aux_hat the gate's
         frozen-decoder reconstruction when training (view.settings set), else None."""
-        from pipeline.kernels import decode, encode_gather
+        from pipeline.kernels import encode_gather
 
         training = view.settings is not None
         if training:
             view.n_dormant = int((view.since_fired >= view.settings.dormant_tokens).sum())
+        B = x.shape[0]
         x_c = self.center(x)
-        idx, pre, dense = self.candidates(x_c, self.W_enc, self.b_lat, view.matmul_dtype)
+        fired = self.candidates(x_c, self.W_enc, self.b_lat, view.matmul_dtype)
         W_mag = self.W_mag()
-        if dense:
+        if fired is None:
             pi = x_c @ self.W_enc.T + self.b_lat
             vals = (pi.detach() > 0).to(x.dtype) * torch.relu(x_c @ W_mag.T + self.b_mag)
-            idx = torch.arange(self.n_latents, device=x.device).expand(x.shape[0], -1)
+            idx = torch.arange(self.n_latents, device=x.device).expand(B, -1)
             x_hat = vals @ self.W_dec + self.b_pre
-        else:
-            b_pre = self.gather_b_pre(x)
-            pi = encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre, b_pre=b_pre)
-            mag = encode_gather(x_c, W_mag, self.b_mag, idx, backend=self.backend, b_pre=b_pre)
-            vals = (pi.detach() > 0).to(x.dtype) * torch.relu(mag)
-            x_hat = decode(idx, vals, self.W_dec, backend=self.backend) + self.b_pre
+        else:  # on relu's virtual rows (relu.Fired); empty slots masked, as relu's
+            b_pre, x_v = self.gather_b_pre(x), fired.inputs(x_c)
+            pi = encode_gather(x_v, self.W_enc, self.b_lat, fired.idx, backend=self.backend, pre=fired.pre,
+                               b_pre=b_pre)
+            mag = encode_gather(x_v, W_mag, self.b_mag, fired.idx, backend=self.backend, b_pre=b_pre)
+            vals = (pi.detach() > 0).to(x.dtype) * torch.relu(mag) * fired.on
+            x_hat = fired.decode(vals, self.W_dec, B, self.backend) + self.b_pre
         if not training:
-            return TrainOutput(x_hat, idx, vals, None)
-        gate = torch.relu(pi)
+            return TrainOutput(x_hat, *((idx, vals) if fired is None else fired.compact(vals, B)), None)
         # A copy, not W_dec.detach(): the trainer's Adam may step W_dec in place inside the backward
         # before this product's backward has read it.
         frozen = self.W_dec.detach().clone()
-        aux_hat = gate @ frozen if dense else decode(idx, gate, frozen, backend=self.backend)
+        if fired is None:
+            gate = torch.relu(pi)
+            aux_hat = gate @ frozen
+        else:
+            gate = torch.relu(pi) * fired.on
+            aux_hat = fired.decode(gate, frozen, B, self.backend)
+            idx, both = fired.compact(torch.stack([vals, gate], -1), B)
+            vals, gate = both.unbind(-1)
         self._gate = gate
         return TrainOutput(x_hat, idx, vals, aux_hat)
 

@@ -33,11 +33,12 @@ steering by decoder rows), dictionary_learning's standard and gated trainers do 
 with unit rows the encoder cannot buy a smaller penalty by shrinking f while the decoder grows.
 The penalty is still written with the row norms, so it stays scale-invariant should that change.
 
-Training (`train_forward`) works on the latents that fire: z without a graph picks the w
-latents of a row that are positive (w = the most any row has), and only those are recomputed
-with a graph (kernels.encode_gather) and decoded (kernels.decode), as TopK does. Exact: relu
-passes no gradient where z <= 0. While more than DENSE_ABOVE of the latents fire in some row
-(early on, when about half do) plain dense matmuls are cheaper, and are used.
+Training (`train_forward`) works on the latents that fire: z without a graph picks the entries
+that are positive, and only those are recomputed with a graph (kernels.encode_gather) and decoded
+(kernels.decode), as TopK does. Exact: relu passes no gradient where z <= 0. Rows fire unevenly
+(one row may keep 80 times the mean), so the entries are packed into virtual rows as BatchTopK's
+are (`Fired`), not padded to the widest row. While more than DENSE_ABOVE of the latents fire on
+average (early on, when about half do) plain dense matmuls are cheaper, and are used.
 
 Its settings in cfg.json: `l1_coefficient`, `target_l0` (what it was trained with; inference
 needs none).
@@ -46,6 +47,7 @@ needs none).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -53,9 +55,11 @@ from pipeline.config import setting
 from pipeline.errors import UserError
 from pipeline.saes import register
 from pipeline.saes.base import Dictionary, Settings, TrainOutput, TrainView, active_width
+from pipeline.saes.batchtopk import compact as compact_entries, pack
 
-# Above this fraction of the latents firing in some row, train_forward runs dense matmuls. A step at d 768,
-# n 4096, B 1024 on CPU: both paths 0.19 s at w = n / 12; sparse 0.085 s vs dense 0.21 s at w = n / 100.
+# Above this fraction of the latents firing (on average over the batch's rows), train_forward runs dense
+# matmuls. A step at d 768, n 4096, B 1024 on CPU, rows padded to the widest then: both paths 0.19 s at
+# n / 12 a row; sparse 0.085 s vs dense 0.21 s at n / 100.
 DENSE_ABOVE = 1 / 12
 # The target_l0 controller (control_l1): log(lam) moves by at most rate = L0_BUDGET / n_steps a step (so
 # over ~L0_BUDGET / 3 of the run for a x e^3 change), kept within [L0_RATE_MIN, L0_RATE_MAX]. Slower is
@@ -231,6 +235,37 @@ def reset_optimizer_rows(optimizer, params: list[torch.Tensor], ids: torch.Tenso
                 t[ids] = p[ids]
 
 
+class Fired(NamedTuple):
+    """A batch's positive entries of z [B, n] (E of them), packed into R virtual rows of w slots
+    (batchtopk.pack, w = ceil(E / B)): a batch row with c entries owns ceil(c / w) virtual rows, so
+    the sparse products handle at most about 2E pairs however unevenly the rows fire. Empty slots
+    point at latent 0 and are masked by `on`."""
+    rows: torch.Tensor   # [E] each entry's batch row (ascending)
+    cols: torch.Tensor   # [E] its latent
+    idx: torch.Tensor    # [R, w] the virtual rows' latents
+    on: torch.Tensor     # [R, w] bool: a slot that holds an entry
+    pre: torch.Tensor | None  # [R, w] z at the entries (0 in empty slots); None when z was low precision
+    owner: torch.Tensor  # [R] each virtual row's batch row
+    vrow: torch.Tensor   # [E] each entry's virtual row
+    slot: torch.Tensor   # [E] and slot
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Each virtual row's copy of its batch row of x [B, d] -> [R, d] (gradients sum back)."""
+        return x.index_select(0, self.owner)
+
+    def decode(self, vals: torch.Tensor, W: torch.Tensor, B: int, backend: str) -> torch.Tensor:
+        """sum_j vals[r, j] W[idx[r, j]] of each virtual row, summed into its batch row -> [B, d]."""
+        from pipeline.kernels import decode
+
+        part = decode(self.idx, vals, W, backend=backend)
+        return part.new_zeros(B, part.shape[1]).index_add(0, self.owner, part)
+
+    def compact(self, vals: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Virtual-row values [R, w, ...] as the contract's (idx [B, w'], vals [B, w', ...]), w' the most
+        entries a row has (batchtopk.compact)."""
+        return compact_entries(self.rows, self.cols, vals[self.vrow, self.slot], B)
+
+
 # --------------------------------------------------------------------------- the SAE
 @register
 class ReluSAE(Dictionary):
@@ -295,17 +330,26 @@ class ReluSAE(Dictionary):
     # ---- training
     @torch.no_grad()
     def candidates(self, x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
-                   matmul_dtype: torch.dtype | None):
-        """z = x_c W.T + b [B, n] without a graph (in matmul_dtype when given) -> (idx [B, w] of each row's
-        positive entries, w the most any row has, padded with non-positive ones; their z values when z
-        is full precision, else None; dense: too many fire for the sparse path to pay)."""
+                   matmul_dtype: torch.dtype | None) -> Fired | None:
+        """z = x_c W.T + b [B, n] without a graph (in matmul_dtype when given) -> its positive entries
+        packed into virtual rows (`Fired`), or None when too many fire for the sparse path to pay."""
         low = matmul_dtype is not None and matmul_dtype != x_c.dtype
         z = (x_c.to(matmul_dtype) @ W.to(matmul_dtype).T + b.to(matmul_dtype)) if low else x_c @ W.T + b
-        w = active_width(z > 0)
-        if w > DENSE_ABOVE * z.shape[1]:
-            return None, None, True
-        pre, idx = z.topk(w, dim=1, sorted=False)
-        return idx, (None if low else pre), False
+        B, n = z.shape
+        flat = (z > 0).view(-1).nonzero().squeeze(1)  # row-major: the rows come out sorted
+        E = flat.numel()
+        if E > DENSE_ABOVE * B * n:
+            return None
+        rows, cols = flat // n, flat % n
+        w = max(1, -(-E // max(B, 1)))  # the mean a row keeps, rounded up
+        vrow, slot, owner = pack(rows, B, w)
+        shape = (owner.shape[0], w)
+        idx = torch.zeros(shape, dtype=torch.long, device=z.device).index_put_((vrow, slot), cols)
+        on = torch.zeros(shape, dtype=torch.bool, device=z.device).index_put_(
+            (vrow, slot), torch.ones_like(cols, dtype=torch.bool))
+        pre = None if low else torch.zeros(shape, dtype=z.dtype, device=z.device).index_put_(
+            (vrow, slot), z.view(-1)[flat])
+        return Fired(rows, cols, idx, on, pre, owner, vrow, slot)
 
     def train_forward(self, x: torch.Tensor, view: TrainView) -> TrainOutput:
         """(x_hat [B, d], idx [B, w], vals [B, w] differentiable, None) for a training-space batch x [B, d];
@@ -315,14 +359,16 @@ class ReluSAE(Dictionary):
         if view.settings is not None:
             view.n_dormant = int((view.since_fired >= view.settings.dormant_tokens).sum())
         x_c = self.center(x)
-        idx, pre, dense = self.candidates(x_c, self.W_enc, self.b_lat, view.matmul_dtype)
-        if dense:
+        fired = self.candidates(x_c, self.W_enc, self.b_lat, view.matmul_dtype)
+        if fired is None:
             vals = self.dense_acts(x_c)
             idx = torch.arange(self.n_latents, device=x.device).expand(x.shape[0], -1)
             return TrainOutput(vals @ self.W_dec + self.b_pre, idx, vals, None)
-        vals = torch.relu(encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre,
-                                        b_pre=self.gather_b_pre(x)))
-        return TrainOutput(decode(idx, vals, self.W_dec, backend=self.backend) + self.b_pre, idx, vals, None)
+        # empty slots masked: from a low-precision z the gather recomputes latent 0's value there
+        vals = torch.relu(encode_gather(fired.inputs(x_c), self.W_enc, self.b_lat, fired.idx, backend=self.backend,
+                                        pre=fired.pre, b_pre=self.gather_b_pre(x))) * fired.on
+        x_hat = fired.decode(vals, self.W_dec, x.shape[0], self.backend) + self.b_pre
+        return TrainOutput(x_hat, *fired.compact(vals, x.shape[0]), None)
 
     def train_loss(self, x: torch.Tensor, o: TrainOutput, fvu: torch.Tensor,
                    view: TrainView) -> tuple[torch.Tensor, torch.Tensor]:
