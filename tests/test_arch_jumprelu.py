@@ -141,9 +141,12 @@ def dense_reference(sae, x, st, dormant, lam_factor):
 
 @pytest.mark.parametrize("aux_dense_ratio", [0, 1000], ids=["auxk-sparse", "auxk-dense"])
 @pytest.mark.parametrize("sparsity", ["target_l0", "l0"])
-def test_sparse_training_step_matches_dense_autograd(monkeypatch, sparsity, aux_dense_ratio):
+@pytest.mark.parametrize("rows", ["even", "uneven"])
+def test_sparse_training_step_matches_dense_autograd(monkeypatch, sparsity, aux_dense_ratio, rows):
     monkeypatch.setattr(topk_module, "AUX_DENSE_RATIO", aux_dense_ratio)
     sae, x = tiny_sae(), torch.randn(40, 8, dtype=torch.float64)
+    if rows == "uneven":  # one row keeps far more latents than the mean: it fills several virtual rows
+        x[3] *= 8
     st = JumpReLUSettings(sparsity=sparsity, target_l0=5, l0_coefficient=0.7, l0_warmup=1.0, bandwidth=0.3,
                           threshold_init=0.5, dormant_tokens=100, k_aux=4, aux_alpha=0.25)
     st = st.resolve(8, 32, 40, "", "")
@@ -167,6 +170,9 @@ def test_sparse_training_step_matches_dense_autograd(monkeypatch, sparsity, aux_
     z = sae.pre_acts(x)
     dense = torch.zeros_like(z).scatter(1, o.idx, o.vals.detach())
     torch.testing.assert_close(dense, z * (z > sae.threshold))
+    if rows == "uneven":
+        kept = z > sae.threshold - st.bandwidth  # a virtual row holds the mean a row keeps, rounded up
+        assert kept[3].sum() > -(-int(kept.sum()) // len(x))
 
 
 

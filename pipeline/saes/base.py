@@ -117,6 +117,11 @@ def active_width(on: torch.Tensor) -> int:
     return max(1, int(counts.max()))
 
 
+def active_count(on: torch.Tensor) -> int:
+    """How many entries of the bools `on` are True (numpy on CPU, as active_width)."""
+    return int(np.count_nonzero(on.numpy()) if on.device.type == "cpu" else on.sum())
+
+
 class Dictionary(nn.Module):
     """The base of every architecture (pipeline.saes registers each by its `architecture`)."""
 

@@ -51,9 +51,11 @@ data, so this happens in the first train_forward; until then θ is the analytic 
 spread (a tied random encoder on inputs of norm sqrt(d_model)).
 
 Training never differentiates the dense z: it is computed without a graph, the latents near or
-above their threshold (z > θ - ε, a superset of every one with a gradient) are kept, w per row (the
-most any row has), and the sparse kernels of pipeline.kernels recompute and decode those, as TopK's
-do. A latent kept below θ is off (f = 0) and gets exactly the dense formula's gradient.
+above their threshold (z > θ - ε, a superset of every one with a gradient) are kept, packed into
+virtual rows as ReLU's are (relu.Fired: rows fire unevenly, and padding each to the widest cost the
+widest row's count for every row), and the sparse kernels of pipeline.kernels recompute and decode
+those, as TopK's do. A latent kept below θ is off (f = 0) and gets exactly the dense formula's
+gradient.
 
 Its settings in cfg.json: `sparsity`, `target_l0`. Scalar input normalisation folds into the weights
 without touching θ: z itself is unchanged by the fold (base.folded).
@@ -299,7 +301,8 @@ class JumpReLUSAE(Dictionary):
         idx holds every latent within ε below its threshold or above it in some row (nothing else has a
         gradient); vals = z H(z - θ) through the straight-through estimator. With a view of no settings
         (evaluation) only the latents that fire are kept, and nothing is left for the loss."""
-        from pipeline.kernels import decode, encode_gather
+        from pipeline.kernels import encode_gather
+        from pipeline.saes.relu import fired_entries
 
         st = view.settings
         eps = 0.0 if st is None else st.bandwidth
@@ -311,26 +314,26 @@ class JumpReLUSAE(Dictionary):
             theta = self.threshold.detach()
             # Kept: z > θ - ε (the window reaches θ - ε/2; the slack absorbs the rounding of its test).
             margin = eps + (LOW_PRECISION_MARGIN * 2 * theta if low else 0)
-            above = z - (theta - margin)
-            w = active_width(above > 0)
-            idx = above.topk(min(w, self.n_latents), dim=1, sorted=False).indices
-            del above
-            pre = None if low else z.gather(1, idx)  # a low-precision z only picks; the gather recomputes
-        b_pre = self.gather_b_pre(x)
-        pre = encode_gather(x_c, self.W_enc, self.b_lat, idx, backend=self.backend, pre=pre, b_pre=b_pre)
-        theta = self.threshold.index_select(0, idx.reshape(-1)).view_as(idx)
-        vals = _JumpReLU.apply(pre, theta, eps) if st is not None else pre * (pre > theta)
-        x_hat = decode(idx, vals, self.W_dec, backend=self.backend) + self.b_pre
+            # a low-precision z only picks; the gather recomputes
+            fired = fired_entries(z > theta - margin, None if low else z)
+        B, b_pre = x.shape[0], self.gather_b_pre(x)
+        pre = encode_gather(fired.inputs(x_c), self.W_enc, self.b_lat, fired.idx, backend=self.backend,
+                            pre=fired.pre, b_pre=b_pre)
+        theta = self.threshold.index_select(0, fired.idx.reshape(-1)).view_as(fired.idx)
+        # empty slots (latent 0) masked: from a low-precision z the gather recomputes latent 0's value there
+        on = fired.on.to(pre.dtype)
+        vals = (_JumpReLU.apply(pre, theta, eps) if st is not None else pre * (pre > theta)) * on
+        x_hat = fired.decode(vals, self.W_dec, B, self.backend) + self.b_pre
         if st is None:
-            return TrainOutput(x_hat, idx, vals, None)
-        self._pending = (pre, theta, view.global_sum(torch.tensor(float(x.shape[0]), device=x.device)))
+            return TrainOutput(x_hat, *fired.compact(vals, B), None)
+        self._pending = (pre, theta, on, view.global_sum(torch.tensor(float(B), device=x.device)))
 
         dormant = view.since_fired >= st.dormant_tokens
         self._dormant = dormant
         view.n_dormant = int(dormant.sum())
         k_aux = min(st.k_aux, view.n_dormant) if st.aux_alpha > 0 else 0
         aux_hat = self._auxk(x_c, z, dormant, k_aux, low, b_pre) if k_aux > 0 else None
-        return TrainOutput(x_hat, idx, vals, aux_hat)
+        return TrainOutput(x_hat, *fired.compact(vals, B), aux_hat)
 
     def _auxk(self, x_c: torch.Tensor, z: torch.Tensor, dormant: torch.Tensor, k_aux: int,
               low: bool, b_pre: torch.Tensor | None) -> torch.Tensor:
@@ -361,9 +364,9 @@ class JumpReLUSAE(Dictionary):
         rows' share of that value with the gradient 2 λ (L0 / T - 1) / T times its share of L0's, so
         the ranks' losses and gradients sum to the one-process ones."""
         st = view.settings
-        pre, theta, rows = self._pending
+        pre, theta, on, rows = self._pending
         self._pending = None
-        share = _Step.apply(pre, theta, st.bandwidth).sum() / rows  # this rank's part of the batch's L0
+        share = (_Step.apply(pre, theta, st.bandwidth) * on).sum() / rows  # this rank's part of the batch's L0
         lam = st.l0_coefficient * warmup(st.l0_warmup, view.step, view.n_steps)
         if st.sparsity == "l0":
             penalty = lam * share

@@ -54,7 +54,7 @@ import torch
 from pipeline.config import setting
 from pipeline.errors import UserError
 from pipeline.saes import register
-from pipeline.saes.base import Dictionary, Settings, TrainOutput, TrainView, active_width
+from pipeline.saes.base import Dictionary, Settings, TrainOutput, TrainView, active_count, active_width
 from pipeline.saes.batchtopk import compact as compact_entries, pack
 
 # Above this fraction of the latents firing (on average over the batch's rows), train_forward runs dense
@@ -266,6 +266,23 @@ class Fired(NamedTuple):
         return compact_entries(self.rows, self.cols, vals[self.vrow, self.slot], B)
 
 
+def fired_entries(keep: torch.Tensor, z: torch.Tensor | None) -> Fired:
+    """The entries where keep [B, n] (bool) is set, packed into virtual rows; their values from z [B, n]
+    (None: Fired.pre is None)."""
+    B, n = keep.shape
+    flat = keep.view(-1).nonzero().squeeze(1)  # row-major: the rows come out sorted
+    rows, cols = flat // n, flat % n
+    w = max(1, -(-flat.numel() // max(B, 1)))  # the mean a row keeps, rounded up
+    vrow, slot, owner = pack(rows, B, w)
+    shape = (owner.shape[0], w)
+    idx = torch.zeros(shape, dtype=torch.long, device=keep.device).index_put_((vrow, slot), cols)
+    on = torch.zeros(shape, dtype=torch.bool, device=keep.device).index_put_(
+        (vrow, slot), torch.ones_like(cols, dtype=torch.bool))
+    pre = None if z is None else torch.zeros(shape, dtype=z.dtype, device=z.device).index_put_(
+        (vrow, slot), z.view(-1)[flat])
+    return Fired(rows, cols, idx, on, pre, owner, vrow, slot)
+
+
 # --------------------------------------------------------------------------- the SAE
 @register
 class ReluSAE(Dictionary):
@@ -335,21 +352,10 @@ class ReluSAE(Dictionary):
         packed into virtual rows (`Fired`), or None when too many fire for the sparse path to pay."""
         low = matmul_dtype is not None and matmul_dtype != x_c.dtype
         z = (x_c.to(matmul_dtype) @ W.to(matmul_dtype).T + b.to(matmul_dtype)) if low else x_c @ W.T + b
-        B, n = z.shape
-        flat = (z > 0).view(-1).nonzero().squeeze(1)  # row-major: the rows come out sorted
-        E = flat.numel()
-        if E > DENSE_ABOVE * B * n:
+        keep = z > 0
+        if active_count(keep) > DENSE_ABOVE * keep.numel():
             return None
-        rows, cols = flat // n, flat % n
-        w = max(1, -(-E // max(B, 1)))  # the mean a row keeps, rounded up
-        vrow, slot, owner = pack(rows, B, w)
-        shape = (owner.shape[0], w)
-        idx = torch.zeros(shape, dtype=torch.long, device=z.device).index_put_((vrow, slot), cols)
-        on = torch.zeros(shape, dtype=torch.bool, device=z.device).index_put_(
-            (vrow, slot), torch.ones_like(cols, dtype=torch.bool))
-        pre = None if low else torch.zeros(shape, dtype=z.dtype, device=z.device).index_put_(
-            (vrow, slot), z.view(-1)[flat])
-        return Fired(rows, cols, idx, on, pre, owner, vrow, slot)
+        return fired_entries(keep, None if low else z)
 
     def train_forward(self, x: torch.Tensor, view: TrainView) -> TrainOutput:
         """(x_hat [B, d], idx [B, w], vals [B, w] differentiable, None) for a training-space batch x [B, d];
