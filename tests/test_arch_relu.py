@@ -85,7 +85,7 @@ def test_loss_and_gradients_match_dense_autograd(monkeypatch, dense_above):
 @pytest.mark.parametrize("cls", ["relu", "gated"])
 @pytest.mark.parametrize("low", [False, True], ids=["fp32-z", "bf16-z"])
 def test_uneven_rows_on_virtual_rows_give_the_dense_forward_and_gradients(monkeypatch, cls, low):
-    """One row firing far more than the rest fills several virtual rows (Fired), not a padding for every
+    """One row firing far more than the rest fills several virtual rows (relu.fired_entries), not a padding for every
     row; latent 0 fires everywhere, so an empty slot (which points at it) that were not masked would
     count it again in each row with one, as it would with the values a bf16 z's gather recomputes."""
     from pipeline.saes.gated import GatedSAE

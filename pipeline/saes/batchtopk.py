@@ -74,6 +74,7 @@ SAELens saves its own BatchTopK SAEs; sparsify has no threshold, so it cannot ho
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -240,7 +241,7 @@ class BatchTopKSAE(TopKSAE):
         the batch (the top K is the whole batch's). `estimate`: update the threshold (at that rate;
         True: THRESHOLD_RATE).
         """
-        from pipeline.kernels import decode, encode_gather
+        from pipeline.kernels import encode_gather
 
         B, d, G, w = x.shape[0], x.shape[1], self.n_groups, self.pack_width
         x_c = self.center(x)
@@ -250,20 +251,13 @@ class BatchTopKSAE(TopKSAE):
         key = rows * G + self.group_of(cols)
         order = key.argsort(stable=True)
         key, rows, cols, pre = key[order], rows[order], cols[order], pre[order]
-        vrow, slot, owner = pack(key, B * G, w)
-        R = owner.shape[0]
-        idx_v = torch.zeros(R, w, dtype=torch.long, device=x.device).index_put_((vrow, slot), cols)
-        on = torch.zeros(R, w, dtype=torch.bool, device=x.device).index_put_((vrow, slot),
-                                                                            torch.ones_like(cols, dtype=torch.bool))
         # A full-precision z already holds the kept pre-activations (the gather's forward reuses them).
-        pre_v = None if low else torch.zeros(R, w, dtype=x.dtype, device=x.device).index_put_((vrow, slot), pre)
-        x_v = x_c.index_select(0, owner // G)  # each virtual row's input (its gradient sums back to x_c)
-        b_pre = self.gather_b_pre(x)  # (or, x needing none, its sum goes to b_pre directly)
-        vals_v = torch.relu(encode_gather(x_v, self.W_enc, self.b_lat, idx_v, backend=self.backend, pre=pre_v,
-                                          b_pre=b_pre)) * on
-        part = decode(idx_v, vals_v, self.W_dec, backend=self.backend)  # [R, d]
-        parts = x.new_zeros(B * G, d).index_add(0, owner, part).view(B, G, d)
-        vals = vals_v[vrow, slot]  # [E] each kept entry's activation, differentiable
+        v = VirtualRows.build(key, B * G, w, rows, cols, None if low else pre)
+        b_pre = self.gather_b_pre(x)  # (x needing no gradient, its sum goes to b_pre directly)
+        vals_v = torch.relu(encode_gather(v.inputs(x_c, G), self.W_enc, self.b_lat, v.idx, backend=self.backend,
+                                          pre=v.pre, b_pre=b_pre)) * v.on
+        parts = v.decode(vals_v, self.W_dec, B * G, self.backend).view(B, G, d)
+        vals = vals_v[v.vrow, v.slot]  # [E] each kept entry's activation, differentiable
         if estimate:
             self.update_threshold(vals.detach(), split, THRESHOLD_RATE if estimate is True else estimate)
         idx_o, vals_o = compact(rows, cols, vals, B)
@@ -392,3 +386,46 @@ def compact(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, B: int) 
     slots = torch.arange(w, device=rows.device)
     idx = free.gather(1, (slots - count[:, None]).clamp_min(0)).index_put_((rows, rank), cols)
     return idx, vals.new_zeros((B, w) + vals.shape[1:]).index_put((rows, rank), vals)
+
+
+class VirtualRows(NamedTuple):
+    """Kept entries packed into R virtual rows of w slots (`pack`), each row holding entries of one key
+    (a batch row, or a batch row and a group): the sparse kernels run on [R, w], about the entries'
+    number of pairs however unevenly the keys keep. Empty slots point at latent 0 and are off in `on`:
+    a caller masks its values there (a gather from a low-precision z recomputes latent 0's value)."""
+    rows: torch.Tensor   # [E] each entry's batch row
+    cols: torch.Tensor   # [E] its latent
+    idx: torch.Tensor    # [R, w] the virtual rows' latents
+    on: torch.Tensor     # [R, w] bool: a slot that holds an entry
+    pre: torch.Tensor | None  # [R, w] the entries' given values (0 in empty slots), or None
+    owner: torch.Tensor  # [R] each virtual row's key
+    vrow: torch.Tensor   # [E] each entry's virtual row
+    slot: torch.Tensor   # [E] and slot
+
+    @classmethod
+    def build(cls, key: torch.Tensor, n_keys: int, width: int, rows: torch.Tensor, cols: torch.Tensor,
+              pre: torch.Tensor | None = None) -> "VirtualRows":
+        """Entries (rows, cols, pre [E]) with sorted keys key [E] (in 0..n_keys) into rows of `width`."""
+        vrow, slot, owner = pack(key, n_keys, width)
+        shape, at = (owner.shape[0], width), (vrow, slot)
+        idx = torch.zeros(shape, dtype=torch.long, device=cols.device).index_put_(at, cols)
+        on = torch.zeros(shape, dtype=torch.bool, device=cols.device).index_put_(
+            at, torch.ones_like(cols, dtype=torch.bool))
+        pre_v = None if pre is None else torch.zeros(shape, dtype=pre.dtype, device=pre.device).index_put_(at, pre)
+        return cls(rows, cols, idx, on, pre_v, owner, vrow, slot)
+
+    def inputs(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Each virtual row's copy of its batch row of x [B, d] -> [R, d] (gradients sum back); keys of
+        `groups` groups a batch row."""
+        return x.index_select(0, self.owner // groups if groups > 1 else self.owner)
+
+    def decode(self, vals: torch.Tensor, W: torch.Tensor, n_keys: int, backend: str) -> torch.Tensor:
+        """sum_j vals[r, j] W[idx[r, j]] of each virtual row, summed into its key -> [n_keys, d]."""
+        from pipeline.kernels import decode
+
+        part = decode(self.idx, vals, W, backend=backend)
+        return part.new_zeros(n_keys, part.shape[1]).index_add(0, self.owner, part)
+
+    def compact(self, vals: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Virtual-row values [R, w, ...] as the contract's (idx [B, w'], vals [B, w', ...]) (`compact`)."""
+        return compact(self.rows, self.cols, vals[self.vrow, self.slot], B)

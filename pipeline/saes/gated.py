@@ -19,7 +19,7 @@ The step 1[pi > 0] passes no gradient: b_gate learns from S and A only, b_mag an
 reconstruction, the shared W_enc from all three. lam's warm-up, the target_l0 controller, dead-latent resampling
 (which also zeroes the latent's b_mag and r_mag) and the unit decoder rows are relu.py's.
 
-Training keeps the entries whose gate is open (on relu.py's virtual rows, `Fired`): S and A
+Training keeps the entries whose gate is open (in relu.fired_entries' virtual rows): S and A
 need relu(pi) there and nowhere else, and f is 0 elsewhere, so the sparse products are exact.
 
 Its settings in cfg.json: `l1_coefficient`, `target_l0` (what it was trained with). Export:
@@ -98,7 +98,7 @@ class GatedSAE(ReluSAE):
             vals = (pi.detach() > 0).to(x.dtype) * torch.relu(x_c @ W_mag.T + self.b_mag)
             idx = torch.arange(self.n_latents, device=x.device).expand(B, -1)
             x_hat = vals @ self.W_dec + self.b_pre
-        else:  # on relu's virtual rows (relu.Fired); empty slots masked, as relu's
+        else:  # on relu's virtual rows (relu.fired_entries); empty slots masked, as relu's
             b_pre, x_v = self.gather_b_pre(x), fired.inputs(x_c)
             pi = encode_gather(x_v, self.W_enc, self.b_lat, fired.idx, backend=self.backend, pre=fired.pre,
                                b_pre=b_pre)

@@ -52,7 +52,7 @@ spread (a tied random encoder on inputs of norm sqrt(d_model)).
 
 Training never differentiates the dense z: it is computed without a graph, the latents near or
 above their threshold (z > θ - ε, a superset of every one with a gradient) are kept, packed into
-virtual rows as ReLU's are (relu.Fired: rows fire unevenly, and padding each to the widest cost the
+virtual rows as ReLU's are (relu.fired_entries: rows fire unevenly, and padding each to the widest cost the
 widest row's count for every row), and the sparse kernels of pipeline.kernels recompute and decode
 those, as TopK's do. A latent kept below θ is off (f = 0) and gets exactly the dense formula's
 gradient.

@@ -37,7 +37,7 @@ Training (`train_forward`) works on the latents that fire: z without a graph pic
 that are positive, and only those are recomputed with a graph (kernels.encode_gather) and decoded
 (kernels.decode), as TopK does. Exact: relu passes no gradient where z <= 0. Rows fire unevenly
 (one row may keep 80 times the mean), so the entries are packed into virtual rows as BatchTopK's
-are (`Fired`), not padded to the widest row. While more than DENSE_ABOVE of the latents fire on
+are (`fired_entries`), not padded to the widest row. While more than DENSE_ABOVE of the latents fire on
 average (early on, when about half do) plain dense matmuls are cheaper, and are used.
 
 Its settings in cfg.json: `l1_coefficient`, `target_l0` (what it was trained with; inference
@@ -47,7 +47,6 @@ needs none).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import NamedTuple
 
 import torch
 
@@ -55,7 +54,7 @@ from pipeline.config import setting
 from pipeline.errors import UserError
 from pipeline.saes import register
 from pipeline.saes.base import Dictionary, Settings, TrainOutput, TrainView, active_count, active_width
-from pipeline.saes.batchtopk import compact as compact_entries, pack
+from pipeline.saes.batchtopk import VirtualRows
 
 # Above this fraction of the latents firing (on average over the batch's rows), train_forward runs dense
 # matmuls. A step at d 768, n 4096, B 1024 on CPU, rows padded to the widest then: both paths 0.19 s at
@@ -235,52 +234,15 @@ def reset_optimizer_rows(optimizer, params: list[torch.Tensor], ids: torch.Tenso
                 t[ids] = p[ids]
 
 
-class Fired(NamedTuple):
-    """A batch's positive entries of z [B, n] (E of them), packed into R virtual rows of w slots
-    (batchtopk.pack, w = ceil(E / B)): a batch row with c entries owns ceil(c / w) virtual rows, so
-    the sparse products handle at most about 2E pairs however unevenly the rows fire. Empty slots
-    point at latent 0 and are masked by `on`."""
-    rows: torch.Tensor   # [E] each entry's batch row (ascending)
-    cols: torch.Tensor   # [E] its latent
-    idx: torch.Tensor    # [R, w] the virtual rows' latents
-    on: torch.Tensor     # [R, w] bool: a slot that holds an entry
-    pre: torch.Tensor | None  # [R, w] z at the entries (0 in empty slots); None when z was low precision
-    owner: torch.Tensor  # [R] each virtual row's batch row
-    vrow: torch.Tensor   # [E] each entry's virtual row
-    slot: torch.Tensor   # [E] and slot
-
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Each virtual row's copy of its batch row of x [B, d] -> [R, d] (gradients sum back)."""
-        return x.index_select(0, self.owner)
-
-    def decode(self, vals: torch.Tensor, W: torch.Tensor, B: int, backend: str) -> torch.Tensor:
-        """sum_j vals[r, j] W[idx[r, j]] of each virtual row, summed into its batch row -> [B, d]."""
-        from pipeline.kernels import decode
-
-        part = decode(self.idx, vals, W, backend=backend)
-        return part.new_zeros(B, part.shape[1]).index_add(0, self.owner, part)
-
-    def compact(self, vals: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Virtual-row values [R, w, ...] as the contract's (idx [B, w'], vals [B, w', ...]), w' the most
-        entries a row has (batchtopk.compact)."""
-        return compact_entries(self.rows, self.cols, vals[self.vrow, self.slot], B)
-
-
-def fired_entries(keep: torch.Tensor, z: torch.Tensor | None) -> Fired:
-    """The entries where keep [B, n] (bool) is set, packed into virtual rows; their values from z [B, n]
-    (None: Fired.pre is None)."""
+def fired_entries(keep: torch.Tensor, z: torch.Tensor | None) -> VirtualRows:
+    """The entries where keep [B, n] (bool) is set, in virtual rows of the mean a row keeps (rounded
+    up), so the sparse products handle at most about twice their number however unevenly the rows
+    fire; their values from z [B, n] (None: no `pre`)."""
     B, n = keep.shape
     flat = keep.view(-1).nonzero().squeeze(1)  # row-major: the rows come out sorted
-    rows, cols = flat // n, flat % n
-    w = max(1, -(-flat.numel() // max(B, 1)))  # the mean a row keeps, rounded up
-    vrow, slot, owner = pack(rows, B, w)
-    shape = (owner.shape[0], w)
-    idx = torch.zeros(shape, dtype=torch.long, device=keep.device).index_put_((vrow, slot), cols)
-    on = torch.zeros(shape, dtype=torch.bool, device=keep.device).index_put_(
-        (vrow, slot), torch.ones_like(cols, dtype=torch.bool))
-    pre = None if z is None else torch.zeros(shape, dtype=z.dtype, device=z.device).index_put_(
-        (vrow, slot), z.view(-1)[flat])
-    return Fired(rows, cols, idx, on, pre, owner, vrow, slot)
+    rows = flat // n
+    w = max(1, -(-flat.numel() // max(B, 1)))
+    return VirtualRows.build(rows, B, w, rows, flat % n, None if z is None else z.view(-1)[flat])
 
 
 # --------------------------------------------------------------------------- the SAE
@@ -347,9 +309,9 @@ class ReluSAE(Dictionary):
     # ---- training
     @torch.no_grad()
     def candidates(self, x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
-                   matmul_dtype: torch.dtype | None) -> Fired | None:
+                   matmul_dtype: torch.dtype | None) -> VirtualRows | None:
         """z = x_c W.T + b [B, n] without a graph (in matmul_dtype when given) -> its positive entries
-        packed into virtual rows (`Fired`), or None when too many fire for the sparse path to pay."""
+        in virtual rows (`fired_entries`), or None when too many fire for the sparse path to pay."""
         low = matmul_dtype is not None and matmul_dtype != x_c.dtype
         z = (x_c.to(matmul_dtype) @ W.to(matmul_dtype).T + b.to(matmul_dtype)) if low else x_c @ W.T + b
         keep = z > 0
@@ -360,7 +322,7 @@ class ReluSAE(Dictionary):
     def train_forward(self, x: torch.Tensor, view: TrainView) -> TrainOutput:
         """(x_hat [B, d], idx [B, w], vals [B, w] differentiable, None) for a training-space batch x [B, d];
         counts the dead latents into view.n_dormant when training (view.settings set)."""
-        from pipeline.kernels import decode, encode_gather
+        from pipeline.kernels import encode_gather
 
         if view.settings is not None:
             view.n_dormant = int((view.since_fired >= view.settings.dormant_tokens).sum())
