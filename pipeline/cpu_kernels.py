@@ -1,0 +1,137 @@
+"""CPU kernels in C (``cpu_kernels.c``), for the few steps torch has no fast op for.
+
+Built on first use with the machine's C compiler (``$CC``, else ``cc``) at ``-O3 -march=native``
+into ``cache_root()/cpu-kernels/`` (one library per source, compiler and CPU), loaded with ctypes.
+Where there is no compiler, or ``SAEPIPE_CPU_KERNELS=0``, :func:`library` is None and every caller
+keeps its torch path: these kernels change how fast, never what comes out.
+
+A call splits its rows over ``torch.get_num_threads()`` threads: ctypes releases the GIL for the
+length of a foreign call, so Python threads run the C side by side.
+
+* :func:`topk_rows` -- ``z.topk(k, dim=1)``, sorted, on fp32 CPU rows: 1.5-3.5x faster than torch's
+  at the grid's shapes (n 4096 to 65536, k 16 to 64), nothing at k 128 with n 4096.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+
+_LOCK = threading.Lock()
+_LIB: list = []  # [] not yet tried; [None] unavailable; [CDLL] loaded
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's feature flags (a home directory may be shared)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def _build(cc: str) -> Path:
+    """The library for this source, compiler and CPU, compiled unless the cache has it."""
+    from pipeline.model import cache_root
+
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    out = cache_root() / "cpu-kernels" / f"cpu_kernels-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if r.returncode:
+            raise OSError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"{cc} exited {r.returncode}")
+        os.replace(tmp, out)  # another process building the same library at once writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built on first call; None (with one warning) where they cannot be built."""
+    if _LIB:
+        return _LIB[0]
+    with _LOCK:
+        if _LIB:
+            return _LIB[0]
+        lib = None
+        if os.environ.get("SAEPIPE_CPU_KERNELS", "1") != "0":
+            cc = os.environ.get("CC") or "cc"
+            try:
+                lib = ctypes.CDLL(str(_build(cc)))
+            except (OSError, subprocess.SubprocessError) as e:
+                warnings.warn(f"saepipe: the C kernels of pipeline/cpu_kernels.c did not build with {cc!r} ({e}); "
+                              "using torch's ops (slower on CPU, the same results)", RuntimeWarning, stacklevel=2)
+        if lib is not None:
+            P, I = ctypes.c_void_p, ctypes.c_int64
+            lib.topk_rows_f32.argtypes = [P, I, I, I, P, P, I, I]
+            lib.topk_rows_f32.restype = ctypes.c_int
+        _LIB.append(lib)
+        return lib
+
+
+_POOL: dict = {}  # (pid, workers) -> executor: a forked child starts its own
+
+
+def _over_rows(fn, args: tuple, rows: int, min_rows: int = 16) -> int:
+    """fn(*args, lo, hi) over [0, rows) in torch.get_num_threads() parts at once; the OR of their returns."""
+    parts = max(1, min(torch.get_num_threads(), rows // min_rows))
+    if parts == 1:
+        return fn(*args, 0, rows)
+    key = (os.getpid(), parts - 1)
+    pool = _POOL.get(key)
+    if pool is None:
+        pool = _POOL[key] = ThreadPoolExecutor(parts - 1, thread_name_prefix="saepipe-cpu")
+    cuts = [rows * p // parts for p in range(parts + 1)]
+    futures = [pool.submit(fn, *args, cuts[p], cuts[p + 1]) for p in range(1, parts)]
+    status = fn(*args, cuts[0], cuts[1])
+    for f in futures:
+        status |= f.result()
+    return status
+
+
+def topk_groups(m: int, k: int) -> int:
+    """How many runs topk_rows_f32 cuts a row of m into for a top k (0: too few columns for it).
+    2k to 4k runs leave about k to 2k candidates; fewer than 64 cost more in candidates than they save."""
+    G = 1 << max(63, 2 * k - 1).bit_length()
+    return G if k >= 1 and m >= 8 * G else 0
+
+
+def topk_rows(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """z [B, m] -> (vals [B, k], idx [B, k] int64) = z.topk(k, dim=1) (largest first; among equal
+    values, the smaller column first), or None where the kernel does not apply: no library, not a
+    contiguous fp32 CPU tensor, a row too short for its runs (topk_groups), or a NaN in z."""
+    B, m = z.shape
+    G = topk_groups(m, k)
+    if not G or z.device.type != "cpu" or z.dtype != torch.float32 or not z.is_contiguous() or B == 0:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    vals = torch.empty(B, k, dtype=torch.float32)
+    idx = torch.empty(B, k, dtype=torch.int64)
+    status = _over_rows(lib.topk_rows_f32, (z.data_ptr(), m, k, G, vals.data_ptr(), idx.data_ptr()), B)
+    if status & 2:
+        raise MemoryError(f"topk_rows_f32: no memory for a row's {2 * m} candidates")
+    return None if status else (vals, idx)
