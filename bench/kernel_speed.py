@@ -1,6 +1,12 @@
 """Benchmark the sparse kernels (pipeline/kernels.py) against their torch references.
 
     python bench/kernel_speed.py [--B 4096] [--d 768] [--n 32768] [--k 32] [--dtype bf16]
+    python bench/kernel_speed.py --topk [--rounds 15]   # CPU: the step's top-k, C and torch
+
+--topk times, at the `bench/train.py --peers` shapes, the top k of each row of z [B, n] three
+ways, interleaved, each on a z just written by its GEMM as in a step (hot in cache): torch.topk,
+kernels.topk_rows_torch (groups of strided columns, torch ops) and the C kernel
+(pipeline.cpu_kernels.topk_rows); medians of --rounds, with the ratios.
 
 On CUDA: times each Triton kernel and its torch reference and reports the
 achieved GB/s against a simple bytes-moved estimate (each gathered row read
@@ -38,6 +44,35 @@ def timeit(fn, reps):
     return sorted(times)[len(times) // 2]
 
 
+def topk(rounds: int) -> None:
+    from pipeline import cpu_kernels
+
+    if cpu_kernels.library() is None:
+        raise SystemExit("bench/kernel_speed.py --topk: the C kernels did not build (is there a cc?)")
+    shapes = [(1024, n, k) for n in (4096, 65536) for k in (16, 128)] + [(1024, 4096, 32), (1024, 4096, 64),
+                                                                         (2048, 4608, 32), (1024, 16384, 32)]
+    print(f"CPU, {torch.get_num_threads()} threads, medians of {rounds} rounds, ms")
+    print("| B | n | k | torch.topk | topk_rows_torch | C | torch.topk / C | topk_rows_torch / C |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for B, n, k in shapes:
+        g = torch.Generator().manual_seed(0)
+        x, W, b = torch.randn(B, 256, generator=g), torch.randn(n, 256, generator=g) / 16, torch.zeros(n)
+        fns = {"topk": lambda z: z.topk(k, dim=1, sorted=False), "torch": lambda z: K.topk_rows_torch(z, k),
+               "c": lambda z: cpu_kernels.topk_rows(z, k)}
+        z = torch.addmm(b, x, W.T)
+        assert torch.equal(fns["c"](z)[0], z.topk(k, dim=1).values)
+        ms = {name: [] for name in fns}
+        for _ in range(rounds + 1):
+            for name, fn in fns.items():
+                z = torch.addmm(b, x, W.T)
+                t = time.perf_counter()
+                fn(z)
+                ms[name].append(1e3 * (time.perf_counter() - t))
+        med = {name: sorted(v[1:])[rounds // 2] for name, v in ms.items()}
+        print(f"| {B} | {n} | {k} | {med['topk']:.2f} | {med['torch']:.2f} | {med['c']:.2f} | "
+              f"{med['topk'] / med['c']:.2f}x | {med['torch'] / med['c']:.2f}x |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--B", type=int, default=None)
@@ -46,7 +81,11 @@ def main():
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--topk", action="store_true", help="CPU: the step's top-k, torch.topk against the C kernel")
+    ap.add_argument("--rounds", type=int, default=15, help="--topk: interleaved rounds")
     a = ap.parse_args()
+    if a.topk:
+        return topk(a.rounds)
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"

@@ -83,6 +83,7 @@ __all__ = [
     "encode_topk",
     "encode_topk_blocked",
     "topk_rows",
+    "topk_rows_torch",
     "encode_topk_triton",
     "encode_topk_reference",
 ]
@@ -708,10 +709,18 @@ def encode_topk_reference(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k
 
 
 def topk_rows(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """z [B, m] -> (vals [B, k], idx [B, k] int64): z.topk(k, dim=1, sorted=False), 1.4-3x faster on CPU.
+    """z [B, m] -> (vals [B, k], idx [B, k] int64): z.topk(k, dim=1, sorted=False), faster on CPU.
 
-    An fp32 z on CPU goes to the C kernel (pipeline.cpu_kernels.topk_rows: the same grouping bound,
-    with runs of columns, one pass and no gathers) where it is built; this is the torch path beside it.
+    An fp32 z on CPU goes to the C kernel where it is built (pipeline.cpu_kernels.topk_rows: the same
+    bound as topk_rows_torch, with runs of columns, one pass and no gathers; 1.5-3.5x torch.topk at
+    k 16-64), anything else, or where it is not, to topk_rows_torch."""
+    fast = cpu_kernels.topk_rows(z, k)
+    return fast if fast is not None else topk_rows_torch(z, k)
+
+
+def topk_rows_torch(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_rows in torch ops, 1.4-3x faster than z.topk on CPU.
+
     The columns go in c groups' worth of strided slices, z.view(B, c, m / c): group j holds columns
     j, j + m/c, ... One vectorised max over the c slices gives each group's maximum; the k groups with
     the largest maxima hold k values >= the k-th of those maxima t, and every other group's values are
@@ -719,9 +728,6 @@ def topk_rows(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     is a top k). A top-k over the m / c maxima, then over the k * c candidates, replaces the one over m.
     c ~ sqrt(m / k) balances the two; too few columns a row (c < 4), another layout or off CPU: topk.
     """
-    fast = cpu_kernels.topk_rows(z, k)
-    if fast is not None:
-        return fast
     B, m = z.shape
     c = 1 << max(0, round(math.log2(math.sqrt(m / max(k, 1)))))
     while c > 1 and m % c:

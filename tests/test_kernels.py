@@ -441,14 +441,15 @@ def test_bad_idx_rejected():
 @pytest.mark.parametrize("B,m,k", [(7, 4096, 16), (5, 4096, 128), (3, 4608, 32), (4, 1000, 3), (6, 96, 40), (2, 37, 5),
                                    (3, 65536, 16)])
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
-def test_topk_rows_is_topk(B, m, k, ties):
+@pytest.mark.parametrize("fn", ["topk_rows", "topk_rows_torch"])
+def test_topk_rows_is_topk(B, m, k, ties, fn):
     # The grouped top-k against torch.topk: the same values (the k largest, as a multiset, exactly),
     # each at the column it names, no column twice; ties from few distinct integer values. Where it
     # groups (m >= 16 k), largest first, as torch.topk leaves a small k on CPU (a decode sums in that order).
     g = torch.Generator().manual_seed(B * m + k)
     z = torch.randint(-4, 5, (B, m), generator=g).float() if ties else torch.randn(B, m, generator=g)
     z[0, : m // 3] = float("-inf")
-    vals, idx = K.topk_rows(z, k)
+    vals, idx = getattr(K, fn)(z, k)
     want = z.topk(k, dim=1).values
     assert vals.shape == idx.shape == (B, k) and idx.dtype == torch.int64
     assert torch.equal(vals.sort(1, descending=True).values, want)
