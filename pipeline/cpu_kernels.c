@@ -54,9 +54,11 @@ static uint64_t *sort_keys(uint64_t *a, uint64_t *tmp, int64_t n) {
     return a;
 }
 
-/* topk_rows_f32 -- torch.topk(z, k, dim=1, sorted=True) for rows lo..hi
+/* topk_rows_f32 -- torch.topk(z + bias, k, dim=1, sorted=True) for rows lo..hi
  *
  *   z    [B, m] fp32, row-major
+ *   bias [m] fp32, or NULL for none: added to each row as it is read, so that the GEMM before
+ *        need not first broadcast it into z (a pass over all of z)
  *   vals [B, k] fp32    out: each row's k largest values, largest first
  *   idx  [B, k] int64   out: their columns (among equal values, the smaller column first)
  *   G    groups a row is cut into (m >= 8 G); k <= G
@@ -66,8 +68,8 @@ static uint64_t *sort_keys(uint64_t *a, uint64_t *tmp, int64_t n) {
  * second pass keeps the few values >= t (about k to 2k of them at G = 2k to 4k), which are sorted.
  * Returns 1, with rows left unwritten, at a NaN (torch ranks NaN above every number; the caller
  * falls back to it). */
-int topk_rows_f32(const float *z, int64_t m, int64_t k, int64_t G, float *vals, int64_t *idx,
-                  int64_t lo, int64_t hi) {
+int topk_rows_f32(const float *z, const float *bias, int64_t m, int64_t k, int64_t G, float *vals,
+                  int64_t *idx, int64_t lo, int64_t hi) {
     const int64_t g = (m / G) & ~(int64_t)7; /* columns a run; the last run also takes the tail */
     uint64_t *buf = malloc(2 * (size_t)m * sizeof(uint64_t));
     if (!buf) return 2;
@@ -81,7 +83,8 @@ int topk_rows_f32(const float *z, int64_t m, int64_t k, int64_t G, float *vals, 
 #ifdef __AVX__
             __m256 vm = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
             for (; c + 8 <= c1; c += 8) {
-                const __m256 x = _mm256_loadu_ps(r + c);
+                const __m256 x = bias ? _mm256_add_ps(_mm256_loadu_ps(r + c), _mm256_loadu_ps(bias + c))
+                                      : _mm256_loadu_ps(r + c);
                 bad = _mm256_or_ps(bad, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
                 vm = _mm256_max_ps(vm, x);
             }
@@ -92,7 +95,7 @@ int topk_rows_f32(const float *z, int64_t m, int64_t k, int64_t G, float *vals, 
             mx = _mm_cvtss_f32(h);
 #endif
             for (; c < c1; c++) {
-                const float v = r[c];
+                const float v = bias ? r[c] + bias[c] : r[c];
                 nan |= v != v;
                 mx = v > mx ? v : mx;
             }
@@ -104,16 +107,20 @@ int topk_rows_f32(const float *z, int64_t m, int64_t k, int64_t G, float *vals, 
 #ifdef __AVX__
         const __m256 tv = _mm256_set1_ps(t);
         for (; c + 8 <= m; c += 8) {
-            int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(r + c), tv, _CMP_GE_OQ));
+            const __m256 x = bias ? _mm256_add_ps(_mm256_loadu_ps(r + c), _mm256_loadu_ps(bias + c))
+                                  : _mm256_loadu_ps(r + c);
+            int mask = _mm256_movemask_ps(_mm256_cmp_ps(x, tv, _CMP_GE_OQ));
             while (mask) {
                 const int q = __builtin_ctz(mask);
                 mask &= mask - 1;
-                buf[n++] = key_of(r[c + q], c + q);
+                buf[n++] = key_of(bias ? r[c + q] + bias[c + q] : r[c + q], c + q);
             }
         }
 #endif
-        for (; c < m; c++)
-            if (r[c] >= t) buf[n++] = key_of(r[c], c);
+        for (; c < m; c++) {
+            const float v = bias ? r[c] + bias[c] : r[c];
+            if (v >= t) buf[n++] = key_of(v, c);
+        }
         const uint64_t *s = sort_keys(buf, buf + m, n);
         for (int64_t q = 0; q < k; q++) {
             vals[b * k + q] = value_of(s[q]);

@@ -85,7 +85,7 @@ def library() -> ctypes.CDLL | None:
                               "using torch's ops (slower on CPU, the same results)", RuntimeWarning, stacklevel=2)
         if lib is not None:
             P, I = ctypes.c_void_p, ctypes.c_int64
-            lib.topk_rows_f32.argtypes = [P, I, I, I, P, P, I, I]
+            lib.topk_rows_f32.argtypes = [P, P, I, I, I, P, P, I, I]
             lib.topk_rows_f32.restype = ctypes.c_int
         _LIB.append(lib)
         return lib
@@ -118,20 +118,27 @@ def topk_groups(m: int, k: int) -> int:
     return G if k >= 1 and m >= 8 * G else 0
 
 
-def topk_rows(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """z [B, m] -> (vals [B, k], idx [B, k] int64) = z.topk(k, dim=1) (largest first; among equal
-    values, the smaller column first), or None where the kernel does not apply: no library, not a
-    contiguous fp32 CPU tensor, a row too short for its runs (topk_groups), or a NaN in z."""
+def topk_ready(z: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> bool:
+    """Whether topk_rows takes (z, k, bias) (short of a NaN in them): the library built, contiguous fp32
+    CPU tensors, a row long enough for its runs (topk_groups), at least one row."""
     B, m = z.shape
-    G = topk_groups(m, k)
-    if not G or z.device.type != "cpu" or z.dtype != torch.float32 or not z.is_contiguous() or B == 0:
+    ok = (topk_groups(m, k) and B > 0 and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                                              for t in (z, bias) if t is not None))
+    return bool(ok) and library() is not None
+
+
+def topk_rows(z: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """z [B, m], bias [m] or None -> (vals [B, k], idx [B, k] int64) = (z + bias).topk(k, dim=1) (largest
+    first; among equal values, the smaller column first), or None where the kernel does not apply
+    (topk_ready) or z + bias holds a NaN. The bias is added as z is read, never written into z."""
+    if not topk_ready(z, k, bias):
         return None
-    lib = library()
-    if lib is None:
-        return None
+    B, m = z.shape
     vals = torch.empty(B, k, dtype=torch.float32)
     idx = torch.empty(B, k, dtype=torch.int64)
-    status = _over_rows(lib.topk_rows_f32, (z.data_ptr(), m, k, G, vals.data_ptr(), idx.data_ptr()), B)
+    args = (z.data_ptr(), None if bias is None else bias.data_ptr(), m, k, topk_groups(m, k), vals.data_ptr(),
+            idx.data_ptr())
+    status = _over_rows(library().topk_rows_f32, args, B)
     if status & 2:
         raise MemoryError(f"topk_rows_f32: no memory for a row's {2 * m} candidates")
     return None if status else (vals, idx)

@@ -789,16 +789,24 @@ def encode_topk_blocked(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: 
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         out = None if slab is None else slab[:B * (hi - lo)].view(B, hi - lo)
-        z = torch.addmm(b[lo:hi], x_c, W[lo:hi].T, out=out)
-        v, i = topk_rows(z, min(k, hi - lo))
+        # The C top-k adds the bias as it reads z: addmm would first broadcast it into all of z.
+        found = None
+        if out is not None and cpu_kernels.topk_ready(out, min(k, hi - lo), b[lo:hi]):
+            z = torch.mm(x_c, W[lo:hi].T, out=out)
+            found = cpu_kernels.topk_rows(z, min(k, hi - lo), b[lo:hi])
+            z_b = z if found is not None else z.add_(b[lo:hi])  # a NaN: torch's rules, on z + b
+        else:
+            z = z_b = torch.addmm(b[lo:hi], x_c, W[lo:hi].T, out=out)
+        v, i = found if found is not None else topk_rows(z_b, min(k, hi - lo))
         best = _merge(best, (v, i + lo), k)
         if aux_ids is not None and k_aux > 0:
             a, c = torch.searchsorted(aux_ids, torch.tensor([lo, hi], device=aux_ids.device)).tolist()
             if c > a:
                 ids = aux_ids[a:c]
-                v, j = topk_rows(z.index_select(1, ids - lo), min(k_aux, c - a))
+                za = z.index_select(1, ids - lo)
+                v, j = topk_rows(za if found is None else za.add_(b[ids]), min(k_aux, c - a))
                 aux = _merge(aux, (v, ids[j]), k_aux)
-        del z
+        del z, z_b
     return (*best, *(aux if aux is not None else (None, None)))
 
 

@@ -41,6 +41,22 @@ def test_topk_rows_is_a_stable_sorted_topk(B, m, k, data):
 
 
 @needs_lib
+@pytest.mark.parametrize("m,k", [(4096, 16), (4100, 40), (16384, 128)])
+def test_topk_rows_adds_the_bias_as_it_reads(m, k):
+    # (z + bias).topk without z + bias in memory: z is left as it was, and the values are the sums
+    # z + bias rounded once, as torch's add rounds them.
+    g = torch.Generator().manual_seed(m + k)
+    z, bias = torch.randn(9, m, generator=g), torch.randn(m, generator=g)
+    bias[::5] = 1.5  # ties made by the bias
+    kept = z.clone()
+    vals, idx = C.topk_rows(z, k, bias)
+    want = _reference(z + bias, k)
+    assert torch.equal(vals, want[0]) and torch.equal(idx, want[1]) and torch.equal(z, kept)
+    bias[3] = float("nan")
+    assert C.topk_rows(z, k, bias) is None
+
+
+@needs_lib
 def test_topk_rows_threads_split_rows_without_changing_them():
     z = torch.randn(301, 8192, generator=torch.Generator().manual_seed(0))
     n = torch.get_num_threads()

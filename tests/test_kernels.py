@@ -248,6 +248,25 @@ def test_encode_topk_blocked_vs_dense(block):
     assert K.encode_topk_blocked(x_c, W, b, k, block=block)[2:] == (None, None)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU path")
+@pytest.mark.parametrize("block", [None, 1024])
+def test_encode_topk_blocked_with_the_bias_added_in_the_c_top_k(block):
+    # fp32 on CPU, rows long enough for the C top-k: z holds x_c @ W.T only, the kernel adds b as it
+    # reads, and the dormant set's columns get b added apart. The same latents as the dense fp64 top-k,
+    # and the values of addmm's z within fp32 rounding; a NaN in a row sends the block to torch's rules.
+    B, k, n, d = 33, 8, 2048, 40
+    x_c, W, b = randn(B, d), randn(n, d, seed=1), randn(n, seed=2)
+    dormant = torch.arange(5, n, 3)
+    vals, idx, aux_vals, aux_idx = K.encode_topk_blocked(x_c, W, b, k, dormant, 6, block=block)
+    dense = [t.double() for t in (x_c, W, b)]
+    _same_topk(vals, idx, *_dense_topk(*dense, k), atol=1e-5)
+    _same_topk(aux_vals, aux_idx, *_dense_topk(*dense, 6, dormant), atol=1e-5)
+    x_c[4, 0] = float("nan")
+    vals, idx, _, _ = K.encode_topk_blocked(x_c, W, b, k, block=block)
+    assert torch.isnan(vals[4]).all()
+    _same_topk(vals[5:], idx[5:], *_dense_topk(*(t[5:] if t.shape[0] == B else t for t in dense), k), atol=1e-5)
+
+
 def test_encode_topk_one_block_is_the_unblocked_path():
     # The default block holds the anchor shape's z whole: bit for bit the old addmm + topk's latents
     # and values (in another order: neither sorts them), twice (the second z reuses the first's memory).
