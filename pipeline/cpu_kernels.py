@@ -8,8 +8,8 @@ keeps its torch path: these kernels change how fast, never what comes out.
 A call splits its rows over ``torch.get_num_threads()`` threads: ctypes releases the GIL for the
 length of a foreign call, so Python threads run the C side by side.
 
-* :func:`topk_rows` -- ``z.topk(k, dim=1)``, sorted, on fp32 CPU rows: 1.5-3.5x faster than torch's
-  at the grid's shapes (n 4096 to 65536, k 16 to 64), nothing at k 128 with n 4096.
+* :func:`topk_rows` -- ``(z + bias).topk(k, dim=1)``, sorted, on fp32 CPU rows: 1.7-4.8x faster than
+  torch's at the `bench/train.py --peers` grid's shapes (``bench/kernel_speed.py --topk``).
 """
 
 from __future__ import annotations
