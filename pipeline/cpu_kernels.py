@@ -120,10 +120,12 @@ def topk_groups(m: int, k: int) -> int:
 
 def topk_ready(z: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> bool:
     """Whether topk_rows takes (z, k, bias) (short of a NaN in them): the library built, contiguous fp32
-    CPU tensors, a row long enough for its runs (topk_groups), at least one row."""
+    CPU tensors that autograd does not track (the kernel's values would carry no gradient), a row long
+    enough for its runs (topk_groups), at least one row."""
     B, m = z.shape
-    ok = (topk_groups(m, k) and B > 0 and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-                                              for t in (z, bias) if t is not None))
+    ts = [t for t in (z, bias) if t is not None]
+    ok = (topk_groups(m, k) and B > 0 and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+          and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts))
     return bool(ok) and library() is not None
 
 

@@ -705,7 +705,7 @@ TOPK_BLOCK_BYTES = 64 << 20  # the torch path's [B, block] slab of z (the anchor
 def encode_topk_reference(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x_c [B, d], W [n, d], b [n] -> (vals [B, k], idx [B, k] int64): the k largest of
     z = x_c @ W.T + b in each row (in no particular order), from the whole z."""
-    return torch.addmm(b, x_c, W.T).topk(k, dim=1, sorted=False)
+    return torch.mm(x_c, W.T).add_(b).topk(k, dim=1, sorted=False)
 
 
 def topk_rows(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -789,15 +789,19 @@ def encode_topk_blocked(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: 
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         out = None if slab is None else slab[:B * (hi - lo)].view(B, hi - lo)
-        # The C top-k adds the bias as it reads z: addmm would first broadcast it into all of z.
         found = None
-        if out is not None and cpu_kernels.topk_ready(out, min(k, hi - lo), b[lo:hi]):
+        if out is not None:
+            # z = x_c @ W.T, the bias added after: by the C top-k as it reads z (addmm would first
+            # broadcast it into all of z), else by one add. Both round z + b once, the same way: with
+            # or without the C kernels the same latents and values (only exactly equal values may
+            # come in another order).
             z = torch.mm(x_c, W[lo:hi].T, out=out)
             found = cpu_kernels.topk_rows(z, min(k, hi - lo), b[lo:hi])
-            z_b = z if found is not None else z.add_(b[lo:hi])  # a NaN: torch's rules, on z + b
+            if found is None:
+                z.add_(b[lo:hi])
         else:
-            z = z_b = torch.addmm(b[lo:hi], x_c, W[lo:hi].T, out=out)
-        v, i = found if found is not None else topk_rows(z_b, min(k, hi - lo))
+            z = torch.addmm(b[lo:hi], x_c, W[lo:hi].T)
+        v, i = found if found is not None else topk_rows_torch(z, min(k, hi - lo))
         best = _merge(best, (v, i + lo), k)
         if aux_ids is not None and k_aux > 0:
             a, c = torch.searchsorted(aux_ids, torch.tensor([lo, hi], device=aux_ids.device)).tolist()
@@ -806,7 +810,7 @@ def encode_topk_blocked(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: 
                 za = z.index_select(1, ids - lo)
                 v, j = topk_rows(za if found is None else za.add_(b[ids]), min(k_aux, c - a))
                 aux = _merge(aux, (v, ids[j]), k_aux)
-        del z, z_b
+        del z
     return (*best, *(aux if aux is not None else (None, None)))
 
 

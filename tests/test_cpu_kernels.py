@@ -84,6 +84,13 @@ def test_topk_rows_leaves_nan_and_other_inputs_to_torch():
     assert C.topk_rows(ok.t().contiguous().t(), 16) is None          # not contiguous
     assert C.topk_rows(ok[:, :511], 16) is None                      # under 8 columns a run
     assert C.topk_rows(torch.randn(0, 4096), 16) is None
+    tracked = ok.clone().requires_grad_()
+    assert C.topk_rows(tracked, 16) is None                          # autograd would lose the values' grad
+    vals, _ = K.topk_rows(tracked, 16)
+    vals.sum().backward()
+    assert tracked.grad.sum() == 4 * 16
+    with torch.no_grad():
+        assert C.topk_rows(tracked, 16) is not None
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline import cpu_kernels as C  # noqa: E402
 from pipeline import kernels as K  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
@@ -261,6 +262,12 @@ def test_encode_topk_blocked_with_the_bias_added_in_the_c_top_k(block):
     dense = [t.double() for t in (x_c, W, b)]
     _same_topk(vals, idx, *_dense_topk(*dense, k), atol=1e-5)
     _same_topk(aux_vals, aux_idx, *_dense_topk(*dense, 6, dormant), atol=1e-5)
+    # Without the C kernels (no compiler): z + b rounded the same way, so the same values, bit for bit.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C, "_LIB", [None])
+        again = K.encode_topk_blocked(x_c, W, b, k, dormant, 6, block=block)
+    for got, want in zip(again, (vals, idx, aux_vals, aux_idx)):
+        assert torch.equal(got, want)
     x_c[4, 0] = float("nan")
     vals, idx, _, _ = K.encode_topk_blocked(x_c, W, b, k, block=block)
     assert torch.isnan(vals[4]).all()
