@@ -21,7 +21,8 @@ top-k without the dense [B, n] pre-activations (section 5):
 * ``encode_topk``   (vals, idx) = top-k over m of x_c[b] . W[m] + b[m]       -> [B, k] x2
 
 as ``encode_topk_triton`` (GEMM and running top-k fused in one kernel),
-``encode_topk_blocked`` (torch, the latents a block at a time) and
+``encode_topk_blocked`` (torch, the latents a block at a time; each block's top-k in C
+on CPU, pipeline/cpu_kernels.c, where a compiler built it) and
 ``encode_topk_reference`` (the whole z, then topk). None of these take
 part in autograd. The two autograd entry points, which sae.py calls, wire them
 together and pick the backend:
