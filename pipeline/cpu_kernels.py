@@ -133,9 +133,11 @@ def topk_rows(z: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> tupl
     """z [B, m], bias [m] or None -> (vals [B, k], idx [B, k] int64) = (z + bias).topk(k, dim=1) (largest
     first; among equal values, the smaller column first), or None where the kernel does not apply
     (topk_ready) or z + bias holds a NaN. The bias is added as z is read, never written into z."""
+    B, m = z.shape
+    if bias is not None and bias.shape != (m,):  # the kernel would read past its end
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, z's rows {m} columns")
     if not topk_ready(z, k, bias):
         return None
-    B, m = z.shape
     vals = torch.empty(B, k, dtype=torch.float32)
     idx = torch.empty(B, k, dtype=torch.int64)
     args = (z.data_ptr(), None if bias is None else bias.data_ptr(), m, k, topk_groups(m, k), vals.data_ptr(),

@@ -54,6 +54,8 @@ def test_topk_rows_adds_the_bias_as_it_reads(m, k):
     assert torch.equal(vals, want[0]) and torch.equal(idx, want[1]) and torch.equal(z, kept)
     bias[3] = float("nan")
     assert C.topk_rows(z, k, bias) is None
+    with pytest.raises(ValueError, match="bias has shape"):
+        C.topk_rows(z, k, bias[:-1])
 
 
 @needs_lib
