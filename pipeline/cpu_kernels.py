@@ -47,6 +47,7 @@ def _cpu_id() -> str:
 
 def _build(cc: str) -> Path:
     """The library for this source, compiler and CPU, compiled unless the cache has it."""
+    from pipeline.fsio import publish
     from pipeline.model import cache_root
 
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
@@ -61,7 +62,7 @@ def _build(cc: str) -> Path:
         r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
         if r.returncode:
             raise OSError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"{cc} exited {r.returncode}")
-        os.replace(tmp, out)  # another process building the same library at once writes the same bytes
+        publish(tmp, out)  # another process building the same library at once writes the same bytes
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
