@@ -158,3 +158,308 @@ int topk_rows_f32(const float *z, const float *bias, int64_t m, int64_t k, int64
     free(buf);
     return nan;
 }
+
+/* ---- The encoder's top-k through a bf16 GEMM, exactly ------------------------------------------
+
+   A bf16 GEMM runs 2.5x faster than fp32's on a CPU with AVX512-BF16 or AMX, but a top-k read
+   straight off it could pick other latents than fp32's. So it only screens: with x = xh + xl and
+   W_j = Wh_j + Wl_j split exactly into bf16 parts and what rounding left,
+
+     |s_j - <x, W_j>| <= |xl| |Wh_j| + |xh| |Wl_j| + |xl| |Wl_j| + (fp32 summation) + (bf16 output)
+
+   (Cauchy-Schwarz on each cross term), where s = xh @ Wh.T as the GEMM returns it. Every latent
+   whose upper bound reaches the k-th largest lower bound is a candidate; only the candidates'
+   z_j = <x, W_j> + bias_j are computed in fp32, and the top k of those is the top k of the fp32
+   z over all latents: every other latent's z lies below the k candidates' lower bounds. */
+
+/* bf16 of a float, rounded to nearest even; below FLT_MIN to zero (a bf16 GEMM may read those as
+   zero, and then the split x = xh + xl would not be what it multiplied). */
+static inline uint16_t bf16_of(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7f800000u) == 0) return (uint16_t)((u >> 16) & 0x8000u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float f32_of_bf16(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float v;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+/* v rounded up to a float (a bound must not shrink in the rounding, subnormal or not) */
+static inline float float_up(double v) {
+    const float f = (float)v;
+    return (double)f < v ? nextafterf(f, INFINITY) : f;
+}
+
+/* bf16_rows -- rows lo..hi of a [rows, d] fp32 -> out [rows, d] bf16 (torch.bfloat16's bits), and
+ * nh [rows], nl [rows]: the 2-norms of each row's bf16 part and of what rounding left (a = bf16
+ * part + rest, exactly), both rounded up. The squares are summed in double: in float, a row of
+ * 1e-25s would have norm 0 and one of 1e20s an infinite one. Returns 1 at a value that is not
+ * finite, rounds to infinity, or has a norm past float's range. */
+int bf16_rows(const float *a, int64_t d, uint16_t *out, float *nh, float *nl, int64_t lo, int64_t hi) {
+    int bad = 0;
+    /* double sums of d / 8 squares a lane: relative error far under this */
+    const double up = 1.0 + ((double)d + 16) * 0x1p-52;
+    for (int64_t r = lo; r < hi; r++) {
+        const float *x = a + r * d;
+        uint16_t *o = out + r * d;
+        double sh[8] = {0}, sl[8] = {0};
+        int64_t c = 0;
+        for (; c + 8 <= d; c += 8)
+            for (int l = 0; l < 8; l++) {
+                const uint16_t h = bf16_of(x[c + l]);
+                const double fh = f32_of_bf16(h), fl = x[c + l] - (float)fh;
+                o[c + l] = h;
+                sh[l] += fh * fh;
+                sl[l] += fl * fl;
+                bad |= (h & 0x7f80) == 0x7f80;
+            }
+        for (; c < d; c++) {
+            const uint16_t h = bf16_of(x[c]);
+            const double fh = f32_of_bf16(h), fl = x[c] - (float)fh;
+            o[c] = h;
+            sh[0] += fh * fh;
+            sl[0] += fl * fl;
+            bad |= (h & 0x7f80) == 0x7f80;
+        }
+        double th = 0, tl = 0;
+        for (int l = 0; l < 8; l++) {
+            th += sh[l];
+            tl += sl[l];
+        }
+        nh[r] = float_up(sqrt(th * up) * (1 + 0x1p-50));
+        nl[r] = float_up(sqrt(tl * up) * (1 + 0x1p-50));
+        bad |= !(nh[r] <= 3.0e38f);
+    }
+    return bad;
+}
+
+/* <a, b> over d floats, in a fixed order (the same sum whichever thread runs it) */
+static inline float dot_f32(const float *a, const float *b, int64_t d) {
+    int64_t c = 0;
+#ifdef __AVX512F__
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(),
+           s3 = _mm512_setzero_ps();
+    for (; c + 64 <= d; c += 64) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 16), _mm512_loadu_ps(b + c + 16), s1);
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 32), _mm512_loadu_ps(b + c + 32), s2);
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 48), _mm512_loadu_ps(b + c + 48), s3);
+    }
+    for (; c + 16 <= d; c += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), s0);
+    if (c < d) {
+        const __mmask16 mk = (__mmask16)((1u << (d - c)) - 1);
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + c), _mm512_maskz_loadu_ps(mk, b + c), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#else
+    float s[8] = {0};
+    for (; c + 8 <= d; c += 8)
+        for (int l = 0; l < 8; l++) s[l] += a[c + l] * b[c + l];
+    for (; c < d; c++) s[0] += a[c] * b[c];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+#endif
+}
+
+/* pz[p] = <x[prow[p]], W[pcol[p]]> for the np pairs, taken in column order (a counting sort by
+   column into order, with count [n + 1] as scratch): each W row comes from memory once for all the
+   pairs that share it, while the rows of x stay in cache. */
+static void dots_by_column(const float *x, const float *W, int64_t d, int64_t n, const int32_t *prow,
+                           const int32_t *pcol, int64_t np, int32_t *count, int32_t *order, float *pz) {
+    memset(count, 0, ((size_t)n + 1) * sizeof(int32_t));
+    for (int64_t p = 0; p < np; p++) count[pcol[p] + 1]++;
+    for (int64_t c = 0; c < n; c++) count[c + 1] += count[c];
+    for (int64_t p = 0; p < np; p++) order[count[pcol[p]]++] = (int32_t)p;
+    for (int64_t q = 0; q < np; q++) {
+        const int64_t p = order[q];
+        pz[p] = dot_f32(x + (int64_t)prow[p] * d, W + (int64_t)pcol[p] * d, d);
+    }
+}
+
+/* topk_screened -- topk_rows_f32(x @ W.T, bias) for rows lo..hi, from a bf16 GEMM's s
+ *
+ *   s          [B, m] bf16: xh @ Wh.T from a GEMM that sums in fp32 (xh, Wh: bf16_rows of x, W)
+ *   bias       [m] fp32, or NULL
+ *   x          [B, d] fp32; W [m, d] fp32: the operands whose z the top k is of
+ *   xnh, xnl   [B]; wnh, wnl [m]: bf16_rows's norms of x's and W's rows
+ *   vals, idx  [B, k] fp32, int64   out, as topk_rows_f32's, of z_j = <x, W_j> + bias_j in fp32
+ *   G          groups a row is cut into (m >= 8 G), as topk_rows_f32's
+ *
+ * Per row, the lower and upper bounds on z go to scratch, and the k-th largest lower bound L is
+ * found from the G runs' maxima as topk_rows_f32 finds its threshold; the row's candidates are the
+ * columns whose upper bound reaches L. The dots are taken TILE rows at a time in column order, so
+ * that each W_j comes from memory once a tile rather than once a candidate, the tile's rows of x
+ * staying in cache (at n 4096, k 128 a latent is a candidate of 5% of rows: 13 dots a read of W_j).
+ * Then each row's candidates are sorted.
+ * Returns 1 at a value that is not finite (the caller takes the fp32 path), 4 where a candidate's z
+ * broke its bound (a GEMM that does not sum in fp32), 2 for memory. */
+#define TILE 256
+int topk_screened(const uint16_t *s, const float *bias, const float *x, const float *W, int64_t m,
+                  int64_t d, const float *xnh, const float *xnl, const float *wnh, const float *wnl,
+                  int64_t k, int64_t G, float *vals, int64_t *idx, int64_t lo, int64_t hi) {
+    const int64_t g = (m / G) & ~(int64_t)7;
+    int64_t cap = TILE * (4 * k + 64); /* pairs (row, column) a tile; grows */
+    uint64_t *buf = malloc(2 * (size_t)m * sizeof(uint64_t));
+    float *low = malloc(2 * (size_t)m * sizeof(float)), *upp = low ? low + m : NULL;
+    int32_t *count = malloc(((size_t)m + 1) * sizeof(int32_t));
+    int32_t *pcol = malloc((size_t)cap * sizeof(int32_t)), *prow = malloc((size_t)cap * sizeof(int32_t));
+    int32_t *order = malloc((size_t)cap * sizeof(int32_t));
+    float *plo = malloc((size_t)cap * sizeof(float)), *pup = malloc((size_t)cap * sizeof(float));
+    float *pz = malloc((size_t)cap * sizeof(float));
+    int64_t start[TILE + 1];
+    int status = 0;
+    if (!buf || !low || !count || !pcol || !prow || !order || !plo || !pup || !pz) status = 2;
+    /* fp32 summation of d terms (the GEMM's, and the dots below): relative error under gamma; the
+       bf16 output: 2^-8 of |s|; the bias's two additions and this arithmetic: 2^-21 of |s| + |b| */
+    const float gamma = (float)((double)d * 0x1p-24 / (1 - (double)d * 0x1p-24));
+    const float slack = 1 + 0x1p-10, U = (float)(0x1p-8 / (1 - 0x1p-8)) * slack + 0x1p-21f, V = 0x1p-21f;
+    const float tiny = (float)((double)d * 0x1p-124), big = 3.0e38f;
+    for (int64_t t0 = lo; t0 < hi && !status; t0 += TILE) {
+        const int64_t t1 = t0 + TILE < hi ? t0 + TILE : hi;
+        int64_t np = 0;
+        start[0] = 0;
+        for (int64_t b = t0; b < t1 && !status; b++) {
+            const uint16_t *sr = s + b * m;
+            const float g2 = 2 * gamma * (xnh[b] + xnl[b]);
+            const float A = (xnl[b] + g2) * slack, Bc = (xnh[b] + xnl[b] + g2) * slack;
+            int bad = 0;
+            for (int64_t q = 0; q < G; q++) {
+                const int64_t c1 = q == G - 1 ? m : (q + 1) * g;
+                int64_t c = q * g;
+                float mx = -INFINITY;
+#ifdef __AVX2__
+                const __m256 vA = _mm256_set1_ps(A), vB = _mm256_set1_ps(Bc), vU = _mm256_set1_ps(U),
+                             vV = _mm256_set1_ps(V), vt = _mm256_set1_ps(tiny), vbig = _mm256_set1_ps(big),
+                             sign = _mm256_set1_ps(-0.0f);
+                __m256 vm = _mm256_set1_ps(-INFINITY), vbad = _mm256_setzero_ps();
+                for (; c + 8 <= c1; c += 8) {
+                    const __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(sr + c))), 16));
+                    const __m256 bj = bias ? _mm256_loadu_ps(bias + c) : _mm256_setzero_ps();
+                    const __m256 y = _mm256_add_ps(v, bj);
+                    __m256 e = _mm256_add_ps(_mm256_mul_ps(vA, _mm256_loadu_ps(wnh + c)),
+                                             _mm256_mul_ps(vB, _mm256_loadu_ps(wnl + c)));
+                    e = _mm256_add_ps(e, _mm256_add_ps(_mm256_mul_ps(vU, _mm256_andnot_ps(sign, v)),
+                                                       _mm256_add_ps(_mm256_mul_ps(vV, _mm256_andnot_ps(sign, bj)), vt)));
+                    const __m256 l = _mm256_sub_ps(y, e);
+                    _mm256_storeu_ps(low + c, l);
+                    _mm256_storeu_ps(upp + c, _mm256_add_ps(y, e));
+                    vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(_mm256_andnot_ps(sign, y), vbig, _CMP_NLE_UQ));
+                    vm = _mm256_max_ps(vm, l);
+                }
+                bad |= _mm256_movemask_ps(vbad) != 0;
+                __m128 h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+                h = _mm_max_ss(h, _mm_movehdup_ps(h));
+                mx = _mm_cvtss_f32(h);
+#endif
+                for (; c < c1; c++) {
+                    const float v = f32_of_bf16(sr[c]), bj = bias ? bias[c] : 0.0f;
+                    const float y = v + bj;
+                    const float e = (A * wnh[c] + Bc * wnl[c]) + (U * fabsf(v) + (V * fabsf(bj) + tiny));
+                    const float l = y - e;
+                    low[c] = l;
+                    upp[c] = y + e;
+                    bad |= !(fabsf(y) <= big);
+                    mx = l > mx ? l : mx;
+                }
+                buf[q] = key_of(mx, q);
+            }
+            if (bad) {
+                status = 1;
+                break;
+            }
+            /* L, the k-th largest lower bound: among the lower bounds >= the k-th largest run max */
+            const float t = value_of(sort_row_keys(buf, buf + G, G)[k - 1]);
+            int64_t n = 0, c = 0;
+#ifdef __AVX__
+            const __m256 tv = _mm256_set1_ps(t);
+            for (; c + 8 <= m; c += 8) {
+                int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(low + c), tv, _CMP_GE_OQ));
+                while (mask) {
+                    const int q = __builtin_ctz(mask);
+                    mask &= mask - 1;
+                    buf[n++] = key_of(low[c + q], c + q);
+                }
+            }
+#endif
+            for (; c < m; c++)
+                if (low[c] >= t) buf[n++] = key_of(low[c], c);
+            const float L = value_of(sort_row_keys(buf, buf + m, n)[k - 1]);
+            if (np + m > cap) { /* room for a whole row's candidates */
+                cap = 2 * (np + m);
+                int32_t *a1 = realloc(pcol, cap * sizeof(int32_t)), *a2 = a1 ? realloc(prow, cap * sizeof(int32_t)) : NULL;
+                pcol = a1 ? a1 : pcol;
+                prow = a2 ? a2 : prow;
+                int32_t *a3 = a2 ? realloc(order, cap * sizeof(int32_t)) : NULL;
+                order = a3 ? a3 : order;
+                float *f1 = a3 ? realloc(plo, cap * sizeof(float)) : NULL;
+                plo = f1 ? f1 : plo;
+                float *f2 = f1 ? realloc(pup, cap * sizeof(float)) : NULL;
+                pup = f2 ? f2 : pup;
+                float *f3 = f2 ? realloc(pz, cap * sizeof(float)) : NULL;
+                pz = f3 ? f3 : pz;
+                if (!f3) {
+                    status = 2;
+                    break;
+                }
+            }
+            c = 0;
+#ifdef __AVX__
+            const __m256 Lv = _mm256_set1_ps(L);
+            for (; c + 8 <= m; c += 8) {
+                int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(upp + c), Lv, _CMP_GE_OQ));
+                while (mask) {
+                    const int q = __builtin_ctz(mask);
+                    mask &= mask - 1;
+                    pcol[np] = (int32_t)(c + q);
+                    prow[np] = (int32_t)b;
+                    plo[np] = low[c + q];
+                    pup[np++] = upp[c + q];
+                }
+            }
+#endif
+            for (; c < m; c++)
+                if (upp[c] >= L) {
+                    pcol[np] = (int32_t)c;
+                    prow[np] = (int32_t)b;
+                    plo[np] = low[c];
+                    pup[np++] = upp[c];
+                }
+            start[b - t0 + 1] = np;
+        }
+        if (status) break;
+        dots_by_column(x, W, d, m, prow, pcol, np, count, order, pz);
+        for (int64_t p = 0; p < np && !status; p++) {
+            const float z = pz[p] + (bias ? bias[pcol[p]] : 0.0f);
+            if (!(fabsf(z) <= big))
+                status = 1;
+            else if (!(z >= plo[p] && z <= pup[p]))
+                status = 4;
+            pz[p] = z;
+        }
+        if (status) break;
+        for (int64_t b = t0; b < t1; b++) {
+            const int64_t p0 = start[b - t0], p1 = start[b - t0 + 1];
+            for (int64_t p = p0; p < p1; p++) buf[p - p0] = key_of(pz[p], pcol[p]);
+            const uint64_t *o = sort_row_keys(buf, buf + m, p1 - p0);
+            for (int64_t q = 0; q < k; q++) {
+                vals[b * k + q] = value_of(o[q]);
+                idx[b * k + q] = (uint32_t)o[q];
+            }
+        }
+    }
+    free(buf);
+    free(low);
+    free(count);
+    free(pcol);
+    free(prow);
+    free(order);
+    free(plo);
+    free(pup);
+    free(pz);
+    return status;
+}

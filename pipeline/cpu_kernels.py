@@ -3,13 +3,19 @@
 Built on first use with the machine's C compiler (``$CC``, else ``cc``) at ``-O3 -march=native``
 into ``cache_root()/cpu-kernels/`` (one library per source, compiler and CPU), loaded with ctypes.
 Where there is no compiler, or ``SAEPIPE_CPU_KERNELS=0``, :func:`library` is None and every caller
-keeps its torch path: these kernels change how fast, never what comes out.
+keeps its torch path: these kernels change how fast, not what comes out (the screened top-k's values
+are fp32 dots, so they may differ from the fp32 GEMM's in the last bits).
 
 A call splits its rows over ``torch.get_num_threads()`` threads: ctypes releases the GIL for the
 length of a foreign call, so Python threads run the C side by side.
 
 * :func:`topk_rows` -- ``(z + bias).topk(k, dim=1)``, sorted, on fp32 CPU rows: 1.7-4.8x faster than
   torch's at the `bench/train.py --peers` grid's shapes (``bench/kernel_speed.py --topk``).
+* :func:`to_bf16`, :func:`topk_screened` -- the encoder's top k of ``x @ W.T + bias`` from a bf16 GEMM
+  (2.5x fp32's on a CPU with AVX512-BF16 or AMX): with x and W split exactly into bf16 parts and
+  remainders, Cauchy-Schwarz bounds how far the bf16 GEMM's s can be from the fp32 z; only the
+  latents whose upper bound reaches the k-th largest lower bound get an fp32 dot (about 1.5-2k of n),
+  and their top k is the top k of the fp32 z over all latents. ``SAEPIPE_BF16_SCREEN=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -88,6 +94,10 @@ def library() -> ctypes.CDLL | None:
             P, I = ctypes.c_void_p, ctypes.c_int64
             lib.topk_rows_f32.argtypes = [P, P, I, I, I, P, P, I, I]
             lib.topk_rows_f32.restype = ctypes.c_int
+            lib.bf16_rows.argtypes = [P, I, P, P, P, I, I]
+            lib.bf16_rows.restype = ctypes.c_int
+            lib.topk_screened.argtypes = [P, P, P, P, I, I, P, P, P, P, I, I, P, P, I, I]
+            lib.topk_screened.restype = ctypes.c_int
         _LIB.append(lib)
         return lib
 
@@ -146,4 +156,68 @@ def topk_rows(z: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> tupl
     status = _over_rows(library().topk_rows_f32, args, B)
     if status & 2:
         raise MemoryError(f"topk_rows_f32: no memory for a row's {2 * m} candidates")
+    return None if status else (vals, idx)
+
+
+def _fast_bf16_gemm() -> bool:
+    """Whether torch's bf16 GEMM beats its fp32 one on this CPU (AVX512-BF16 or AMX: 2.5x at the
+    grid's shapes; elsewhere bf16 is emulated, and slower)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def screen_ready(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether the encoder's top-k of x @ W.T + bias may go through a bf16 GEMM (to_bf16, then
+    topk_screened): contiguous fp32 CPU tensors that autograd does not track, the library built, a CPU
+    whose bf16 GEMM is fast, d >= 128 (below, the fp32 GEMM is too cheap to pay for the candidates'
+    dots), and ``SAEPIPE_BF16_SCREEN`` not 0."""
+    if os.environ.get("SAEPIPE_BF16_SCREEN", "1") == "0" or _SCREEN_BROKEN or x.shape[1] < 128 or not _fast_bf16_gemm():
+        return False
+    ts = [t for t in (x, W, bias) if t is not None]
+    return (x.shape[0] > 0 and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts)
+            and library() is not None)
+
+
+_SCREEN_BROKEN: list = []  # a dot broke the bound once: this torch's bf16 GEMM is not what it assumes
+
+
+def to_bf16(a: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """a [r, d] fp32 contiguous -> (a in bf16, rounded to nearest even, [r, d]; norms [2, r] fp32: the
+    2-norms of each row's bf16 part, then of a minus it, rounded up), or None at a value that is not
+    finite. ``out``: a bf16 buffer of at least r * d elements to write into."""
+    r, d = a.shape
+    h = torch.empty(r, d, dtype=torch.bfloat16) if out is None else out[:r * d].view(r, d)
+    norms = torch.empty(2, r, dtype=torch.float32)
+    bad = _over_rows(library().bf16_rows, (a.data_ptr(), d, h.data_ptr(), norms[0].data_ptr(),
+                                            norms[1].data_ptr()), r)
+    return None if bad else (h, norms)
+
+
+def topk_screened(s: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, W: torch.Tensor,
+                  xn: torch.Tensor, wn: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """topk_rows(x @ W.T, k, bias) from s = xh @ Wh.T [B, m] bf16 (xh, Wh and the norms xn [B, 2],
+    wn [2, m] from to_bf16): the same latents and the fp32 values <x, W_j> + bias_j, each summed in one
+    fixed order. Only the latents that s's error bound cannot rule out get an fp32 dot. None where a
+    value is not finite, and where a dot broke its bound (s was not summed in fp32: one warning, and
+    screen_ready is False from then on)."""
+    B, m = s.shape
+    d = x.shape[1]
+    if W.shape != (m, d) or x.shape[0] != B or xn.shape != (2, B) or wn.shape != (2, m) or (
+            bias is not None and bias.shape != (m,)) or not topk_groups(m, k):
+        raise ValueError(f"topk_screened: s {tuple(s.shape)}, x {tuple(x.shape)}, W {tuple(W.shape)}, k {k}")
+    vals = torch.empty(B, k, dtype=torch.float32)
+    idx = torch.empty(B, k, dtype=torch.int64)
+    args = (s.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), W.data_ptr(), m, d,
+            xn[0].data_ptr(), xn[1].data_ptr(), wn[0].data_ptr(), wn[1].data_ptr(), k, topk_groups(m, k), vals.data_ptr(), idx.data_ptr())
+    status = _over_rows(library().topk_screened, args, B)
+    if status & 2:
+        raise MemoryError(f"topk_screened: no memory for a row's {2 * m} candidates")
+    if status & 4 and not _SCREEN_BROKEN:
+        _SCREEN_BROKEN.append(True)
+        warnings.warn("saepipe: an fp32 dot fell outside the error bound of torch's bf16 GEMM, so it does not "
+                      "sum in fp32 here; the encoder's top-k takes the fp32 GEMM from now on", RuntimeWarning,
+                      stacklevel=2)
     return None if status else (vals, idx)

@@ -21,8 +21,10 @@ top-k without the dense [B, n] pre-activations (section 5):
 * ``encode_topk``   (vals, idx) = top-k over m of x_c[b] . W[m] + b[m]       -> [B, k] x2
 
 as ``encode_topk_triton`` (GEMM and running top-k fused in one kernel),
-``encode_topk_blocked`` (torch, the latents a block at a time; each block's top-k in C
-on CPU, pipeline/cpu_kernels.c, where a compiler built it) and
+``encode_topk_blocked`` (torch, the latents a block at a time; on CPU each block's top-k in C,
+pipeline/cpu_kernels.c, where a compiler built it, and where the CPU has a fast bf16 GEMM
+(AVX512-BF16, AMX) z is screened in bf16 and only the latents its error bound cannot rule
+out get an fp32 dot) and
 ``encode_topk_reference`` (the whole z, then topk). None of these take
 part in autograd. The two autograd entry points, which sae.py calls, wire them
 together and pick the backend:
@@ -781,17 +783,33 @@ def encode_topk_blocked(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: 
     aux_ids [m] (sorted ids; None: no second set) as (aux_vals, aux_idx) with aux_idx
     latent ids, from one sweep over the latents `block` at a time (default: as many
     as keep a [B, block] slab within TOPK_BLOCK_BYTES). Never holds more of z than one
-    slab; a single block is exactly the unblocked computation."""
+    slab; a single block is exactly the unblocked computation.
+
+    On a CPU with a fast bf16 GEMM (cpu_kernels.screen_ready: fp32, d >= 128) z comes from
+    x_c and W rounded to bf16 (2.5x faster), bounded, and only the candidates it cannot rule
+    out get z in fp32 (cpu_kernels.topk_screened): the top k of the fp32 z over all latents,
+    each value one fp32 dot, so within fp32's rounding of the fp32 GEMM's (the two may choose
+    differently only between latents whose z lie that close). A block whose dormant columns
+    are over half of it takes the fp32 GEMM: screened, they would need one of their own."""
     B, n = x_c.shape[0], W.shape[0]
     if block is None:
         block = max(k, TOPK_BLOCK_BYTES // max(1, B * x_c.element_size()))
     best = aux = None
     slab = _slab(B * min(n, block), x_c, W, b)
+    # Through the bf16 GEMM where it is fast: the same latents, each value an fp32 dot.
+    xs = cpu_kernels.to_bf16(x_c) if slab is not None and cpu_kernels.screen_ready(x_c, W, b) else None
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         out = None if slab is None else slab[:B * (hi - lo)].view(B, hi - lo)
-        found = None
-        if out is not None:
+        found = z = None
+        biased = True  # z, where there is one, holds the bias
+        a = c = 0  # aux_ids[a:c]: this block's share
+        if aux_ids is not None and k_aux > 0:
+            a, c = torch.searchsorted(aux_ids, torch.tensor([lo, hi], device=aux_ids.device)).tolist()
+        # screened, the dormant columns need a GEMM of their own: not worth it past half the block
+        if xs is not None and 2 * (c - a) <= hi - lo:
+            found = _screened_topk(x_c, xs, W[lo:hi], b[lo:hi], min(k, hi - lo), slab)
+        if found is None and out is not None:
             # z = x_c @ W.T, the bias added after: by the C top-k as it reads z (addmm would first
             # broadcast it into all of z), else by one add. Both round z + b once, the same way: with
             # or without the C kernels the same latents and values (only exactly equal values may
@@ -800,19 +818,40 @@ def encode_topk_blocked(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: 
             found = cpu_kernels.topk_rows(z, min(k, hi - lo), b[lo:hi])
             if found is None:
                 z.add_(b[lo:hi])
-        else:
+            biased = found is None
+        elif found is None:
             z = torch.addmm(b[lo:hi], x_c, W[lo:hi].T)
         v, i = found if found is not None else topk_rows_torch(z, min(k, hi - lo))
         best = _merge(best, (v, i + lo), k)
-        if aux_ids is not None and k_aux > 0:
-            a, c = torch.searchsorted(aux_ids, torch.tensor([lo, hi], device=aux_ids.device)).tolist()
-            if c > a:
-                ids = aux_ids[a:c]
+        if c > a:
+            ids = aux_ids[a:c]
+            if z is None:  # screened: no fp32 z, so these columns' own GEMM
+                za = torch.mm(x_c, W[ids].T).add_(b[ids])
+            else:
                 za = z.index_select(1, ids - lo)
-                v, j = topk_rows(za if found is None else za.add_(b[ids]), min(k_aux, c - a))
-                aux = _merge(aux, (v, ids[j]), k_aux)
+                if not biased:
+                    za.add_(b[ids])
+            v, j = topk_rows(za, min(k_aux, c - a))
+            aux = _merge(aux, (v, ids[j]), k_aux)
         del z
     return (*best, *(aux if aux is not None else (None, None)))
+
+
+def _screened_topk(x_c: torch.Tensor, xs: tuple[torch.Tensor, torch.Tensor], W: torch.Tensor, b: torch.Tensor,
+                   k: int, slab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One block's top k of x_c @ W.T + b [B, m] through the bf16 GEMM (cpu_kernels.topk_screened), s
+    written into the fp32 slab's memory; xs: cpu_kernels.to_bf16(x_c). None where it does not apply."""
+    B, m = x_c.shape[0], W.shape[0]
+    if not cpu_kernels.topk_groups(m, k):
+        return None
+    if getattr(_SLABS, "wh", None) is None or _SLABS.wh.numel() < W.numel():
+        _SLABS.wh = None  # the old one freed before the new one is allocated
+        _SLABS.wh = torch.empty(W.numel(), dtype=torch.bfloat16)
+    Ws = cpu_kernels.to_bf16(W, _SLABS.wh)
+    if Ws is None:
+        return None
+    s = torch.mm(xs[0], Ws[0].T, out=slab.view(torch.bfloat16)[:B * m].view(B, m))
+    return cpu_kernels.topk_screened(s, b, x_c, W, xs[1], Ws[1], k)
 
 
 # Sortable int64 keys: a float32's bits made order-preserving as a signed int32 (negative floats
