@@ -2,11 +2,17 @@
 
     python bench/kernel_speed.py [--B 4096] [--d 768] [--n 32768] [--k 32] [--dtype bf16]
     python bench/kernel_speed.py --topk [--rounds 15]   # CPU: the step's top-k, C and torch
+    python bench/kernel_speed.py --encoder [--rounds 11] # CPU: the encoder's top-k, bf16-screened or fp32
 
 --topk times, at the `bench/train.py --peers` shapes, the top k of each row of z [B, n] three
 ways, interleaved, each on a z just written by its GEMM as in a step (hot in cache): torch.topk,
 kernels.topk_rows_torch (groups of strided columns, torch ops) and the C kernel
 (pipeline.cpu_kernels.topk_rows); medians of --rounds, with the ratios.
+
+--encoder times kernels.encode_topk_blocked (the encoder GEMM and top-k a training step runs) at
+the grid's shapes, with its top-k screened through the bf16 GEMM and with the fp32 GEMM
+(SAEPIPE_BF16_SCREEN=0), interleaved, on a freshly initialised SAE's W_enc and Gaussian inputs; it
+prints how many latents a row's screen left as candidates, since that is what the fp32 dots cost.
 
 On CUDA: times each Triton kernel and its torch reference and reports the
 achieved GB/s against a simple bytes-moved estimate (each gathered row read
@@ -73,6 +79,50 @@ def topk(rounds: int) -> None:
               f"{med['topk'] / med['c']:.2f}x | {med['torch'] / med['c']:.2f}x |", flush=True)
 
 
+def encoder(rounds: int) -> None:
+    from pipeline import cpu_kernels
+    from pipeline.saes import build_sae
+
+    print(f"CPU, {torch.get_num_threads()} threads, medians of {rounds} interleaved rounds, ms; "
+          f"fast bf16 GEMM: {cpu_kernels._fast_bf16_gemm()}")
+    print("| B | d | n | k | fp32 GEMM + C top-k | screened | fp32 / screened | candidates a row |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for B, d, n, k in [(1024, d, n, k) for n in (4096, 65536) for d in (256, 1024) for k in (16, 128)] + [
+            (2048, 576, 4608, 32), (1024, 768, 16384, 32)]:
+        torch.manual_seed(0)
+        sae = build_sae("topk", d, n, {"k": k}, "none", "torch")
+        x = torch.randn(B, d)
+        with torch.no_grad():
+            x_c, W, b = sae.center(x).contiguous(), sae.W_enc.detach(), sae.b_lat.detach()
+            ms: dict[str, list[float]] = {"fp32": [], "screened": []}
+            for i in range(rounds + 1):
+                for name in ms:
+                    os.environ["SAEPIPE_BF16_SCREEN"] = "0" if name == "fp32" else "1"
+                    t = time.perf_counter()
+                    K.encode_topk_blocked(x_c, W, b, k)
+                    ms[name].append(1e3 * (time.perf_counter() - t))
+            del os.environ["SAEPIPE_BF16_SCREEN"]
+            cand = candidates(x_c[:256], W[: min(n, 16384)], b[: min(n, 16384)], k)
+        med = {name: sorted(v[1:])[rounds // 2] for name, v in ms.items()}
+        print(f"| {B} | {d} | {n} | {k} | {med['fp32']:.1f} | {med['screened']:.1f} | "
+              f"{med['fp32'] / med['screened']:.2f}x | {cand:.0f} |", flush=True)
+
+
+def candidates(x, W, b, k) -> float:
+    """Mean candidates a row of x gets from topk_screened's bound (recomputed here in fp64 from the
+    same bf16 split), over W's first block of latents."""
+    from pipeline import cpu_kernels
+
+    (xh, xn), (Wh, wn) = cpu_kernels.to_bf16(x), cpu_kernels.to_bf16(W)
+    s = (xh @ Wh.T).double()
+    g2 = 2 * x.shape[1] * 2.0**-24 * (xn[0] + xn[1]).double()
+    e = ((xn[1].double() + g2)[:, None] * wn[0].double() + (xn[0] + xn[1]).double()[:, None] * wn[1].double()
+         + g2[:, None] * wn[1].double() + 2.0**-8 * s.abs())
+    y = s + b.double()
+    low = (y - e).topk(k, dim=1).values[:, -1:]
+    return (y + e >= low).sum(1).double().mean().item()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--B", type=int, default=None)
@@ -82,10 +132,14 @@ def main():
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--topk", action="store_true", help="CPU: the step's top-k, torch.topk against the C kernel")
-    ap.add_argument("--rounds", type=int, default=15, help="--topk: interleaved rounds")
+    ap.add_argument("--encoder", action="store_true", help="CPU: the encoder's top-k, screened through the bf16 "
+                    "GEMM against the fp32 GEMM")
+    ap.add_argument("--rounds", type=int, default=15, help="--topk, --encoder: interleaved rounds")
     a = ap.parse_args()
     if a.topk:
         return topk(a.rounds)
+    if a.encoder:
+        return encoder(a.rounds)
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"

@@ -8,6 +8,7 @@
     python bench/train.py --peers --n 4096,65536 --d 256,1024 --k 16,128 --rounds 1   # ... over a grid
     python bench/train.py --peers --shapes demo,anchor    # named shapes (SHAPES) or N:D:K:BATCH, each its own batch
     python bench/train.py --phases --shapes small,demo    # CPU: where a step's time goes, phase by phase
+    python bench/train.py --screen-ab --shapes small,anchor   # CPU: the step with and without the bf16 screen
 
 A step = forward, loss, backward, Adam (the pipeline's, fused), decoder constraint. Ours: dense encoder
 matmul without a graph, top-k, then the sparse kernels (Triton on CUDA, the
@@ -173,6 +174,36 @@ def versus_floor(n: int, d: int, k: int, batch: int, rounds: int) -> dict:
             fn()
             if i >= 2:  # the first two rounds warm up (and allocate Adam's state)
                 times[name].append(time.perf_counter() - t)
+    return {name: 1e3 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def screen_ab(n: int, d: int, k: int, batch: int, rounds: int) -> dict:
+    """ms of the floor and of pipeline.train.train_step with the encoder's top-k screened through the
+    bf16 GEMM ("screened") and with the fp32 GEMM ("fp32", SAEPIPE_BF16_SCREEN=0), the three taking
+    turns in one process (one TrainState: the step is the same work either way); medians of `rounds`."""
+    from pipeline.model import resolve_device
+    from pipeline.train import train_step
+
+    state, tc, x = step_state(n, d, k, batch, resolve_device("cpu"))
+    W, b = state.sae.W_enc.detach().clone(), torch.zeros(n)
+    times: dict[str, list[float]] = {"floor": [], "screened": [], "fp32": []}
+    before = os.environ.get("SAEPIPE_BF16_SCREEN")
+    try:
+        for i in range(rounds + 2):
+            for name in times:
+                os.environ["SAEPIPE_BF16_SCREEN"] = "0" if name == "fp32" else "1"
+                t = time.perf_counter()
+                if name == "floor":
+                    torch.addmm(b, x, W.T).topk(k, dim=1, sorted=False)
+                else:
+                    train_step(state, x, 1e-4, tc)
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t)
+    finally:
+        if before is None:
+            del os.environ["SAEPIPE_BF16_SCREEN"]
+        else:
+            os.environ["SAEPIPE_BF16_SCREEN"] = before
     return {name: 1e3 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
@@ -409,9 +440,12 @@ def main():
     ap.add_argument("--peer-names", default="sparsify,saelens", help="--peers: which peers (comma-separated)")
     ap.add_argument("--phases", action="store_true", help="CPU: ms per phase of a step (encoder, gathers + decode, "
                     "loss, backward, optimizer, constraint, bookkeeping) beside the floor and the whole train_step")
-    ap.add_argument("--shapes", help="--peers, --phases and --vs-floor: these shapes instead of the --n/--d/--k grid, each "
+    ap.add_argument("--shapes", help="--peers, --phases, --screen-ab and --vs-floor: these shapes instead of the --n/--d/--k grid, each "
                     "with its own batch: " + ", ".join(f"{k} (n {v[0]}, d {v[1]}, k {v[2]}, batch {v[3]})"
                                                    for k, v in SHAPES.items()) + ", or N:D:K:BATCH")
+    ap.add_argument("--screen-ab", action="store_true", help="CPU: ms/step with the encoder's top-k screened "
+                    "through the bf16 GEMM and with the fp32 GEMM (SAEPIPE_BF16_SCREEN=0), beside the floor, "
+                    "interleaved in one process (default shape: the anchor)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     ap.add_argument("--vs-floor-worker", help=argparse.SUPPRESS)
@@ -448,6 +482,20 @@ def main():
         for n, d, k, batch in grid:
             r = versus_floor(n, d, k, batch, args.rounds)
             print(f"{n:>7} {d:>5} {k:>4} {batch:>6} | {r['floor']:>8.1f} {r['step']:>8.1f} {r['step'] / r['floor']:>9.2f}x")
+        return
+    if args.screen_ab:
+        from pipeline import cpu_kernels
+
+        args.rounds = args.rounds or 9
+        print(f"cpu ({torch.get_num_threads()} threads), medians of {args.rounds} interleaved rounds; "
+              f"fast bf16 GEMM: {cpu_kernels._fast_bf16_gemm()}")
+        print("| n | d | k | batch | floor | screened | fp32 | screened / floor | fp32 / floor | fp32 / screened |")
+        print("| --- " * 10 + "|")
+        for n, d, k, batch in grid:
+            r = screen_ab(n, d, k, batch, args.rounds)
+            print(f"| {n} | {d} | {k} | {batch} | {r['floor']:.1f} | {r['screened']:.1f} | {r['fp32']:.1f} | "
+                  f"{r['screened'] / r['floor']:.2f}x | {r['fp32'] / r['floor']:.2f}x | "
+                  f"{r['fp32'] / r['screened']:.2f}x |", flush=True)
         return
     if args.worker:
         path, n, d, k, batch, steps, warmup = json.loads(args.worker)

@@ -208,6 +208,36 @@ int bf16_rows(const float *a, int64_t d, uint16_t *out, float *nh, float *nl, in
         uint16_t *o = out + r * d;
         double sh[8] = {0}, sl[8] = {0};
         int64_t c = 0;
+#ifdef __AVX512F__
+        /* bf16_of 16 at a time, the squares summed in double lanes */
+        __m512d h0 = _mm512_setzero_pd(), h1 = _mm512_setzero_pd(), l0 = _mm512_setzero_pd(),
+                l1 = _mm512_setzero_pd();
+        const __m512i expo = _mm512_set1_epi32(0x7f800000), one = _mm512_set1_epi32(1),
+                      half = _mm512_set1_epi32(0x7fff), sign = _mm512_set1_epi32((int)0x80000000u);
+        __mmask16 inf = 0;
+        for (; c + 16 <= d; c += 16) {
+            const __m512 v = _mm512_loadu_ps(x + c);
+            const __m512i u = _mm512_castps_si512(v);
+            const __mmask16 normal = _mm512_test_epi32_mask(u, expo);
+            const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+            const __m512i hb = _mm512_mask_blend_epi32(normal, _mm512_and_si512(u, sign),
+                                                       _mm512_andnot_si512(_mm512_set1_epi32(0xffff), r));
+            inf |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(hb, expo), expo);
+            _mm256_storeu_si256((__m256i *)(o + c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(hb, 16)));
+            const __m512 fh = _mm512_castsi512_ps(hb), fl = _mm512_sub_ps(v, fh);
+            const __m512d a0 = _mm512_cvtps_pd(_mm512_castps512_ps256(fh)),
+                          a1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(fh), 1))),
+                          b0 = _mm512_cvtps_pd(_mm512_castps512_ps256(fl)),
+                          b1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(fl), 1)));
+            h0 = _mm512_fmadd_pd(a0, a0, h0);
+            h1 = _mm512_fmadd_pd(a1, a1, h1);
+            l0 = _mm512_fmadd_pd(b0, b0, l0);
+            l1 = _mm512_fmadd_pd(b1, b1, l1);
+        }
+        bad |= inf != 0;
+        _mm512_storeu_pd(sh, _mm512_add_pd(h0, h1));
+        _mm512_storeu_pd(sl, _mm512_add_pd(l0, l1));
+#endif
         for (; c + 8 <= d; c += 8)
             for (int l = 0; l < 8; l++) {
                 const uint16_t h = bf16_of(x[c + l]);
