@@ -169,16 +169,24 @@ def _fast_bf16_gemm() -> bool:
 
 
 def screen_ready(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether the encoder's top-k of x @ W.T + bias may go through a bf16 GEMM (to_bf16, then
+    """Whether the encoder's top-k of x @ W.T + bias can go through a bf16 GEMM (to_bf16, then
     topk_screened): contiguous fp32 CPU tensors that autograd does not track, the library built, a CPU
-    whose bf16 GEMM is fast, d >= 128 (below, the fp32 GEMM is too cheap to pay for the candidates'
-    dots), and ``SAEPIPE_BF16_SCREEN`` not 0."""
+    whose bf16 GEMM is fast, d >= 128, and ``SAEPIPE_BF16_SCREEN`` not 0. Whether it pays: screen_pays."""
     if os.environ.get("SAEPIPE_BF16_SCREEN", "1") == "0" or _SCREEN_BROKEN or x.shape[1] < 128 or not _fast_bf16_gemm():
         return False
     ts = [t for t in (x, W, bias) if t is not None]
     return (x.shape[0] > 0 and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts)
             and library() is not None)
+
+
+def screen_pays(m: int, d: int, k: int) -> bool:
+    """Whether screening a row of m latents beats the fp32 GEMM at this d and k: the bf16 GEMM saves in
+    proportion to m d, the screen costs about 1.5-2k dots of d and the sorts of as many keys a row.
+    `kernel_speed.py --encoder` (m d / (k (d + 256)), the speed-up): n 4096, d 256, k 128: 16, 0.87x;
+    n 4096, d 1024, k 128: 26, 1.21x; n 16384 a block, d 256, k 128: 64, 1.36x; n 4096, d 256, k 16:
+    128, 1.26x."""
+    return m * d >= 20 * k * (d + 256) and topk_groups(m, k) > 0
 
 
 _SCREEN_BROKEN: list = []  # a dot broke the bound once: this torch's bf16 GEMM is not what it assumes

@@ -785,7 +785,7 @@ def encode_topk_blocked(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: 
     as keep a [B, block] slab within TOPK_BLOCK_BYTES). Never holds more of z than one
     slab; a single block is exactly the unblocked computation.
 
-    On a CPU with a fast bf16 GEMM (cpu_kernels.screen_ready: fp32, d >= 128) z comes from
+    On a CPU with a fast bf16 GEMM (cpu_kernels.screen_ready: fp32, d >= 128; where screen_pays) z comes from
     x_c and W rounded to bf16 (2.5x faster), bounded, and only the candidates it cannot rule
     out get z in fp32 (cpu_kernels.topk_screened): the top k of the fp32 z over all latents,
     each value one fp32 dot, so within fp32's rounding of the fp32 GEMM's (the two may choose
@@ -797,7 +797,7 @@ def encode_topk_blocked(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: 
     best = aux = None
     slab = _slab(B * min(n, block), x_c, W, b)
     # Through the bf16 GEMM where it is fast: the same latents, each value an fp32 dot.
-    xs = cpu_kernels.to_bf16(x_c) if slab is not None and cpu_kernels.screen_ready(x_c, W, b) else None
+    xs = cpu_kernels.to_bf16(x_c) if slab is not None and cpu_kernels.screen_ready(x_c, W, b) and cpu_kernels.screen_pays(min(n, block), x_c.shape[1], k) else None
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         out = None if slab is None else slab[:B * (hi - lo)].view(B, hi - lo)
@@ -842,7 +842,7 @@ def _screened_topk(x_c: torch.Tensor, xs: tuple[torch.Tensor, torch.Tensor], W: 
     """One block's top k of x_c @ W.T + b [B, m] through the bf16 GEMM (cpu_kernels.topk_screened), s
     written into the fp32 slab's memory; xs: cpu_kernels.to_bf16(x_c). None where it does not apply."""
     B, m = x_c.shape[0], W.shape[0]
-    if not cpu_kernels.topk_groups(m, k):
+    if not cpu_kernels.screen_pays(m, x_c.shape[1], k):
         return None
     if getattr(_SLABS, "wh", None) is None or _SLABS.wh.numel() < W.numel():
         _SLABS.wh = None  # the old one freed before the new one is allocated

@@ -243,7 +243,7 @@ def test_screen_ready_only_where_it_pays_and_applies(monkeypatch):
     monkeypatch.setattr(C, "_fast_bf16_gemm", lambda: True)
     x, W, b = torch.randn(8, 128), torch.randn(512, 128), torch.randn(512)
     assert C.screen_ready(x, W, b) and C.screen_ready(x, W)
-    assert not C.screen_ready(x[:, :127].contiguous(), W[:, :127].contiguous())   # d < 128
+    assert not C.screen_ready(x[:, :127].contiguous(), W[:, :127].contiguous())  # d < 128
     assert not C.screen_ready(x.double(), W.double())
     assert not C.screen_ready(x, W.t().contiguous().t())
     with torch.enable_grad():
@@ -253,6 +253,9 @@ def test_screen_ready_only_where_it_pays_and_applies(monkeypatch):
     monkeypatch.delenv("SAEPIPE_BF16_SCREEN")
     monkeypatch.setattr(C, "_fast_bf16_gemm", lambda: False)
     assert not C.screen_ready(x, W.detach())
+    # where it pays: the measured shapes of kernel_speed.py --encoder
+    assert C.screen_pays(4096, 256, 16) and C.screen_pays(4096, 1024, 128) and C.screen_pays(16384, 256, 128)
+    assert not C.screen_pays(4096, 256, 128) and not C.screen_pays(100, 1024, 16)  # nor a row too short for runs
 
 
 @needs_lib
