@@ -309,6 +309,32 @@ static void dots_by_column(const float *x, const float *W, int64_t d, int64_t n,
     }
 }
 
+/* the k-th largest (k >= 1) of a[0:n], n >= k, no NaN; reorders a (Hoare's selection) */
+static float kth_largest(float *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    const int64_t want = k - 1;
+    while (lo < hi) {
+        const float pivot = a[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                const float s = a[i];
+                a[i++] = a[j];
+                a[j--] = s;
+            }
+        }
+        if (want <= j)
+            hi = j;
+        else if (want >= i)
+            lo = i;
+        else
+            return a[want];
+    }
+    return a[want];
+}
+
 /* topk_screened -- topk_rows_f32(x @ W.T, bias) for rows lo..hi, from a bf16 GEMM's s
  *
  *   s          [B, m] bf16: xh @ Wh.T from a GEMM that sums in fp32 (xh, Wh: bf16_rows of x, W)
@@ -318,9 +344,10 @@ static void dots_by_column(const float *x, const float *W, int64_t d, int64_t n,
  *   vals, idx  [B, k] fp32, int64   out, as topk_rows_f32's, of z_j = <x, W_j> + bias_j in fp32
  *   G          groups a row is cut into (m >= 8 G), as topk_rows_f32's
  *
- * Per row, the lower and upper bounds on z go to scratch, and the k-th largest lower bound L is
- * found from the G runs' maxima as topk_rows_f32 finds its threshold; the row's candidates are the
- * columns whose upper bound reaches L. The dots are taken TILE rows at a time in column order, so
+ * Per row, one pass takes the G runs' maxima of y = s + bias, whose k-th largest t bounds the k-th
+ * largest lower bound L from below (as in topk_rows_f32); a second keeps the few columns whose y
+ * comes within twice the largest possible bound of t, and only those get their own bounds, L and
+ * the candidates: the columns whose upper bound reaches L. The dots are taken TILE rows at a time in column order, so
  * that each W_j comes from memory once a tile rather than once a candidate, the tile's rows of x
  * staying in cache (at n 4096, k 128 a latent is a candidate of 5% of rows: 13 dots a read of W_j).
  * Then each row's candidates are sorted.
@@ -333,7 +360,7 @@ int topk_screened(const uint16_t *s, const float *bias, const float *x, const fl
     const int64_t g = (m / G) & ~(int64_t)7;
     int64_t cap = TILE * (4 * k + 64); /* pairs (row, column) a tile; grows */
     uint64_t *buf = malloc(2 * (size_t)m * sizeof(uint64_t));
-    float *low = malloc(2 * (size_t)m * sizeof(float)), *upp = low ? low + m : NULL;
+    float *low = malloc((size_t)m * sizeof(float)); /* a row's prefiltered lower bounds, for L */
     int32_t *count = malloc(((size_t)m + 1) * sizeof(int32_t));
     int32_t *pcol = malloc((size_t)cap * sizeof(int32_t)), *prow = malloc((size_t)cap * sizeof(int32_t));
     int32_t *order = malloc((size_t)cap * sizeof(int32_t));
@@ -347,6 +374,12 @@ int topk_screened(const uint16_t *s, const float *bias, const float *x, const fl
     const float gamma = (float)((double)d * 0x1p-24 / (1 - (double)d * 0x1p-24));
     const float slack = 1 + 0x1p-10, U = (float)(0x1p-8 / (1 - 0x1p-8)) * slack + 0x1p-21f, V = 0x1p-21f;
     const float tiny = (float)((double)d * 0x1p-124), big = 3.0e38f;
+    float mwh = 0, mwl = 0, mb = 0; /* the columns' largest norms and |bias| */
+    for (int64_t c = 0; c < m; c++) {
+        mwh = wnh[c] > mwh ? wnh[c] : mwh;
+        mwl = wnl[c] > mwl ? wnl[c] : mwl;
+        mb = bias && fabsf(bias[c]) > mb ? fabsf(bias[c]) : mb;
+    }
     for (int64_t t0 = lo; t0 < hi && !status; t0 += TILE) {
         const int64_t t1 = t0 + TILE < hi ? t0 + TILE : hi;
         int64_t np = 0;
@@ -355,46 +388,38 @@ int topk_screened(const uint16_t *s, const float *bias, const float *x, const fl
             const uint16_t *sr = s + b * m;
             const float g2 = 2 * gamma * (xnh[b] + xnl[b]);
             const float A = (xnl[b] + g2) * slack, Bc = (xnh[b] + xnl[b] + g2) * slack;
+            /* the runs' maxima of y = s + bias (and the row's largest |s|) */
             int bad = 0;
+            float smax = 0;
             for (int64_t q = 0; q < G; q++) {
                 const int64_t c1 = q == G - 1 ? m : (q + 1) * g;
                 int64_t c = q * g;
                 float mx = -INFINITY;
 #ifdef __AVX2__
-                const __m256 vA = _mm256_set1_ps(A), vB = _mm256_set1_ps(Bc), vU = _mm256_set1_ps(U),
-                             vV = _mm256_set1_ps(V), vt = _mm256_set1_ps(tiny), vbig = _mm256_set1_ps(big),
-                             sign = _mm256_set1_ps(-0.0f);
-                __m256 vm = _mm256_set1_ps(-INFINITY), vbad = _mm256_setzero_ps();
+                const __m256 vbig = _mm256_set1_ps(big), sign = _mm256_set1_ps(-0.0f);
+                __m256 vm = _mm256_set1_ps(-INFINITY), vs = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
                 for (; c + 8 <= c1; c += 8) {
                     const __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(
                         _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(sr + c))), 16));
-                    const __m256 bj = bias ? _mm256_loadu_ps(bias + c) : _mm256_setzero_ps();
-                    const __m256 y = _mm256_add_ps(v, bj);
-                    __m256 e = _mm256_add_ps(_mm256_mul_ps(vA, _mm256_loadu_ps(wnh + c)),
-                                             _mm256_mul_ps(vB, _mm256_loadu_ps(wnl + c)));
-                    e = _mm256_add_ps(e, _mm256_add_ps(_mm256_mul_ps(vU, _mm256_andnot_ps(sign, v)),
-                                                       _mm256_add_ps(_mm256_mul_ps(vV, _mm256_andnot_ps(sign, bj)), vt)));
-                    const __m256 l = _mm256_sub_ps(y, e);
-                    _mm256_storeu_ps(low + c, l);
-                    _mm256_storeu_ps(upp + c, _mm256_add_ps(y, e));
+                    const __m256 y = bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias + c)) : v;
                     vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(_mm256_andnot_ps(sign, y), vbig, _CMP_NLE_UQ));
-                    vm = _mm256_max_ps(vm, l);
+                    vm = _mm256_max_ps(vm, y);
+                    vs = _mm256_max_ps(vs, _mm256_andnot_ps(sign, v));
                 }
                 bad |= _mm256_movemask_ps(vbad) != 0;
-                __m128 h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
-                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_max_ss(h, _mm_movehdup_ps(h));
-                mx = _mm_cvtss_f32(h);
+                float lanes[8], slanes[8];
+                _mm256_storeu_ps(lanes, vm);
+                _mm256_storeu_ps(slanes, vs);
+                for (int l = 0; l < 8; l++) {
+                    mx = lanes[l] > mx ? lanes[l] : mx;
+                    smax = slanes[l] > smax ? slanes[l] : smax;
+                }
 #endif
                 for (; c < c1; c++) {
-                    const float v = f32_of_bf16(sr[c]), bj = bias ? bias[c] : 0.0f;
-                    const float y = v + bj;
-                    const float e = (A * wnh[c] + Bc * wnl[c]) + (U * fabsf(v) + (V * fabsf(bj) + tiny));
-                    const float l = y - e;
-                    low[c] = l;
-                    upp[c] = y + e;
+                    const float v = f32_of_bf16(sr[c]), y = v + (bias ? bias[c] : 0.0f);
                     bad |= !(fabsf(y) <= big);
-                    mx = l > mx ? l : mx;
+                    mx = y > mx ? y : mx;
+                    smax = fabsf(v) > smax ? fabsf(v) : smax;
                 }
                 buf[q] = key_of(mx, q);
             }
@@ -402,23 +427,12 @@ int topk_screened(const uint16_t *s, const float *bias, const float *x, const fl
                 status = 1;
                 break;
             }
-            /* L, the k-th largest lower bound: among the lower bounds >= the k-th largest run max */
+            /* k columns have y >= t, so lower bounds >= t - E (E: the largest any column's bound can
+               be), so L >= t - E, and a column whose upper bound reaches L has y >= t - 2E: only
+               those few get their own bounds */
             const float t = value_of(sort_row_keys(buf, buf + G, G)[k - 1]);
-            int64_t n = 0, c = 0;
-#ifdef __AVX__
-            const __m256 tv = _mm256_set1_ps(t);
-            for (; c + 8 <= m; c += 8) {
-                int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(low + c), tv, _CMP_GE_OQ));
-                while (mask) {
-                    const int q = __builtin_ctz(mask);
-                    mask &= mask - 1;
-                    buf[n++] = key_of(low[c + q], c + q);
-                }
-            }
-#endif
-            for (; c < m; c++)
-                if (low[c] >= t) buf[n++] = key_of(low[c], c);
-            const float L = value_of(sort_row_keys(buf, buf + m, n)[k - 1]);
+            const float E = ((A * mwh + Bc * mwl) + (U * smax + (V * mb + tiny))) * (1 + 0x1p-20f);
+            const float thr = nextafterf(t - 2 * E, -INFINITY);
             if (np + m > cap) { /* room for a whole row's candidates */
                 cap = 2 * (np + m);
                 int32_t *a1 = realloc(pcol, cap * sizeof(int32_t)), *a2 = a1 ? realloc(prow, cap * sizeof(int32_t)) : NULL;
@@ -437,28 +451,43 @@ int topk_screened(const uint16_t *s, const float *bias, const float *x, const fl
                     break;
                 }
             }
-            c = 0;
-#ifdef __AVX__
-            const __m256 Lv = _mm256_set1_ps(L);
+            int64_t nf = np, c = 0;
+#ifdef __AVX2__
+            const __m256 tv = _mm256_set1_ps(thr);
             for (; c + 8 <= m; c += 8) {
-                int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(upp + c), Lv, _CMP_GE_OQ));
+                const __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(sr + c))), 16));
+                const __m256 y = bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias + c)) : v;
+                int mask = _mm256_movemask_ps(_mm256_cmp_ps(y, tv, _CMP_GE_OQ));
                 while (mask) {
                     const int q = __builtin_ctz(mask);
                     mask &= mask - 1;
-                    pcol[np] = (int32_t)(c + q);
-                    prow[np] = (int32_t)b;
-                    plo[np] = low[c + q];
-                    pup[np++] = upp[c + q];
+                    pcol[nf++] = (int32_t)(c + q);
                 }
             }
 #endif
-            for (; c < m; c++)
-                if (upp[c] >= L) {
-                    pcol[np] = (int32_t)c;
-                    prow[np] = (int32_t)b;
-                    plo[np] = low[c];
-                    pup[np++] = upp[c];
+            for (; c < m; c++) {
+                const float y = f32_of_bf16(sr[c]) + (bias ? bias[c] : 0.0f);
+                if (y >= thr) pcol[nf++] = (int32_t)c;
+            }
+            for (int64_t p = np; p < nf; p++) {
+                const int64_t j = pcol[p];
+                const float v = f32_of_bf16(sr[j]), bj = bias ? bias[j] : 0.0f, y = v + bj;
+                const float e = (A * wnh[j] + Bc * wnl[j]) + (U * fabsf(v) + (V * fabsf(bj) + tiny));
+                plo[p] = y - e;
+                pup[p] = y + e;
+                low[p - np] = plo[p];
+            }
+            const float L = kth_largest(low, nf - np, k);
+            int64_t kept = np;
+            for (int64_t p = np; p < nf; p++)
+                if (pup[p] >= L) {
+                    pcol[kept] = pcol[p];
+                    plo[kept] = plo[p];
+                    pup[kept] = pup[p];
+                    prow[kept++] = (int32_t)b;
                 }
+            np = kept;
             start[b - t0 + 1] = np;
         }
         if (status) break;
