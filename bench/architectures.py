@@ -40,11 +40,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pipeline  # noqa: E402,F401  (before torch: its OpenMP setting, as the CLI has it)
+import torch  # noqa: E402
 
 # Run as a script, bench/ leads sys.path, where a script named like a package (bench/kernels.py
 # once shadowed the `kernels` transformers imports; tests/test_bench_names.py)

@@ -26,12 +26,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pipeline  # noqa: E402,F401  (before torch: its OpenMP setting, as the CLI has it)
+import torch  # noqa: E402
 
 from pipeline.config import EvalConfig
 from pipeline.eval import Plan, ZeroCache, evaluate

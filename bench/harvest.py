@@ -12,12 +12,16 @@ and MB/s written. Everything is measured in this one run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pipeline  # noqa: E402,F401  (before torch: its OpenMP setting, as the CLI has it)
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import make_tokenizer, write_corpus  # noqa: E402

@@ -17,12 +17,16 @@ decode(encode(x)), W_skip x included.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pipeline  # noqa: E402,F401  (before torch: its OpenMP setting, as the CLI has it)
+import torch  # noqa: E402
 from safetensors.torch import load_file, save_file
 
 # Run as a script, bench/ leads sys.path, where a script named like a package (bench/kernels.py
@@ -40,7 +44,7 @@ ROWS, D, N = 1024, 48, 192
 # Runs inside the SAELens venv: imports only SAELens and torch.
 PEER = """
 import sys
-import torch
+import torch  # noqa: E402
 from safetensors.torch import load_file, save_file
 from sae_lens import SAE
 

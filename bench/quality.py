@@ -40,7 +40,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pipeline  # noqa: E402,F401  (before torch: its OpenMP setting, as the CLI has it)
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # Run as a script, bench/ leads sys.path, where a script named like a package (bench/kernels.py

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import statistics
 import sys
 import tempfile
@@ -25,9 +26,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pipeline  # noqa: E402,F401  (before torch: its OpenMP setting, as the CLI has it)
+import torch  # noqa: E402
+
 from pipeline import train as trainer  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.store import ActivationStore, write_synthetic  # noqa: E402

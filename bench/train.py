@@ -35,9 +35,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pipeline  # noqa: E402  (before torch: its OpenMP setting, as the CLI has it)
+import torch  # noqa: E402
+
 from pipeline import optim  # noqa: E402
 from pipeline.saes.topk import TopKSAE, TopKSettings  # noqa: E402
 
@@ -360,6 +361,8 @@ def peers_table(n: int, d: int, k: int, batch: int, rounds: int, steps: int = 3,
         except subprocess.CalledProcessError as e:
             missing[peer] = f"its venv could not be made ({e})"
     env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}
+    if pipeline.OMP_WAIT_POLICY_SET:  # the peers run as their users get them
+        env.pop("OMP_WAIT_POLICY", None)
     for _ in range(rounds):
         out = subprocess.run([sys.executable, __file__, "--vs-floor-worker", json.dumps([n, d, k, batch, steps])],
                              capture_output=True, text=True, check=True)
