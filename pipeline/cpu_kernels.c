@@ -219,7 +219,8 @@ int bf16_rows(const float *a, int64_t d, uint16_t *out, float *nh, float *nl, in
             const __m512 v = _mm512_loadu_ps(x + c);
             const __m512i u = _mm512_castps_si512(v);
             const __mmask16 normal = _mm512_test_epi32_mask(u, expo);
-            const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one); /* ties to even */
+            const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(half, odd));
             const __m512i hb = _mm512_mask_blend_epi32(normal, _mm512_and_si512(u, sign),
                                                        _mm512_andnot_si512(_mm512_set1_epi32(0xffff), r));
             inf |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(hb, expo), expo);
@@ -294,6 +295,39 @@ static inline float dot_f32(const float *a, const float *b, int64_t d) {
 #endif
 }
 
+/* A tile's (row, column) pairs: their columns, rows, the order dots_by_column takes them in, the
+   bounds on z and z itself. */
+typedef struct {
+    int32_t *col, *row, *order;
+    float *lo, *up, *z;
+    int64_t cap;
+} Pairs;
+
+/* room for cap pairs; 0 where memory ran out (every array still valid, for pairs_free) */
+static int pairs_reserve(Pairs *p, int64_t cap) {
+    int32_t **ints[] = {&p->col, &p->row, &p->order};
+    float **floats[] = {&p->lo, &p->up, &p->z};
+    for (int i = 0; i < 3; i++) {
+        int32_t *a = realloc(*ints[i], (size_t)cap * sizeof(int32_t));
+        if (!a) return 0;
+        *ints[i] = a;
+        float *f = realloc(*floats[i], (size_t)cap * sizeof(float));
+        if (!f) return 0;
+        *floats[i] = f;
+    }
+    p->cap = cap;
+    return 1;
+}
+
+static void pairs_free(Pairs *p) {
+    free(p->col);
+    free(p->row);
+    free(p->order);
+    free(p->lo);
+    free(p->up);
+    free(p->z);
+}
+
 /* pz[p] = <x[prow[p]], W[pcol[p]]> for the np pairs, taken in column order (a counting sort by
    column into order, with count [n + 1] as scratch): each W row comes from memory once for all the
    pairs that share it, while the rows of x stay in cache. */
@@ -358,17 +392,14 @@ int topk_screened(const uint16_t *s, const float *bias, const float *x, const fl
                   int64_t d, const float *xnh, const float *xnl, const float *wnh, const float *wnl,
                   int64_t k, int64_t G, float *vals, int64_t *idx, int64_t lo, int64_t hi) {
     const int64_t g = (m / G) & ~(int64_t)7;
-    int64_t cap = TILE * (4 * k + 64); /* pairs (row, column) a tile; grows */
     uint64_t *buf = malloc(2 * (size_t)m * sizeof(uint64_t));
     float *low = malloc((size_t)m * sizeof(float)); /* a row's prefiltered lower bounds, for L */
     int32_t *count = malloc(((size_t)m + 1) * sizeof(int32_t));
-    int32_t *pcol = malloc((size_t)cap * sizeof(int32_t)), *prow = malloc((size_t)cap * sizeof(int32_t));
-    int32_t *order = malloc((size_t)cap * sizeof(int32_t));
-    float *plo = malloc((size_t)cap * sizeof(float)), *pup = malloc((size_t)cap * sizeof(float));
-    float *pz = malloc((size_t)cap * sizeof(float));
+    Pairs P = {0};
     int64_t start[TILE + 1];
-    int status = 0;
-    if (!buf || !low || !count || !pcol || !prow || !order || !plo || !pup || !pz) status = 2;
+    int status = !buf || !low || !count || !pairs_reserve(&P, TILE * (4 * k + 64)) ? 2 : 0;
+    int32_t *pcol = P.col, *prow = P.row;
+    float *plo = P.lo, *pup = P.up, *pz = P.z;
     /* fp32 summation of d terms (the GEMM's, and the dots below): relative error under gamma; the
        bf16 output: 2^-8 of |s|; the bias's two additions and this arithmetic: 2^-21 of |s| + |b| */
     const float gamma = (float)((double)d * 0x1p-24 / (1 - (double)d * 0x1p-24));
@@ -433,23 +464,12 @@ int topk_screened(const uint16_t *s, const float *bias, const float *x, const fl
             const float t = value_of(sort_row_keys(buf, buf + G, G)[k - 1]);
             const float E = ((A * mwh + Bc * mwl) + (U * smax + (V * mb + tiny))) * (1 + 0x1p-20f);
             const float thr = nextafterf(t - 2 * E, -INFINITY);
-            if (np + m > cap) { /* room for a whole row's candidates */
-                cap = 2 * (np + m);
-                int32_t *a1 = realloc(pcol, cap * sizeof(int32_t)), *a2 = a1 ? realloc(prow, cap * sizeof(int32_t)) : NULL;
-                pcol = a1 ? a1 : pcol;
-                prow = a2 ? a2 : prow;
-                int32_t *a3 = a2 ? realloc(order, cap * sizeof(int32_t)) : NULL;
-                order = a3 ? a3 : order;
-                float *f1 = a3 ? realloc(plo, cap * sizeof(float)) : NULL;
-                plo = f1 ? f1 : plo;
-                float *f2 = f1 ? realloc(pup, cap * sizeof(float)) : NULL;
-                pup = f2 ? f2 : pup;
-                float *f3 = f2 ? realloc(pz, cap * sizeof(float)) : NULL;
-                pz = f3 ? f3 : pz;
-                if (!f3) {
+            if (np + m > P.cap) { /* room for a whole row's candidates */
+                if (!pairs_reserve(&P, 2 * (np + m))) {
                     status = 2;
                     break;
                 }
+                pcol = P.col, prow = P.row, plo = P.lo, pup = P.up, pz = P.z;
             }
             int64_t nf = np, c = 0;
 #ifdef __AVX2__
@@ -491,7 +511,7 @@ int topk_screened(const uint16_t *s, const float *bias, const float *x, const fl
             start[b - t0 + 1] = np;
         }
         if (status) break;
-        dots_by_column(x, W, d, m, prow, pcol, np, count, order, pz);
+        dots_by_column(x, W, d, m, prow, pcol, np, count, P.order, pz);
         for (int64_t p = 0; p < np && !status; p++) {
             const float z = pz[p] + (bias ? bias[pcol[p]] : 0.0f);
             if (!(fabsf(z) <= big))
@@ -514,11 +534,6 @@ int topk_screened(const uint16_t *s, const float *bias, const float *x, const fl
     free(buf);
     free(low);
     free(count);
-    free(pcol);
-    free(prow);
-    free(order);
-    free(plo);
-    free(pup);
-    free(pz);
+    pairs_free(&P);
     return status;
 }

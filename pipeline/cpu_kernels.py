@@ -172,7 +172,8 @@ def screen_ready(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = N
     """Whether the encoder's top-k of x @ W.T + bias can go through a bf16 GEMM (to_bf16, then
     topk_screened): contiguous fp32 CPU tensors that autograd does not track, the library built, a CPU
     whose bf16 GEMM is fast, d >= 128, and ``SAEPIPE_BF16_SCREEN`` not 0. Whether it pays: screen_pays."""
-    if os.environ.get("SAEPIPE_BF16_SCREEN", "1") == "0" or _SCREEN_BROKEN or x.shape[1] < 128 or not _fast_bf16_gemm():
+    if (os.environ.get("SAEPIPE_BF16_SCREEN", "1") == "0" or _SCREEN_BROKEN or x.shape[1] < 128
+            or not _fast_bf16_gemm()):
         return False
     ts = [t for t in (x, W, bias) if t is not None]
     return (x.shape[0] > 0 and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
@@ -206,7 +207,7 @@ def to_bf16(a: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Ten
 
 def topk_screened(s: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, W: torch.Tensor,
                   xn: torch.Tensor, wn: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """topk_rows(x @ W.T, k, bias) from s = xh @ Wh.T [B, m] bf16 (xh, Wh and the norms xn [B, 2],
+    """topk_rows(x @ W.T, k, bias) from s = xh @ Wh.T [B, m] bf16 (xh, Wh and the norms xn [2, B],
     wn [2, m] from to_bf16): the same latents and the fp32 values <x, W_j> + bias_j, each summed in one
     fixed order. Only the latents that s's error bound cannot rule out get an fp32 dot. None where a
     value is not finite, and where a dot broke its bound (s was not summed in fp32: one warning, and
@@ -219,7 +220,8 @@ def topk_screened(s: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, W
     vals = torch.empty(B, k, dtype=torch.float32)
     idx = torch.empty(B, k, dtype=torch.int64)
     args = (s.data_ptr(), None if bias is None else bias.data_ptr(), x.data_ptr(), W.data_ptr(), m, d,
-            xn[0].data_ptr(), xn[1].data_ptr(), wn[0].data_ptr(), wn[1].data_ptr(), k, topk_groups(m, k), vals.data_ptr(), idx.data_ptr())
+            xn[0].data_ptr(), xn[1].data_ptr(), wn[0].data_ptr(), wn[1].data_ptr(), k, topk_groups(m, k),
+            vals.data_ptr(), idx.data_ptr())
     status = _over_rows(library().topk_screened, args, B)
     if status & 2:
         raise MemoryError(f"topk_screened: no memory for a row's {2 * m} candidates")

@@ -785,9 +785,9 @@ def encode_topk_blocked(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: 
     as keep a [B, block] slab within TOPK_BLOCK_BYTES). Never holds more of z than one
     slab; a single block is exactly the unblocked computation.
 
-    On a CPU with a fast bf16 GEMM (cpu_kernels.screen_ready: fp32, d >= 128; where screen_pays) z comes from
-    x_c and W rounded to bf16 (2.5x faster), bounded, and only the candidates it cannot rule
-    out get z in fp32 (cpu_kernels.topk_screened): the top k of the fp32 z over all latents,
+    On a CPU with a fast bf16 GEMM (cpu_kernels.screen_ready: fp32, d >= 128; where screen_pays)
+    z comes from x_c and W rounded to bf16 (2.5x faster), bounded, and only the candidates it
+    cannot rule out get z in fp32 (cpu_kernels.topk_screened): the top k of the fp32 z over all latents,
     each value one fp32 dot, so within fp32's rounding of the fp32 GEMM's (the two may choose
     differently only between latents whose z lie that close). A block whose dormant columns
     are over half of it takes the fp32 GEMM: screened, they would need one of their own."""
@@ -797,7 +797,10 @@ def encode_topk_blocked(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: 
     best = aux = None
     slab = _slab(B * min(n, block), x_c, W, b)
     # Through the bf16 GEMM where it is fast: the same latents, each value an fp32 dot.
-    xs = cpu_kernels.to_bf16(x_c) if slab is not None and cpu_kernels.screen_ready(x_c, W, b) and cpu_kernels.screen_pays(min(n, block), x_c.shape[1], k) else None
+    xs = None
+    if slab is not None and cpu_kernels.screen_ready(x_c, W, b) and cpu_kernels.screen_pays(min(n, block),
+                                                                                          x_c.shape[1], k):
+        xs = cpu_kernels.to_bf16(x_c)
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         out = None if slab is None else slab[:B * (hi - lo)].view(B, hi - lo)
