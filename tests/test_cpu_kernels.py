@@ -1,6 +1,8 @@
 """The C kernels of pipeline/cpu_kernels.c against torch, and their build: cached, and optional."""
 
 import os
+import platform
+import warnings
 
 import pytest
 import torch
@@ -290,6 +292,8 @@ def test_encode_topk_blocked_through_the_bf16_gemm(monkeypatch, block):
 @pytest.mark.parametrize("march", ["x86-64", "haswell"])
 def test_the_kernels_without_avx512_give_the_same_answers(fresh_library, monkeypatch, march):
     # The scalar and AVX2 paths a CPU without AVX-512 (or without AVX) compiles: the same top-k.
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 -march targets")
     if "avx2" not in C._cpu_id() and march == "haswell":
         pytest.skip("this CPU runs no AVX2")
     x, W, b = _operands(20, 300, 4100, "normal", seed=2)
@@ -301,10 +305,10 @@ def test_the_kernels_without_avx512_give_the_same_answers(fresh_library, monkeyp
     want_screened = C.topk_screened(s, b, x, W, xn, wn, 40)
     monkeypatch.setattr(C, "FLAGS", tuple(f if not f.startswith("-march") else f"-march={march}" for f in C.FLAGS))
     monkeypatch.setattr(C, "_LIB", [])
-    try:
-        assert C.library() is not None
-    except OSError:
-        pytest.skip(f"the compiler knows no -march={march}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if C.library() is None:
+            pytest.skip(f"the compiler builds nothing for -march={march}")
     for got, want in zip(C.topk_rows(z, 40, b), want_rows):
         assert torch.equal(got, want)
     assert torch.equal(C.to_bf16(x)[0], xh) and torch.equal(C.to_bf16(x)[1], xn)
