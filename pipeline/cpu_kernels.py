@@ -129,15 +129,19 @@ def topk_groups(m: int, k: int) -> int:
     return G if k >= 1 and m >= 8 * G else 0
 
 
+def _kernel_inputs(*ts: torch.Tensor | None) -> bool:
+    """Whether the kernels can take these tensors (None: absent): at least one row, contiguous fp32 CPU
+    tensors that autograd does not track (the kernels' outputs carry no gradient), the library built."""
+    ts = [t for t in ts if t is not None]
+    return (ts[0].shape[0] > 0 and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts)
+            and library() is not None)
+
+
 def topk_ready(z: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> bool:
-    """Whether topk_rows takes (z, k, bias) (short of a NaN in them): the library built, contiguous fp32
-    CPU tensors that autograd does not track (the kernel's values would carry no gradient), a row long
-    enough for its runs (topk_groups), at least one row."""
-    B, m = z.shape
-    ts = [t for t in (z, bias) if t is not None]
-    ok = (topk_groups(m, k) and B > 0 and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
-          and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts))
-    return bool(ok) and library() is not None
+    """Whether topk_rows takes (z, k, bias) (short of a NaN in them): _kernel_inputs, and a row long
+    enough for its runs (topk_groups)."""
+    return bool(topk_groups(z.shape[1], k)) and _kernel_inputs(z, bias)
 
 
 def topk_rows(z: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -175,10 +179,7 @@ def screen_ready(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = N
     if (os.environ.get("SAEPIPE_BF16_SCREEN", "1") == "0" or _SCREEN_BROKEN or x.shape[1] < 128
             or not _fast_bf16_gemm()):
         return False
-    ts = [t for t in (x, W, bias) if t is not None]
-    return (x.shape[0] > 0 and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts)
-            and library() is not None)
+    return _kernel_inputs(x, W, bias)
 
 
 def screen_pays(m: int, d: int, k: int) -> bool:

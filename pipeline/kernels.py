@@ -763,6 +763,17 @@ def _merge(best, cand, k: int):
 _SLABS = threading.local()
 
 
+def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's flat buffer `name` of at least `numel` elements, kept from call to call (a fresh
+    [B, block] tensor a step would fault its pages in again)."""
+    buf = getattr(_SLABS, name, None)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        setattr(_SLABS, name, None)  # the old one freed before the new one is allocated
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_SLABS, name, buf)
+    return buf
+
+
 def _slab(numel: int, x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """This thread's flat buffer of at least `numel` elements for z (None off CPU, for mixed dtypes,
     or under autograd, where z must be a fresh tensor)."""
@@ -770,11 +781,7 @@ def _slab(numel: int, x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> to
     if x_c.device.type != "cpu" or W.dtype != dt or b.dtype != dt or (torch.is_grad_enabled() and (
             x_c.requires_grad or W.requires_grad or b.requires_grad)):
         return None
-    buf = getattr(_SLABS, "buf", None)
-    if buf is None or buf.dtype != dt or buf.numel() < numel:
-        buf = _SLABS.buf = None  # the old one freed before the new one is allocated
-        buf = _SLABS.buf = torch.empty(numel, dtype=dt)
-    return buf
+    return _buffer("z", numel, dt)
 
 
 def encode_topk_blocked(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int,
@@ -796,11 +803,10 @@ def encode_topk_blocked(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: 
         block = max(k, TOPK_BLOCK_BYTES // max(1, B * x_c.element_size()))
     best = aux = None
     slab = _slab(B * min(n, block), x_c, W, b)
-    # Through the bf16 GEMM where it is fast: the same latents, each value an fp32 dot.
+    # Through the bf16 GEMM where it is fast: the same latents, each value an fp32 dot. xs: x_c in
+    # bf16 with its norms, made for the first block that screens (False: x_c has a non-finite value).
+    screen = slab is not None and cpu_kernels.screen_ready(x_c, W, b)
     xs = None
-    if slab is not None and cpu_kernels.screen_ready(x_c, W, b) and cpu_kernels.screen_pays(min(n, block),
-                                                                                          x_c.shape[1], k):
-        xs = cpu_kernels.to_bf16(x_c)
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         out = None if slab is None else slab[:B * (hi - lo)].view(B, hi - lo)
@@ -810,8 +816,10 @@ def encode_topk_blocked(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: 
         if aux_ids is not None and k_aux > 0:
             a, c = torch.searchsorted(aux_ids, torch.tensor([lo, hi], device=aux_ids.device)).tolist()
         # screened, the dormant columns need a GEMM of their own: not worth it past half the block
-        if xs is not None and 2 * (c - a) <= hi - lo:
-            found = _screened_topk(x_c, xs, W[lo:hi], b[lo:hi], min(k, hi - lo), slab)
+        if screen and 2 * (c - a) <= hi - lo and cpu_kernels.screen_pays(hi - lo, x_c.shape[1], min(k, hi - lo)):
+            xs = (cpu_kernels.to_bf16(x_c) or False) if xs is None else xs
+            if xs:
+                found = _screened_topk(x_c, xs, W[lo:hi], b[lo:hi], min(k, hi - lo), slab)
         if found is None and out is not None:
             # z = x_c @ W.T, the bias added after: by the C top-k as it reads z (addmm would first
             # broadcast it into all of z), else by one add. Both round z + b once, the same way: with
@@ -843,14 +851,9 @@ def encode_topk_blocked(x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: 
 def _screened_topk(x_c: torch.Tensor, xs: tuple[torch.Tensor, torch.Tensor], W: torch.Tensor, b: torch.Tensor,
                    k: int, slab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One block's top k of x_c @ W.T + b [B, m] through the bf16 GEMM (cpu_kernels.topk_screened), s
-    written into the fp32 slab's memory; xs: cpu_kernels.to_bf16(x_c). None where it does not apply."""
+    written into the fp32 slab's memory; xs: cpu_kernels.to_bf16(x_c). None where W is not finite."""
     B, m = x_c.shape[0], W.shape[0]
-    if not cpu_kernels.screen_pays(m, x_c.shape[1], k):
-        return None
-    if getattr(_SLABS, "wh", None) is None or _SLABS.wh.numel() < W.numel():
-        _SLABS.wh = None  # the old one freed before the new one is allocated
-        _SLABS.wh = torch.empty(W.numel(), dtype=torch.bfloat16)
-    Ws = cpu_kernels.to_bf16(W, _SLABS.wh)
+    Ws = cpu_kernels.to_bf16(W, _buffer("wh", W.numel(), torch.bfloat16))
     if Ws is None:
         return None
     s = torch.mm(xs[0], Ws[0].T, out=slab.view(torch.bfloat16)[:B * m].view(B, m))
