@@ -152,10 +152,11 @@ def step_state(n: int, d: int, k: int, batch: int, device: torch.device):
     return TrainState(tc, d, device), tc, torch.randn(batch, d)
 
 
-def versus_floor(n: int, d: int, k: int, batch: int, rounds: int) -> dict:
+def versus_floor(n: int, d: int, k: int, batch: int, rounds: int, fp32_too: bool = False) -> dict:
     """ms of pipeline.train.train_step (the real step: forward, loss, backward, the configured optimizer,
     decoder constraint; no dormant latents, so no AuxK) against its floor, the encoder GEMM + top-k alone,
-    timed interleaved in one process; medians of `rounds`."""
+    timed interleaved in one process; medians of `rounds`. fp32_too: a third, "fp32", the same step with
+    the encoder's bf16 screen off (SAEPIPE_BF16_SCREEN=0; one TrainState, so the same work either way)."""
     from pipeline.model import resolve_device
     from pipeline.train import train_step
 
@@ -165,45 +166,25 @@ def versus_floor(n: int, d: int, k: int, batch: int, rounds: int) -> dict:
     def floor():
         torch.addmm(b, x, W.T).topk(k, dim=1, sorted=False)
 
-    def step():
+    def step(screen: str):
+        os.environ["SAEPIPE_BF16_SCREEN"] = screen
         train_step(state, x, 1e-4, tc)
 
-    times = {"floor": [], "step": []}
-    for i in range(rounds + 2):
-        for name, fn in (("floor", floor), ("step", step)):
-            t = time.perf_counter()
-            fn()
-            if i >= 2:  # the first two rounds warm up (and allocate Adam's state)
-                times[name].append(time.perf_counter() - t)
-    return {name: 1e3 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
-
-
-def screen_ab(n: int, d: int, k: int, batch: int, rounds: int) -> dict:
-    """ms of the floor and of pipeline.train.train_step with the encoder's top-k screened through the
-    bf16 GEMM ("screened") and with the fp32 GEMM ("fp32", SAEPIPE_BF16_SCREEN=0), the three taking
-    turns in one process (one TrainState: the step is the same work either way); medians of `rounds`."""
-    from pipeline.model import resolve_device
-    from pipeline.train import train_step
-
-    state, tc, x = step_state(n, d, k, batch, resolve_device("cpu"))
-    W, b = state.sae.W_enc.detach().clone(), torch.zeros(n)
-    times: dict[str, list[float]] = {"floor": [], "screened": [], "fp32": []}
+    fns = {"floor": floor, "step": lambda: step(before or "1")}
+    if fp32_too:
+        fns["fp32"] = lambda: step("0")
+    times: dict[str, list[float]] = {name: [] for name in fns}
     before = os.environ.get("SAEPIPE_BF16_SCREEN")
     try:
         for i in range(rounds + 2):
-            for name in times:
-                os.environ["SAEPIPE_BF16_SCREEN"] = "0" if name == "fp32" else "1"
+            for name, fn in fns.items():
                 t = time.perf_counter()
-                if name == "floor":
-                    torch.addmm(b, x, W.T).topk(k, dim=1, sorted=False)
-                else:
-                    train_step(state, x, 1e-4, tc)
-                if i >= 2:
+                fn()
+                if i >= 2:  # the first two rounds warm up (and allocate Adam's state)
                     times[name].append(time.perf_counter() - t)
     finally:
-        if before is None:
-            del os.environ["SAEPIPE_BF16_SCREEN"]
-        else:
+        os.environ.pop("SAEPIPE_BF16_SCREEN")
+        if before is not None:
             os.environ["SAEPIPE_BF16_SCREEN"] = before
     return {name: 1e3 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
@@ -495,10 +476,10 @@ def main():
         print("| n | d | k | batch | floor | screened | fp32 | screened / floor | fp32 / floor | fp32 / screened |")
         print("| --- " * 10 + "|")
         for n, d, k, batch in grid:
-            r = screen_ab(n, d, k, batch, args.rounds)
-            print(f"| {n} | {d} | {k} | {batch} | {r['floor']:.1f} | {r['screened']:.1f} | {r['fp32']:.1f} | "
-                  f"{r['screened'] / r['floor']:.2f}x | {r['fp32'] / r['floor']:.2f}x | "
-                  f"{r['fp32'] / r['screened']:.2f}x |", flush=True)
+            r = versus_floor(n, d, k, batch, args.rounds, fp32_too=True)
+            print(f"| {n} | {d} | {k} | {batch} | {r['floor']:.1f} | {r['step']:.1f} | {r['fp32']:.1f} | "
+                  f"{r['step'] / r['floor']:.2f}x | {r['fp32'] / r['floor']:.2f}x | "
+                  f"{r['fp32'] / r['step']:.2f}x |", flush=True)
         return
     if args.worker:
         path, n, d, k, batch, steps, warmup = json.loads(args.worker)
